@@ -1,0 +1,1 @@
+"""ssl_pipeline: pretrain image backbones without labels and measure how good they are."""
