@@ -1,1 +1,64 @@
-"""ssl_pipeline: pretrain image backbones without labels and measure how good they are."""
+"""ssl_pipeline: pretrain image backbones without labels and measure how good they are.
+
+Public API: `run`, `load_recipe`, `create_backbone`, `load_backbone`, `list_methods`,
+`list_backbones`, `list_datasets`, `list_stages`, and `SSLPipelineError`. Names are imported
+on first use, so `import ssl_pipeline` stays fast and submodules import without cycles.
+"""
+
+from importlib import import_module
+
+from ssl_pipeline.errors import SSLPipelineError
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "run": "ssl_pipeline.pipeline",
+    "RunResult": "ssl_pipeline.pipeline",
+    "load_recipe": "ssl_pipeline.recipe",
+    "Recipe": "ssl_pipeline.recipe",
+    "create_backbone": "ssl_pipeline.backbones",
+    "load_backbone": "ssl_pipeline.backbones",
+}
+_REGISTRIES = {
+    "methods": ("ssl_pipeline.methods", "methods"),
+    "backbones": ("ssl_pipeline.backbones", "backbones"),
+    "datasets": ("ssl_pipeline.data", "datasets"),
+    "stages": ("ssl_pipeline.pipeline", "stage_registry"),
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'ssl_pipeline' has no attribute {name!r}")
+
+
+def _list(kind: str) -> list[tuple[str, str]]:
+    module, attr = _REGISTRIES[kind]
+    return [(e.name, e.description) for e in getattr(import_module(module), attr)]
+
+
+def list_methods() -> list[tuple[str, str]]:
+    """(name, description) of every registered pretraining method."""
+    return _list("methods")
+
+
+def list_backbones() -> list[tuple[str, str]]:
+    """(name, description) of every backbone family and registered variant."""
+    return _list("backbones")
+
+
+def list_datasets() -> list[tuple[str, str]]:
+    """(name, description) of every registered dataset."""
+    return _list("datasets")
+
+
+def list_stages() -> list[tuple[str, str]]:
+    """(name, description) of every pipeline stage a recipe can list."""
+    return _list("stages")
+
+
+__all__ = [
+    "run", "RunResult", "load_recipe", "Recipe", "create_backbone", "load_backbone",
+    "list_methods", "list_backbones", "list_datasets", "list_stages", "SSLPipelineError",
+]

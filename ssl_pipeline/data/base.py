@@ -121,3 +121,123 @@ def split_hash(indices: np.ndarray) -> str:
     """
     data = np.ascontiguousarray(np.asarray(indices, dtype=np.int64)).tobytes()
     return hashlib.sha256(data).hexdigest()[:16]
+
+
+class Split(torch.utils.data.Dataset):
+    """The samples `indices` of `source` (all when None), optionally converted to `channels`.
+
+    Builders return their splits as `Split`s so that the pipeline knows, without loading an
+    image, which source samples each split holds (for the split hash and for subsampling) and
+    their labels (for stratified subsets).
+
+    >>> source = ArrayDataset(np.zeros((4, 2, 2), np.uint8), np.array([0, 1, 0, 1]))
+    >>> part = Split(source, [1, 3], channels=3)
+    >>> len(part), part.labels.tolist(), part[0][0].mode
+    (2, [1, 1], 'RGB')
+    """
+
+    def __init__(
+        self, source: torch.utils.data.Dataset, indices=None, channels: int | None = None
+    ):
+        self.source = source
+        self.indices = np.arange(len(source)) if indices is None else np.asarray(indices, np.int64)
+        self.channels = channels
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        image, label = self.source[int(self.indices[i])]
+        if self.channels is not None:
+            image = convert_channels(image, self.channels)
+        return image, label
+
+    @property
+    def labels(self) -> np.ndarray:
+        source_labels = getattr(self.source, "labels", None)
+        if source_labels is None:  # a plain (image, label) dataset: read the labels item by item
+            return np.array([self.source[int(i)][1] for i in self.indices], dtype=np.int64)
+        return np.asarray(source_labels)[self.indices]
+
+    def subset(self, positions: np.ndarray) -> "Split":
+        """The samples at `positions` of this split, still indexed into the same source."""
+        return Split(self.source, self.indices[positions], self.channels)
+
+
+def carve_splits(
+    labels: np.ndarray, seed: int, val_fraction: float, test_fraction: float | None = None
+) -> dict[str, np.ndarray]:
+    """Indices of "train", "val" and (when `test_fraction` is given) "test" carved from one source.
+
+    Stratified by class and seeded. The test set is carved first, so it does not change with
+    `val_fraction`; val is then a fraction of the rest. A fraction of 0 leaves that split out.
+
+    >>> parts = carve_splits(np.repeat([0, 1], 10), seed=0, val_fraction=0.2, test_fraction=0.5)
+    >>> {name: len(indices) for name, indices in parts.items()}
+    {'train': 8, 'test': 10, 'val': 2}
+    """
+    parts = {"train": np.arange(len(labels))}
+    for name, fraction in (("test", test_fraction), ("val", val_fraction)):
+        if not fraction:
+            continue
+        rest = parts["train"]
+        try:
+            keep, held = stratified_split(np.asarray(labels)[rest], fraction, seed)
+        except ValueError as error:  # scikit-learn: a class too small to split, or too few samples
+            raise SSLPipelineError(
+                f"cannot carve a {name} split of {fraction:g} from {len(rest)} samples, "
+                f"stratified by class: {error}. Add samples to the small classes or change "
+                f"data.{name}_fraction"
+            ) from error
+        parts["train"], parts[name] = rest[keep], rest[held]
+    return parts
+
+
+def stratified_subsample(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """Sorted positions of `size` samples keeping the class proportions (seeded).
+
+    >>> labels = np.repeat([0, 1], [30, 10])
+    >>> np.bincount(labels[stratified_subsample(labels, 20, seed=0)]).tolist()
+    [15, 5]
+    """
+    labels = np.asarray(labels)
+    if size >= len(labels):
+        return np.arange(len(labels))
+    stratify = labels if (labels >= 0).all() else None
+    try:
+        keep, _ = train_test_split(
+            np.arange(len(labels)), train_size=size, random_state=seed, stratify=stratify
+        )
+        return np.sort(keep)
+    except ValueError:
+        # fewer samples than classes (or singleton classes): a stratified draw is impossible,
+        # a plain seeded draw is the closest thing
+        return np.sort(np.random.default_rng(seed).choice(len(labels), size, replace=False))
+
+
+def pixel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std, in [0, 1] units, of uint8 images `(N, H, W[, C])`.
+
+    Counts the 256 gray levels instead of converting to floats: exact, and no float copy of
+    a 50,000-image array.
+
+    >>> pixel_stats(np.array([[[0, 255]]], np.uint8))
+    ((0.5,), (0.5,))
+    """
+    planes = [images] if images.ndim == 3 else [images[..., c] for c in range(images.shape[3])]
+    levels = np.arange(256) / 255.0
+    means, stds = [], []
+    for plane in planes:
+        counts = np.bincount(plane.ravel(), minlength=256) / plane.size
+        mean = float(counts @ levels)
+        means.append(round(mean, 4))
+        stds.append(round(float(np.sqrt(counts @ (levels - mean) ** 2)), 4))
+    return tuple(means), tuple(stds)
+
+
+def splits_of(source: torch.utils.data.Dataset, parts: dict[str, np.ndarray]) -> dict:
+    """`{"train", "val", "test"}` -> a `Split` of `source` for each carved part, else None."""
+    return {name: Split(source, parts[name]) if name in parts else None for name in SPLITS}
+
+
+SPLITS = ("train", "val", "test")

@@ -1,0 +1,1 @@
+"""Evaluations of a backbone: pure functions of cached features, or short supervised runs."""

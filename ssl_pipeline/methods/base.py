@@ -1,0 +1,146 @@
+"""The shallow base every pretraining method shares: optimizer, schedule, logging.
+
+A method is a Lightning "system" (Lightning's systems-vs-models split): it receives a backbone,
+composes lightly's heads and losses around it, and implements `training_loss`. Its typed
+constructor arguments (after `backbone`, `optim` and `num_classes`) are its recipe settings:
+`settings_model` turns them into the strict `method.<name>` block of the recipe.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import typing
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from lightly.models.utils import get_weight_decay_parameters
+from lightly.utils.lars import LARS
+from lightly.utils.scheduler import cosine_warmup_schedule
+from pydantic import BaseModel, ConfigDict, create_model
+from torch import nn
+
+from ssl_pipeline.errors import SSLPipelineError
+
+# Constructor arguments supplied by the pipeline, not by the recipe's method block.
+PIPELINE_ARGS = ("self", "backbone", "optim", "num_classes")
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    """Resolved optimizer and schedule; `lr` is the effective (batch-scaled) learning rate."""
+
+    optimizer: str = "sgd"
+    lr: float = 0.06
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_epochs: float = 0.0
+    epochs: int = 100
+    scheduler: str = "cosine"
+    min_lr_ratio: float = 0.0
+
+
+def settings_model(method_cls: type) -> type[BaseModel]:
+    """A strict pydantic model of the method's own constructor arguments and their defaults."""
+    hints = typing.get_type_hints(method_cls.__init__)
+    fields = {
+        name: (hints[name], param.default)
+        for name, param in inspect.signature(method_cls.__init__).parameters.items()
+        if name not in PIPELINE_ARGS
+    }
+    return create_model(  # type: ignore[call-overload]
+        f"{method_cls.__name__}Settings",
+        __config__=ConfigDict(extra="forbid", validate_assignment=True),
+        **fields,
+    )
+
+
+class PretrainMethod(pl.LightningModule):
+    """Backbone + method-specific heads and loss, trained by the Lightning Trainer."""
+
+    needs_labels = False  # True for methods that train on labels (supervised)
+
+    def __init__(self, backbone: nn.Module, optim: OptimSettings):
+        super().__init__()
+        self.backbone = backbone
+        self.optim = optim
+
+    def training_loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss of one batch and extra scalars to log (without the `train/` prefix)."""
+        raise NotImplementedError
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss, extras = self.training_loss(batch)
+        batch_size = batch[1].shape[0]
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch_size)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+        for name, value in extras.items():
+            self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=batch_size)
+        return loss
+
+    # ------------------------------------------------------------------ optimizer
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Weight decay on weights only: norm layers and biases are not decayed (SimCLR, BYOL)."""
+        decay, no_decay = get_weight_decay_parameters([self])
+        return [
+            {"name": "decay", "params": decay},
+            {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
+        ]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        groups = [g for g in self.param_groups() if g["params"]]
+        optimizer = build_optimizer(groups, self.optim)
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(total_steps * self.optim.warmup_epochs / self.optim.epochs)
+        schedule = partial(lr_factor, total=total_steps, warmup=warmup, optim=self.optim)
+        # Groups marked `fixed_lr` (SimSiam's predictor) keep their lr: no warm-up, no decay.
+        lambdas = [(lambda _: 1.0) if g.get("fixed_lr") else schedule for g in groups]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def lr_factor(step: int, total: int, warmup: int, optim: OptimSettings) -> float:
+    """Multiplier of the effective lr at `step`: linear warm-up, then cosine or constant.
+
+    >>> settings = OptimSettings(min_lr_ratio=0.1)
+    >>> [round(lr_factor(s, total=10, warmup=2, optim=settings), 3) for s in (0, 1, 2, 10)]
+    [0.5, 1.0, 1.0, 0.1]
+    """
+    step = min(step, total)  # Lightning may step once more after the last batch
+    if optim.scheduler == "constant":
+        return min(1.0, (step + 1) / warmup) if warmup else 1.0
+    return cosine_warmup_schedule(
+        step=step,
+        max_steps=total,
+        start_value=1.0,
+        end_value=optim.min_lr_ratio,
+        warmup_steps=warmup,
+        warmup_start_value=0.0,
+    )
+
+
+def build_optimizer(groups: list[dict[str, Any]], optim: OptimSettings) -> torch.optim.Optimizer:
+    kwargs = {"lr": optim.lr, "weight_decay": optim.weight_decay}
+    if optim.optimizer == "sgd":
+        return torch.optim.SGD(groups, momentum=optim.momentum, **kwargs)
+    if optim.optimizer == "lars":
+        # lightly's LARS skips the trust ratio for groups with weight_decay 0 (norms, biases).
+        return LARS(groups, momentum=optim.momentum, **kwargs)
+    if optim.optimizer == "adamw":
+        return torch.optim.AdamW(groups, betas=optim.betas, **kwargs)
+    raise SSLPipelineError(f"pretrain.optimizer: unknown {optim.optimizer!r}; use sgd, lars or adamw")
+
+
+def effective_lr(base_lr: float, batch_size: int, reference: int, rule: str) -> float:
+    """Learning rate scaled by the global batch size.
+
+    >>> effective_lr(0.05, 512, 256, "linear"), effective_lr(0.075, 4096, 1, "sqrt")
+    (0.1, 4.8)
+    """
+    ratio = batch_size / reference
+    return base_lr * {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[rule]

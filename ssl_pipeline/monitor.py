@@ -1,0 +1,46 @@
+"""The online monitor: k-NN top-1 on the validation split every N epochs during pretraining.
+
+It is the same for every method (a supervised backbone is judged exactly like an SSL one) and
+is what `export: best` and the `best` checkpoint select on.
+"""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+
+from ssl_pipeline.evals.knn import knn_top1
+from ssl_pipeline.features import extract_features
+
+MONITOR_KEY = "monitor/knn_top1"
+
+
+class OnlineKNNMonitor(pl.Callback):
+    def __init__(
+        self,
+        bank_loader: torch.utils.data.DataLoader,
+        val_loader: torch.utils.data.DataLoader,
+        num_classes: int,
+        every_n_epochs: int = 1,
+        k: int = 20,
+        temperature: float = 0.07,
+    ):
+        self.bank_loader = bank_loader
+        self.val_loader = val_loader
+        self.num_classes = num_classes
+        self.every_n_epochs = every_n_epochs
+        self.k = k
+        self.temperature = temperature
+        self.by_epoch: dict[int, float] = {}  # epoch (1-based) -> top-1, only where measured
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch + 1
+        if epoch % self.every_n_epochs and epoch != trainer.max_epochs:
+            return
+        backbone, device = pl_module.backbone, pl_module.device
+        bank, bank_labels = extract_features(backbone, self.bank_loader, device)
+        val, val_labels = extract_features(backbone, self.val_loader, device)
+        top1 = knn_top1(bank, bank_labels, val, val_labels, self.num_classes, self.k, self.temperature)
+        # Every rank computes the same value, so checkpoint selection agrees across processes.
+        pl_module.log(MONITOR_KEY, top1, on_epoch=True, sync_dist=False)
+        self.by_epoch[epoch] = top1

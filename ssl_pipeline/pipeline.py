@@ -1,0 +1,199 @@
+"""`run(recipe)`: the recipe's stages in order, into one run directory."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ssl_pipeline import pretrain as _pretrain  # noqa: F401  (registers the "pretrain" stage)
+from ssl_pipeline.data.transforms import fit_views
+from ssl_pipeline.errors import SSLPipelineError
+from ssl_pipeline.methods.base import effective_lr
+from ssl_pipeline.provenance import provenance
+from ssl_pipeline.recipe import Recipe, dump_recipe, load_recipe, recipe_from_dict, read_yaml
+from ssl_pipeline.stages import Resolved, RunContext, is_global_zero, stage_registry, write_atomic
+
+__all__ = ["run", "RunResult", "stage_registry"]
+
+# Rank 0 picks the run directory and hands it to the processes Lightning's DDP launcher starts.
+RUN_DIR_ENV = "SSL_PIPELINE_RUN_DIR"
+
+
+class StageFailed(RuntimeError):
+    """A stage raised something that is not the user's input: exit status 1."""
+
+    def __init__(self, stage: str, error: BaseException):
+        super().__init__(f"stage '{stage}' failed: {type(error).__name__}: {error}")
+        self.stage = stage
+        self.error = error
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    results: dict[str, Any]
+    seconds: float
+
+
+def run(
+    recipe: Recipe | str | os.PathLike | None = None,
+    *,
+    overrides: list[str] | tuple[str, ...] = (),
+    out_dir: str | os.PathLike | None = None,
+    quiet: bool = False,
+    resume: str | os.PathLike | None = None,
+) -> RunResult:
+    """Run every stage the recipe lists, in order; returns the run directory and results.
+
+    `resume` continues an earlier run directory from its own recipe.yaml: finished stages
+    are skipped and pretraining continues from checkpoints/last.ckpt.
+    """
+    start = time.time()
+    recipe, run_dir = _recipe_and_dir(recipe, overrides, out_dir, resume)
+    _quiet_lightning()
+    resolved = resolve(recipe)
+    ctx = RunContext(recipe, run_dir, resolved, quiet=quiet, resuming=resume is not None)
+    resolved.data = data_facts(ctx)  # builds the dataset: bad data fails before any write
+    resolved.views = fit_views(resolved.data["image_size"], resolved.data["channels"],
+                               recipe.views.model_dump()).__dict__
+    if is_global_zero():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        os.environ[RUN_DIR_ENV] = str(run_dir)
+        recipe = recipe.model_copy(update={"resolved": asdict(resolved)})
+        ctx.recipe = recipe
+        write_atomic(run_dir / "recipe.yaml", dump_recipe(recipe))
+
+    results = _load_results(run_dir)
+    done = ctx.stage_state()
+    for stage in recipe.stages:
+        if done.get(stage, {}).get("status") == "done":
+            _say(quiet, f"stage {stage}: already done, skipped")
+            continue
+        _say(quiet, f"stage {stage}: running")
+        t0 = time.time()
+        try:
+            results[stage] = stage_registry.get(stage).obj(ctx)
+        except (SSLPipelineError, KeyboardInterrupt):
+            raise
+        except Exception as err:
+            ctx.mark_stage(stage, status="failed", error=f"{type(err).__name__}: {err}")
+            raise StageFailed(stage, err) from err
+        ctx.mark_stage(stage, status="done", seconds=round(time.time() - t0, 2))
+        if is_global_zero():
+            _write_results(run_dir, results, ctx)
+    return RunResult(run_dir, results, time.time() - start)
+
+
+def _recipe_and_dir(recipe, overrides, out_dir, resume) -> tuple[Recipe, Path]:
+    if resume is not None:
+        run_dir = Path(resume)
+        if not (run_dir / "recipe.yaml").is_file():
+            raise SSLPipelineError(
+                f"--resume {run_dir}: no recipe.yaml there; pass a run directory written by "
+                "`ssl-pipeline run` (reports/<recipe>/<timestamp>/)"
+            )
+        raw = read_yaml(run_dir / "recipe.yaml")
+        raw.pop("resolved", None)
+        return recipe_from_dict(raw, source=str(run_dir / "recipe.yaml")), run_dir
+    if recipe is None:
+        raise SSLPipelineError("give a recipe file (e.g. recipes/quickstart.yaml) or --resume RUN_DIR")
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, overrides)
+    elif overrides:
+        raise SSLPipelineError("overrides apply to recipe files; set fields on the Recipe object instead")
+    if os.environ.get(RUN_DIR_ENV):  # a DDP worker process: rank 0 chose the directory
+        return recipe, Path(os.environ[RUN_DIR_ENV])
+    if out_dir is not None:
+        return recipe, Path(out_dir)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")[:-3]
+    return recipe, Path("reports") / (recipe.name or "run") / stamp
+
+
+def resolve(recipe: Recipe) -> Resolved:
+    """Devices, world size, per-device batch and effective learning rate, checked."""
+    t, p = recipe.trainer, recipe.pretrain
+    has_gpu = torch.cuda.is_available()
+    accelerator = t.accelerator if t.accelerator != "auto" else ("gpu" if has_gpu else "cpu")
+    if accelerator == "gpu" and not has_gpu:
+        raise SSLPipelineError(
+            "trainer.accelerator=gpu but this machine has no visible GPU; "
+            "use --set trainer.accelerator=cpu (or auto)"
+        )
+    if t.precision == "16-mixed" and accelerator == "cpu":
+        raise SSLPipelineError(
+            "trainer.precision=16-mixed needs a GPU; on CPU use bf16-mixed or 32"
+        )
+    devices = t.devices if t.devices != "auto" else (torch.cuda.device_count() if accelerator == "gpu" else 1)
+    world = devices * t.num_nodes
+    per_step = world * t.accumulate_grad_batches
+    if p.batch_size % per_step:
+        raise SSLPipelineError(
+            f"pretrain.batch_size={p.batch_size} is global and must divide evenly over "
+            f"{world} device(s) x {t.accumulate_grad_batches} accumulation step(s); "
+            f"use a multiple of {per_step}"
+        )
+    lr = effective_lr(p.lr, p.batch_size, p.lr_reference_batch, p.lr_scaling)
+    return Resolved(accelerator, devices, world, p.batch_size // per_step, lr)
+
+
+def data_facts(ctx: RunContext) -> dict[str, Any]:
+    bundle = ctx.data
+    return {
+        "name": bundle.name,
+        "source": bundle.source,
+        "channels": bundle.channels,
+        "image_size": bundle.image_size,
+        "mean": list(bundle.mean),
+        "std": list(bundle.std),
+        "num_classes": bundle.num_classes,
+        "class_names": bundle.class_names,
+        "sizes": {s: len(getattr(bundle, s)) for s in ("train", "val", "test") if getattr(bundle, s) is not None},
+        "split_hashes": bundle.split_hashes,
+    }
+
+
+def _load_results(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "results.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _write_results(run_dir: Path, results: dict[str, Any], ctx: RunContext) -> None:
+    results["schema_version"] = 1
+    results["provenance"] = {**provenance(), "split_hashes": ctx.resolved.data.get("split_hashes")}
+    write_atomic(run_dir / "results.json", json.dumps(results, indent=2))
+
+
+def _quiet_lightning() -> None:
+    """Lightning's start-up banner (GPU/TPU availability, tips) says nothing our users need."""
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _say(quiet: bool, message: str) -> None:
+    if not quiet and is_global_zero():
+        print(message, flush=True)
+
+
+def summary(result: RunResult) -> str:
+    """The few lines the CLI prints at the end of a run."""
+    lines = [f"done in {result.seconds:.1f} s; run directory: {result.run_dir}"]
+    pre = result.results.get("pretrain")
+    if pre:
+        first, last = pre.get("loss_first_epoch"), pre.get("loss_last_epoch")
+        if first is not None and last is not None:
+            drop = 100 * (first - last) / abs(first) if first else 0.0
+            lines.append(f"  pretrain: {pre['epochs']} epochs, {pre['images_per_second']} img/s, "
+                         f"loss {first:.4f} -> {last:.4f} ({drop:.1f}% lower)")
+        if pre.get("best_monitor_knn_top1") is not None:
+            lines.append(f"  best val k-NN top-1 during pretraining: {pre['best_monitor_knn_top1']:.4f}")
+        lines.append(f"  backbone: {pre['backbone']} (load with ssl_pipeline.load_backbone)")
+    return "\n".join(lines)
+

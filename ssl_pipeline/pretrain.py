@@ -1,0 +1,241 @@
+"""The pretraining stage: backbone + method + data into the Lightning Trainer, then export."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from ssl_pipeline.backbones import Backbone, create_backbone, export_backbone, load_backbone
+from ssl_pipeline.data import TransformedDataset
+from ssl_pipeline.data.transforms import (
+    ViewSettings,
+    eval_transform,
+    ssl_views_transform,
+    supervised_train_transform,
+)
+from ssl_pipeline.errors import SSLPipelineError
+from ssl_pipeline.methods import OptimSettings, PretrainMethod, methods
+from ssl_pipeline.monitor import MONITOR_KEY, OnlineKNNMonitor
+from ssl_pipeline.provenance import provenance
+from ssl_pipeline.recipe import Recipe
+from ssl_pipeline.stages import RunContext, stage_registry
+from ssl_pipeline.tracking import EpochProgress, JSONLLogger, wandb_logger
+
+# Lightning's advice to raise num_workers is noise here: data.num_workers is the user's choice.
+warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+# The best checkpoint is only considered on epochs where the monitor ran (every N epochs).
+warnings.filterwarnings("ignore", message=".*could not find the monitored key.*")
+warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+
+
+def build_backbone(recipe: Recipe, ctx: RunContext) -> Backbone:
+    data = ctx.resolved.data
+    backbone = create_backbone(
+        recipe.backbone.name,
+        in_chans=data["channels"],
+        input_size=data["image_size"],
+        mean=tuple(data["mean"]),
+        std=tuple(data["std"]),
+        stem=recipe.backbone.stem,
+        pretrained=recipe.backbone.pretrained,
+        **recipe.backbone.kwargs,
+    )
+    if recipe.backbone.weights:
+        start = load_backbone(recipe.backbone.weights, name=recipe.backbone.name, stem=backbone.stem)
+        backbone.model.load_state_dict(start.model.state_dict())
+    return backbone
+
+
+def build_method(recipe: Recipe, backbone: Backbone, num_classes: int | None, lr: float) -> PretrainMethod:
+    p = recipe.pretrain
+    optim = OptimSettings(
+        optimizer=p.optimizer, lr=lr, weight_decay=p.weight_decay, momentum=p.momentum,
+        betas=p.betas, warmup_epochs=p.warmup_epochs, epochs=p.epochs, scheduler=p.scheduler,
+        min_lr_ratio=p.min_lr_ratio,
+    )
+    method_cls = methods.get(recipe.method.name).obj
+    settings = recipe.method_settings.model_dump()
+    return method_cls(backbone, optim, num_classes=num_classes, **settings)
+
+
+def train_loader(ctx: RunContext, method: PretrainMethod) -> torch.utils.data.DataLoader:
+    data, res = ctx.resolved.data, ctx.resolved
+    views = ViewSettings(**res.views)
+    if method.needs_labels:
+        transform = supervised_train_transform(views, data["image_size"], data["mean"], data["std"])
+    else:
+        transform = ssl_views_transform(views, data["image_size"], data["mean"], data["std"])
+    dataset = TransformedDataset(ctx.data.train, transform)
+    if len(dataset) < res.per_device_batch_size * res.world_size:
+        raise SSLPipelineError(
+            f"pretrain.batch_size={ctx.recipe.pretrain.batch_size} is larger than the "
+            f"{len(dataset)} training images; lower pretrain.batch_size"
+        )
+    # drop_last: NT-Xent and BatchNorm behave best with equal batches.
+    return loader(dataset, res.per_device_batch_size, ctx.recipe.data.num_workers, train=True)
+
+
+def loader(dataset, batch_size: int, num_workers: int, train: bool) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=train,
+        drop_last=train,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def monitor_callback(ctx: RunContext) -> OnlineKNNMonitor | None:
+    p, bundle = ctx.recipe.pretrain, ctx.data
+    if not p.monitor_every_n_epochs or not bundle.labeled or bundle.val is None:
+        return None
+    d = ctx.resolved.data
+    transform = eval_transform(d["image_size"], d["mean"], d["std"])
+    batch = max(ctx.resolved.per_device_batch_size, 256)
+    bank = loader(TransformedDataset(bundle.train, transform), batch, ctx.recipe.data.num_workers, False)
+    val = loader(TransformedDataset(bundle.val, transform), batch, ctx.recipe.data.num_workers, False)
+    return OnlineKNNMonitor(bank, val, bundle.num_classes, p.monitor_every_n_epochs,
+                            p.monitor_k, p.monitor_temperature)
+
+
+class SeedPerRank(pl.Callback):
+    """Each process draws its own augmentations: seed + global rank, reproducibly."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pl.seed_everything(self.seed + trainer.global_rank, workers=True, verbose=False)
+
+
+class ChannelsLast(pl.Callback):
+    """Model and image batches in channels_last memory layout (faster convolutions)."""
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pl_module.to(memory_format=torch.channels_last)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        images = batch[0]
+        for i, x in enumerate(images if isinstance(images, list) else [images]):
+            if x.dim() == 4:
+                converted = x.contiguous(memory_format=torch.channels_last)
+                if isinstance(images, list):
+                    images[i] = converted
+                else:
+                    batch[0] = converted
+
+
+def build_trainer(ctx: RunContext, callbacks: list[pl.Callback], loggers: list) -> pl.Trainer:
+    t, p, res = ctx.recipe.trainer, ctx.recipe.pretrain, ctx.resolved
+    strategy = t.strategy
+    if strategy == "auto" and res.world_size > 1:
+        strategy = "ddp"
+    return pl.Trainer(
+        accelerator=res.accelerator,
+        devices=res.devices,
+        num_nodes=t.num_nodes,
+        strategy=strategy,
+        precision=t.precision,
+        max_epochs=p.epochs,
+        max_steps=p.max_steps or -1,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        sync_batchnorm=t.sync_batchnorm,
+        deterministic=t.deterministic,
+        gradient_clip_val=t.gradient_clip_val,
+        log_every_n_steps=t.log_every_n_steps,
+        logger=loggers,
+        callbacks=callbacks,
+        default_root_dir=str(ctx.run_dir),
+        enable_progress_bar=not ctx.quiet and _is_terminal(),
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+
+
+def _is_terminal() -> bool:
+    import sys
+
+    return sys.stdout.isatty()
+
+
+@stage_registry.register("pretrain", "train the backbone with the recipe's method, then export it")
+def pretrain_stage(ctx: RunContext) -> dict[str, Any]:
+    recipe = ctx.recipe
+    pl.seed_everything(recipe.seed, verbose=False)  # identical initial weights on every rank
+    backbone = build_backbone(recipe, ctx)
+    method = build_method(recipe, backbone, ctx.data.num_classes, ctx.resolved.effective_lr)
+    loader_ = train_loader(ctx, method)
+
+    ckpt_dir = ctx.run_dir / "checkpoints"
+    monitor = monitor_callback(ctx)
+    checkpoint = ModelCheckpoint(
+        dirpath=ckpt_dir, filename="best", save_last=True,
+        monitor=MONITOR_KEY if monitor else None, mode="max", save_top_k=1 if monitor else 0,
+    )
+    progress = EpochProgress(quiet=ctx.quiet, monitor=monitor)
+    callbacks = [c for c in (monitor, checkpoint, progress, SeedPerRank(recipe.seed)) if c]
+    if recipe.trainer.channels_last:
+        callbacks.append(ChannelsLast())
+    loggers = [JSONLLogger(ctx.run_dir / "metrics.jsonl", stage="pretrain")]
+    wandb = wandb_logger(recipe.tracking.wandb, ctx.run_dir, ctx.run_dir.parent.name + "/" + ctx.run_dir.name,
+                         recipe.model_dump(mode="json"))
+    if wandb:
+        loggers.append(wandb)
+    trainer = build_trainer(ctx, callbacks, loggers)
+
+    last = ckpt_dir / "last.ckpt"
+    resume_from = last if ctx.resuming and last.exists() else None
+    start = time.time()
+    trainer.fit(method, loader_, ckpt_path=resume_from)
+    seconds = time.time() - start
+    if not trainer.is_global_zero:
+        return {}
+    return finish_pretrain(ctx, method, trainer, checkpoint, progress, seconds, loader_)
+
+
+def finish_pretrain(ctx, method, trainer, checkpoint, progress, seconds, loader_) -> dict[str, Any]:
+    exported = "last"
+    if ctx.recipe.export == "best" and checkpoint.best_model_path:
+        state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
+        method.load_state_dict(state["state_dict"])
+        exported = "best"
+    metadata = {
+        "method": ctx.recipe.method.name,
+        "epochs": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "exported_checkpoint": exported,
+        "recipe": ctx.recipe.name,
+        "data": ctx.resolved.data,
+        **provenance(),
+    }
+    export_backbone(method.backbone.cpu(), ctx.run_dir, metadata)
+    losses = [h["loss"] for h in progress.history if "loss" in h]
+    images = trainer.global_step * ctx.recipe.pretrain.batch_size * ctx.recipe.trainer.accumulate_grad_batches
+    return {
+        "epochs": trainer.current_epoch,
+        "steps": trainer.global_step,
+        "seconds": round(seconds, 2),
+        "images_per_second": round(images / max(seconds, 1e-9), 1),
+        "loss_by_epoch": [round(x, 5) for x in losses],
+        "loss_first_epoch": losses[0] if losses else None,
+        "loss_last_epoch": losses[-1] if losses else None,
+        "monitor_knn_top1_by_epoch": {h["epoch"]: h["knn_top1"] for h in progress.history
+                                      if "knn_top1" in h},
+        "best_monitor_knn_top1": _best(checkpoint),
+        "exported_checkpoint": exported,
+        "backbone": str(Path(ctx.run_dir) / "backbone.safetensors"),
+    }
+
+
+def _best(checkpoint: ModelCheckpoint) -> float | None:
+    score = checkpoint.best_model_score
+    return None if score is None else float(np.asarray(score.cpu()))

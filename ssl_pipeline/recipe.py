@@ -1,0 +1,315 @@
+"""The recipe: a strict, typed schema, YAML loading, `--set` overrides and the resolved dump.
+
+A recipe file states only what differs from the defaults below. Unknown keys are errors that
+name the key and the nearest valid one; wrong types or values name the field and what is
+allowed. Settings of every method live in their own block under `method` (`method.simclr`,
+`method.simsiam`, ...), so switching `method.name` never invalidates a recipe.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+
+from ssl_pipeline.errors import SSLPipelineError
+from ssl_pipeline.methods import methods
+from ssl_pipeline.registry import nearest
+
+
+class Strict(BaseModel):
+    """Base of every recipe block: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class FakeDataConfig(Strict):
+    """Shape of the synthetic `fake` dataset (data.image_size/channels/num_classes override)."""
+
+    train_samples: int = Field(256, ge=2)
+    val_samples: int = Field(64, ge=1)
+    test_samples: int = Field(64, ge=1)
+    image_size: int = Field(16, ge=4)
+    channels: int = Field(3, ge=1)
+
+
+class DataConfig(Strict):
+    name: str = "digits"
+    root: str | None = None
+    # Seeds every split carved out of the data; independent of `seed`, so all variants of a
+    # comparison see the same train/val/test samples.
+    split_seed: int = 0
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1)  # only for datasets without a test split
+    # None: taken from the dataset.
+    image_size: int | None = Field(None, ge=4)
+    channels: int | None = Field(None, ge=1)
+    num_classes: int | None = Field(None, ge=2)
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    download: bool = False  # cifar only; needs internet
+    num_workers: int = Field(0, ge=0)
+    max_train_samples: int | None = Field(None, ge=2)  # seeded stratified cap, for quick runs
+    fake: FakeDataConfig = FakeDataConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _known_dataset(cls, name: str) -> str:
+        from ssl_pipeline.data import datasets
+
+        datasets.get(name)  # raises with the nearest name
+        return name
+
+
+class ViewsConfig(Strict):
+    """SSL view augmentations. None means "fitted to the data" (see data/transforms.py)."""
+
+    crop_min_scale: float | None = Field(None, gt=0, le=1)
+    crop_max_scale: float | None = Field(None, gt=0, le=1)
+    hflip_prob: float | None = Field(None, ge=0, le=1)
+    vflip_prob: float | None = Field(None, ge=0, le=1)
+    rotation_prob: float | None = Field(None, ge=0, le=1)
+    color_jitter_prob: float | None = Field(None, ge=0, le=1)
+    color_jitter_strength: float | None = Field(None, ge=0)
+    grayscale_prob: float | None = Field(None, ge=0, le=1)
+    blur_prob: float | None = Field(None, ge=0, le=1)
+    solarize_prob: float | None = Field(None, ge=0, le=1)
+
+
+class BackboneConfig(Strict):
+    # "timm:<model>", "torchvision:<model>" or a bare timm name.
+    name: str = "timm:resnet18"
+    # small: 3x3 stride-1 stem without max-pool, for 28-64 px inputs (ResNet family).
+    stem: Literal["auto", "default", "small"] = "auto"
+    pretrained: bool = False  # timm/torchvision weights: needs internet
+    weights: str | None = None  # a local weights file to start from
+    kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to the model constructor
+
+
+def _method_config_model() -> type[BaseModel]:
+    """`method`: the chosen `name` plus one settings block per registered method."""
+    blocks = {e.name: (e.extra["settings"], e.extra["settings"]()) for e in methods}
+
+    def known_method(cls, name: str) -> str:
+        methods.get(name)  # raises with the nearest registered name
+        return name
+
+    return create_model(  # type: ignore[call-overload]
+        "MethodConfig",
+        __base__=Strict,
+        __validators__={"known_method": field_validator("name")(known_method)},
+        name=(str, "simclr"),
+        **blocks,
+    )
+
+
+MethodConfig = _method_config_model()
+
+
+class PretrainConfig(Strict):
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(256, ge=2)  # global: across all devices, nodes and accumulation
+    optimizer: Literal["sgd", "lars", "adamw"] = "sgd"
+    lr: float = Field(0.06, gt=0)  # base learning rate, at lr_reference_batch
+    # effective lr = lr * batch/ref (linear), lr * sqrt(batch/ref) (sqrt), or lr (none).
+    lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
+    lr_reference_batch: int = Field(256, ge=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_epochs: float = Field(0, ge=0)
+    scheduler: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)  # final lr / effective lr with cosine
+    max_steps: int | None = Field(None, ge=1)  # stop early (smoke runs)
+    # Online monitor: k-NN top-1 on the validation split every N epochs (0 = off).
+    monitor_every_n_epochs: int = Field(1, ge=0)
+    monitor_k: int = Field(20, ge=1)
+    monitor_temperature: float = Field(0.07, gt=0)
+
+
+class TrainerConfig(Strict):
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    devices: Union[int, Literal["auto"]] = 1
+    num_nodes: int = Field(1, ge=1)
+    strategy: str = "auto"
+    precision: Literal["32", "bf16-mixed", "16-mixed"] = "32"
+    channels_last: bool = False
+    accumulate_grad_batches: int = Field(1, ge=1)
+    sync_batchnorm: bool = False
+    deterministic: bool = False
+    log_every_n_steps: int = Field(10, ge=1)
+    gradient_clip_val: float | None = Field(None, gt=0)
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision_as_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) else value
+
+
+class WandbConfig(Strict):
+    mode: Literal["online", "offline", "disabled"] = "offline"
+    project: str = "ssl_pipeline"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    name: str | None = None
+
+
+class TrackingConfig(Strict):
+    wandb: WandbConfig = WandbConfig()
+
+
+class Recipe(Strict):
+    name: str | None = None  # default: the recipe file's stem
+    seed: int = 0
+    stages: list[str] = Field(default_factory=lambda: ["pretrain"])
+    data: DataConfig = DataConfig()
+    backbone: BackboneConfig = BackboneConfig()
+    method: MethodConfig = MethodConfig()  # type: ignore[valid-type]
+    views: ViewsConfig = ViewsConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    export: Literal["last", "best"] = "last"
+    # Written by the pipeline into the run's recipe.yaml (effective lr, per-device batch, data
+    # facts); read back for the record only and recomputed on every run.
+    resolved: dict[str, Any] | None = None
+
+    @field_validator("stages")
+    @classmethod
+    def _known_stages(cls, stages: list[str]) -> list[str]:
+        from ssl_pipeline.pipeline import stage_registry
+
+        if not stages:
+            raise ValueError("list at least one stage, e.g. [pretrain]")
+        for stage in stages:
+            stage_registry.get(stage)
+        return stages
+
+    @property
+    def method_settings(self) -> BaseModel:
+        """The settings block of the chosen method."""
+        return getattr(self.method, self.method.name)
+
+
+# ---------------------------------------------------------------- loading and overrides
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`"a.b=VALUE"` -> `(["a", "b"], value parsed as YAML)`.
+
+    >>> parse_override("trainer.devices=2")
+    (['trainer', 'devices'], 2)
+    >>> parse_override("data.name=fake")
+    (['data', 'name'], 'fake')
+    """
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise SSLPipelineError(f"--set {text!r}: write KEY=VALUE, e.g. --set pretrain.epochs=5")
+    try:
+        parsed = yaml.safe_load(value) if value != "" else None
+    except yaml.YAMLError as err:
+        raise SSLPipelineError(f"--set {text!r}: the value is not valid YAML ({err})") from None
+    return key.strip().split("."), parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """A copy of `raw` with each `KEY=VALUE` override set at its dotted path."""
+    raw = copy.deepcopy(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[path[-1]] = value
+    return raw
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise SSLPipelineError(
+            f"recipe file {str(path)!r} does not exist; pass a path such as recipes/quickstart.yaml"
+        )
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise SSLPipelineError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise SSLPipelineError(f"{path}: a recipe is a YAML mapping of keys, got {type(raw).__name__}")
+    return raw
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a YAML recipe, apply `--set` style overrides and validate it strictly."""
+    path = Path(path)
+    raw = apply_overrides(read_yaml(path), overrides)
+    raw.setdefault("name", path.stem)
+    return recipe_from_dict(raw, source=str(path))
+
+
+def recipe_from_dict(raw: dict[str, Any], source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise SSLPipelineError(format_validation_error(err, source)) from None
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The fully resolved recipe as YAML (every key, defaults included)."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------- error messages
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: {explain_error(e)}" for e in err.errors()]
+    return "\n".join(lines[:5]) + ("" if len(lines) <= 5 else f"\n... and {len(lines) - 5} more")
+
+
+def explain_error(error: dict[str, Any]) -> str:
+    loc = [str(part) for part in error["loc"]]
+    key = ".".join(loc)
+    if error["type"] == "extra_forbidden":
+        hint = nearest_key(loc)
+        return f"unknown key '{key}'" + (f"; did you mean '{hint}'?" if hint else "")
+    if error["type"] == "value_error" and "unknown" in error["msg"]:
+        return f"{key}: {error['msg'].removeprefix('Value error, ')}"
+    got = error.get("input")
+    shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
+    return f"{key}: {error['msg']}{shown}"
+
+
+def all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every dotted key path of the schema."""
+    keys = []
+    for name, field in model.model_fields.items():
+        path = prefix + name
+        keys.append(path)
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            keys.extend(all_keys(field.annotation, path + "."))
+    return keys
+
+
+def nearest_key(loc: list[str]) -> str | None:
+    """The valid key closest to an unknown one: the same name in another block, a sibling
+    spelled alike, or a key spelled alike anywhere."""
+    keys = all_keys(Recipe)
+    parent = ".".join(loc[:-1])
+    # A known key in the wrong block (pretrain.temperature -> method.simclr.temperature).
+    same_leaf = [k for k in keys if k.rpartition(".")[2] == loc[-1] and k.rpartition(".")[0] != parent]
+    if same_leaf:
+        return same_leaf[0]
+    siblings = [k for k in keys if k.rpartition(".")[0] == parent]
+    hint = nearest(".".join(loc), siblings)
+    if hint:
+        return hint
+    matches = difflib.get_close_matches(loc[-1], [k.rpartition(".")[2] for k in keys], n=1)
+    return next((k for k in keys if matches and k.endswith("." + matches[0])), None)

@@ -1,0 +1,72 @@
+"""The stage registry and what every stage receives: the run context."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable
+
+from ssl_pipeline.recipe import Recipe
+from ssl_pipeline.registry import Registry
+
+# name -> stage function (RunContext) -> dict of results for results.json
+stage_registry: Registry[Callable[["RunContext"], dict[str, Any]]] = Registry("stage")
+
+
+def is_global_zero() -> bool:
+    """True in the process that owns the run directory (rank 0 of a distributed run)."""
+    return all(int(os.environ.get(var, 0)) == 0 for var in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@dataclass
+class Resolved:
+    """Values derived from the recipe and the machine, recorded in the run's recipe.yaml."""
+
+    accelerator: str
+    devices: int
+    world_size: int
+    per_device_batch_size: int
+    effective_lr: float
+    data: dict[str, Any] = field(default_factory=dict)
+    views: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunContext:
+    recipe: Recipe
+    run_dir: Path
+    resolved: Resolved
+    quiet: bool = False
+    resuming: bool = False
+
+    @cached_property
+    def data(self):
+        from ssl_pipeline.data import build_dataset
+
+        return build_dataset(self.recipe.data)
+
+    @property
+    def state_path(self) -> Path:
+        return self.run_dir / "run_state.json"
+
+    def stage_state(self) -> dict[str, Any]:
+        if not self.state_path.exists():
+            return {}
+        return json.loads(self.state_path.read_text()).get("stages", {})
+
+    def mark_stage(self, stage: str, **info: Any) -> None:
+        if not is_global_zero():
+            return
+        stages = self.stage_state()
+        stages[stage] = info
+        write_atomic(self.state_path, json.dumps({"stages": stages}, indent=2))

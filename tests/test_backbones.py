@@ -1,0 +1,284 @@
+"""Backbone contract: build, (B, feature_dim) out, export/load bit-identical, loading policy."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shlex
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+import torchvision
+from torch import nn
+
+from ssl_pipeline.backbones import (
+    INPUT_CONV_RULES,
+    backbones,
+    create_backbone,
+    export_backbone,
+    load_backbone,
+    replace_input_conv,
+)
+from ssl_pipeline.errors import SSLPipelineError
+
+torch.set_num_threads(2)
+
+# The architectures of the ImageNet literature, each at the smallest input it runs on.
+LITERATURE = [
+    pytest.param("torchvision:alexnet", 64, {}, id="alexnet"),  # smaller collapses to 0 px
+    pytest.param("torchvision:vgg11", 32, {}, id="vgg11"),
+    pytest.param("torchvision:googlenet", 32, {}, id="googlenet"),
+    pytest.param("timm:resnet18", 32, {}, id="resnet18"),
+    pytest.param("torchvision:resnet50", 32, {}, id="resnet50"),
+    pytest.param("timm:densenet121", 32, {}, id="densenet121"),
+    pytest.param("timm:mobilenetv3_small_100", 32, {}, id="mobilenetv3"),
+    pytest.param("timm:efficientnet_b0", 32, {}, id="efficientnet_b0"),
+    pytest.param("timm:seresnet50", 32, {}, id="seresnet50"),
+    pytest.param("timm:vit_small_patch16_224", 32, {"img_size": 32}, id="vit_s16"),
+    pytest.param("timm:deit_small_patch16_224", 32, {"img_size": 32}, id="deit_s"),
+    pytest.param("timm:botnet26t_256", 32, {"img_size": 32}, id="botnet26"),
+]
+
+
+def assert_same_state(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+@pytest.mark.parametrize("name,size,model_kwargs", LITERATURE)
+def test_contract_and_bit_identical_round_trip(name, size, model_kwargs, tmp_path):
+    backbone = create_backbone(name, input_size=size, **model_kwargs)
+    assert backbone.training  # measuring feature_dim must not leave it in eval mode
+    x = torch.randn(2, 3, size, size)
+    assert backbone(x).shape == (2, backbone.feature_dim)
+
+    export_backbone(backbone, tmp_path)
+    loaded = load_backbone(tmp_path)
+
+    assert not loaded.training
+    assert (loaded.name, loaded.stem, loaded.feature_dim) == (
+        backbone.name,
+        backbone.stem,
+        backbone.feature_dim,
+    )
+    assert loaded.preprocessing == backbone.preprocessing
+    assert_same_state(backbone.model, loaded.model)
+    backbone.eval()
+    with torch.no_grad():
+        assert torch.equal(backbone(x), loaded(x))
+
+
+@pytest.mark.parametrize(
+    "name", ["timm:resnet18", "torchvision:resnet18", "timm:resnet10t"]  # resnet10t: deep stem
+)
+def test_small_stem_for_28px_gray_images(name):
+    backbone = create_backbone(name, in_chans=1, input_size=28)
+    conv1 = backbone.model.conv1
+    assert backbone.stem == "small" and backbone.input_conv_rule == "small_stem"
+    assert isinstance(conv1, nn.Conv2d)
+    assert (conv1.in_channels, conv1.kernel_size, conv1.stride) == (1, (3, 3), (1, 1))
+    assert isinstance(backbone.model.maxpool, nn.Identity)
+    assert backbone(torch.randn(2, 1, 28, 28)).shape == (2, backbone.feature_dim)
+
+
+def test_small_stem_keeps_the_last_feature_map_large():
+    x = torch.randn(1, 1, 28, 28)
+    small = create_backbone("timm:resnet18", in_chans=1, stem="small").model
+    default = create_backbone("timm:resnet18", in_chans=1, stem="default").model
+    # 28 px: the small stem ends at 4x4 (28, 14, 7, 4); the ImageNet stem at 1x1
+    assert small.forward_features(x).shape[-1] == 4
+    assert default.forward_features(x).shape[-1] == 1
+
+
+@pytest.mark.parametrize("size,expected", [(32, "small"), (64, "small"), (65, "default"),
+                                           (224, "default"), (None, "default")])  # fmt: skip
+def test_auto_stem_picks_small_up_to_64px(size, expected):
+    assert create_backbone("timm:resnet18", input_size=size).stem == expected
+
+
+@pytest.mark.parametrize("name", ["timm:vit_small_patch16_224", "torchvision:shufflenet_v2_x0_5"])
+def test_small_stem_refused_outside_the_resnet_family(name):
+    with pytest.raises(SSLPipelineError, match="ResNet-family"):
+        create_backbone(name, stem="small")
+
+
+@pytest.mark.parametrize("in_chans", [1, 13])
+@pytest.mark.parametrize(
+    "name", ["timm:resnet18", "torchvision:resnet18", "torchvision:mobilenet_v3_small"]
+)
+def test_any_number_of_input_channels(name, in_chans):
+    backbone = create_backbone(name, in_chans=in_chans, input_size=32, stem="default")
+    first_conv = next(m for m in backbone.model.modules() if isinstance(m, nn.Conv2d))
+    assert first_conv.in_channels == in_chans
+    assert backbone.input_conv_rule == "random_init"
+    p = backbone.preprocessing
+    assert len(p.mean) == len(p.std) == in_chans == p.in_chans
+    assert backbone(torch.randn(2, in_chans, 32, 32)).shape == (2, backbone.feature_dim)
+
+
+def test_normalization_broadcast_from_rgb_defaults():
+    gray = create_backbone("timm:resnet18", in_chans=1).preprocessing
+    bands = create_backbone("timm:resnet18", in_chans=13).preprocessing
+    rgb = timm.create_model("resnet18").pretrained_cfg["mean"]
+    assert gray.mean == pytest.approx((sum(rgb) / 3,))
+    assert bands.mean == tuple(rgb[i % 3] for i in range(13))
+    with pytest.raises(SSLPipelineError, match="in_chans=13"):
+        create_backbone("timm:resnet18", in_chans=13, mean=(0.5, 0.5, 0.5))
+
+
+def test_pretrained_rgb_filters_adapted_by_timm_rule():
+    model = torchvision.models.resnet18()
+    rgb = torch.linspace(-1, 1, 64 * 3 * 7 * 7).reshape(64, 3, 7, 7)  # stands in for pretrained
+    with torch.no_grad():
+        model.conv1.weight.copy_(rgb)
+
+    gray = copy.deepcopy(model)
+    assert replace_input_conv(gray, 1, adapt_weights=True) == "adapt_input_conv"
+    torch.testing.assert_close(gray.conv1.weight, rgb.sum(dim=1, keepdim=True))
+
+    bands = copy.deepcopy(model)
+    replace_input_conv(bands, 13, adapt_weights=True)
+    assert bands.conv1.weight.shape == (64, 13, 7, 7)
+    for c in range(13):  # R, G, B, R, ... each scaled by 3/13
+        torch.testing.assert_close(bands.conv1.weight[:, c], rgb[:, c % 3] * 3 / 13)
+
+    fresh = copy.deepcopy(model)
+    assert replace_input_conv(fresh, 13, adapt_weights=False) == "random_init"
+    assert not torch.equal(fresh.conv1.weight[:, :3], bands.conv1.weight[:, :3])
+    assert set(INPUT_CONV_RULES) >= {"none", "adapt_input_conv", "random_init", "small_stem"}
+
+
+def test_timm_loads_our_export_with_checkpoint_path(tmp_path):
+    backbone = create_backbone("timm:resnet18", input_size=32, stem="default").eval()
+    path = export_backbone(backbone, tmp_path)
+    model = timm.create_model("resnet18", num_classes=0, checkpoint_path=str(path)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), backbone(x))
+        assert torch.equal(load_backbone(path)(x), backbone(x))  # the file path works too
+
+
+def test_torchvision_recipe_loads_our_export(tmp_path, monkeypatch):
+    backbone = create_backbone("torchvision:resnet18", input_size=32, stem="default").eval()
+    export_backbone(backbone, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    # the three lines the README shows
+    model = torchvision.models.resnet18()
+    model.fc = torch.nn.Identity()
+    model.load_state_dict(safetensors.torch.load_file("backbone.safetensors"))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), backbone(x))
+
+
+def test_export_record_and_atomic_files(tmp_path):
+    backbone = create_backbone("timm:resnet18", in_chans=1, input_size=28)
+    path = export_backbone(backbone, tmp_path / "run", metadata={"method": "simclr", "epochs": 2})
+    record = json.loads((tmp_path / "run" / "backbone.json").read_text())
+    assert path == tmp_path / "run" / "backbone.safetensors"
+    assert record["format_version"] == 1
+    assert (record["name"], record["source"], record["model"]) == (
+        "timm:resnet18",
+        "timm",
+        "resnet18",
+    )
+    assert (record["stem"], record["in_chans"], record["input_size"]) == ("small", 1, 28)
+    assert record["feature_dim"] == 512 and record["input_conv_rule"] == "small_stem"
+    assert (record["method"], record["epochs"]) == ("simclr", 2)
+    assert sorted(os.listdir(tmp_path / "run")) == ["backbone.json", "backbone.safetensors"]
+    with pytest.raises(ValueError, match="name"):
+        export_backbone(backbone, tmp_path, metadata={"name": "other"})
+
+
+def test_third_party_pth_checkpoint_loads_with_a_warning(tmp_path):
+    reference = timm.create_model("resnet18", num_classes=10).eval()  # with its fc classifier
+    ddp_state = {f"module.{k}": v for k, v in reference.state_dict().items()}
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"state_dict": ddp_state, "epoch": 90}, path)
+
+    with pytest.warns(UserWarning, match="safetensors"):
+        backbone = load_backbone(path, name="timm:resnet18")
+
+    assert not backbone.training
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = reference.forward_head(reference.forward_features(x), pre_logits=True)
+        assert torch.equal(backbone(x), expected)
+
+
+def test_third_party_safetensors_needs_a_name(tmp_path):
+    reference = timm.create_model("resnet18", num_classes=0)
+    path = tmp_path / "weights.safetensors"
+    safetensors.torch.save_file(reference.state_dict(), path)
+    with pytest.raises(SSLPipelineError, match="name="):
+        load_backbone(path)
+    assert_same_state(load_backbone(path, name="resnet18").model, reference)
+
+
+def test_weights_of_another_architecture_are_refused(tmp_path):
+    path = tmp_path / "weights.safetensors"
+    safetensors.torch.save_file(timm.create_model("resnet18", num_classes=0).state_dict(), path)
+    with pytest.raises(SSLPipelineError, match="lacks"):
+        load_backbone(path, name="timm:resnet10t")
+
+
+class _RunsCodeWhenUnpickled:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"echo pwned > {shlex.quote(str(self.marker))}",))
+
+
+@pytest.mark.filterwarnings("ignore:.*pickle-based")
+def test_pickled_code_is_refused_and_never_run(tmp_path):
+    marker = tmp_path / "marker"
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"fc.weight": torch.zeros(1)}, "x": _RunsCodeWhenUnpickled(marker)}, path)
+
+    with pytest.raises(SSLPipelineError, match="pickled code"):
+        load_backbone(path, name="timm:resnet18")
+    assert not marker.exists()
+
+    torch.load(path, weights_only=False)  # proof the file is live: a plain unpickle runs it
+    assert marker.exists()
+
+
+def test_missing_path_is_named(tmp_path):
+    with pytest.raises(SSLPipelineError, match="nowhere"):
+        load_backbone(tmp_path / "nowhere")
+    with pytest.raises(SSLPipelineError, match="backbone.safetensors"):
+        load_backbone(tmp_path)  # a directory without an export
+
+
+@pytest.mark.parametrize(
+    "name,suggestion",
+    [
+        ("timm:resnt18", "resnet18"),
+        ("resnt18", "resnet18"),
+        ("torchvision:alexnt", "alexnet"),
+        ("torchvison:alexnet", "torchvision"),
+    ],
+)
+def test_unknown_names_suggest_the_nearest(name, suggestion):
+    with pytest.raises(SSLPipelineError, match=suggestion):
+        create_backbone(name)
+
+
+@pytest.mark.parametrize("name", ["timm:vgg11", "timm:mobilenetv3_small_100"])
+def test_feature_dim_is_the_real_output_width(name):
+    # timm's num_features is the width before the pre-logits layers these models keep
+    backbone = create_backbone(name, input_size=32)
+    assert backbone(torch.randn(2, 3, 32, 32)).shape[1] == backbone.feature_dim
+
+
+def test_registry_lists_sources_and_modifiers():
+    names = backbones.names()
+    assert {"timm", "torchvision", "small_stem", "in_chans"} <= set(names)
+    for entry in backbones:
+        assert len(entry.description) > 30  # a useful one-liner, shown by `list backbones`

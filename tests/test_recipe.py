@@ -1,0 +1,117 @@
+"""The recipe schema: strict, typed, helpful errors, overrides, resolved dump."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ssl_pipeline.errors import SSLPipelineError
+from ssl_pipeline.recipe import Recipe, apply_overrides, dump_recipe, load_recipe, recipe_from_dict
+
+RECIPES = sorted(Path(__file__).parents[1].joinpath("recipes").glob("*.yaml"))
+
+
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+def error_of(raw: dict) -> str:
+    with pytest.raises(SSLPipelineError) as info:
+        recipe_from_dict(raw)
+    return str(info.value)
+
+
+def test_defaults_are_valid():
+    recipe = Recipe()
+    assert recipe.method.name == "simclr"
+    assert recipe.stages == ["pretrain"]
+    assert recipe.method_settings.temperature == 0.5
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_every_recipe_file_validates(path):
+    load_recipe(path)
+
+
+def test_unknown_key_names_itself_and_nearest_sibling():
+    message = error_of({"pretrain": {"lrr": 0.1}})
+    assert "unknown key 'pretrain.lrr'" in message and "'pretrain.lr'" in message
+
+
+def test_key_in_wrong_block_points_to_the_right_block():
+    message = error_of({"pretrain": {"temperature": 0.1}})
+    assert "pretrain.temperature" in message and "method.simclr.temperature" in message
+
+
+def test_unknown_top_level_key():
+    message = error_of({"trainr": {}})
+    assert "unknown key 'trainr'" in message and "'trainer'" in message
+
+
+def test_wrong_type_names_field():
+    message = error_of({"pretrain": {"epochs": "many"}})
+    assert "pretrain.epochs" in message and "many" in message
+
+
+def test_wrong_choice_lists_allowed_values():
+    message = error_of({"pretrain": {"optimizer": "adam"}})
+    assert "pretrain.optimizer" in message
+    assert "'sgd'" in message and "'lars'" in message and "'adamw'" in message
+
+
+def test_unknown_dataset_method_and_stage_suggest_nearest():
+    assert "did you mean 'digits'" in error_of({"data": {"name": "digit"}})
+    assert "did you mean 'simsiam'" in error_of({"method": {"name": "simsam"}})
+    assert "did you mean 'pretrain'" in error_of({"stages": ["pretrian"]})
+
+
+def test_other_methods_settings_do_not_invalidate_the_recipe():
+    raw = {"method": {"name": "simclr", "simclr": {"temperature": 0.1},
+                      "simsiam": {"projection_dim": 256}}}
+    assert recipe_from_dict(raw).method_settings.temperature == 0.1
+    switched = recipe_from_dict(apply_overrides(raw, ["method.name=simsiam"]))
+    assert switched.method_settings.projection_dim == 256
+    assert "method.simsiam.temprature" in error_of(
+        {"method": {"name": "simsiam", "simsiam": {"temprature": 1}}}
+    )
+
+
+def test_overrides_parse_yaml_values_at_dotted_paths(tmp_path):
+    path = write(tmp_path, "pretrain:\n  epochs: 3\n")
+    recipe = load_recipe(path, ["trainer.devices=2", "data.name=fake", "pretrain.lr=1e-3",
+                                "views.hflip_prob=0", "tracking.wandb.tags=[a, b]"])
+    assert recipe.trainer.devices == 2 and recipe.data.name == "fake"
+    assert recipe.pretrain.lr == pytest.approx(1e-3) and recipe.pretrain.epochs == 3
+    assert recipe.tracking.wandb.tags == ["a", "b"]
+    assert recipe.name == "r"  # from the file stem
+
+
+@pytest.mark.parametrize("bad", ["novalue", "=3", "a.b=[unclosed"])
+def test_malformed_overrides_are_clear(tmp_path, bad):
+    with pytest.raises(SSLPipelineError, match="--set"):
+        load_recipe(write(tmp_path, "{}"), [bad])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(SSLPipelineError, match="does not exist"):
+        load_recipe(tmp_path / "nope.yaml")
+    with pytest.raises(SSLPipelineError, match="mapping"):
+        load_recipe(write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(SSLPipelineError, match="not valid YAML"):
+        load_recipe(write(tmp_path, "a: [\n"))
+
+
+def test_precision_accepts_a_number(tmp_path):
+    assert load_recipe(write(tmp_path, "trainer: {precision: 32}")).trainer.precision == "32"
+
+
+def test_resolved_dump_round_trips(tmp_path):
+    recipe = load_recipe(write(tmp_path, "method: {name: simsiam}\npretrain: {epochs: 7}\n"))
+    recipe = recipe.model_copy(update={"resolved": {"effective_lr": 0.1}})
+    dumped = yaml.safe_load(dump_recipe(recipe))
+    assert dumped["resolved"]["effective_lr"] == 0.1
+    assert dumped["pretrain"]["batch_size"] == 256  # defaults written out in full
+    again = recipe_from_dict(dumped)
+    assert again.model_dump() == recipe.model_dump()
