@@ -228,12 +228,10 @@ def split_name(name: str) -> tuple[str, str]:
     return source, model_name
 
 
-def _check_known(model_name: str, known: bool, choices: list[str], source: str) -> None:
-    if known:
-        return
+def _unknown_model(model_name: str, choices: list[str], source: str) -> SSLPipelineError:
     hint = nearest(model_name, choices)
     did_you_mean = f"; did you mean '{source}:{hint}'?" if hint else ""
-    raise SSLPipelineError(
+    return SSLPipelineError(
         f"unknown {source} model {model_name!r}{did_you_mean} "
         f"(`{source}.models.list_models()` lists them all)"
     )
@@ -260,7 +258,8 @@ def _call_builder(name: str, build: Callable[..., nn.Module], *args: Any, **kwar
 def build_timm(
     model_name: str, *, in_chans: int, pretrained: bool, **model_kwargs
 ) -> HeadlessModel:
-    _check_known(model_name, timm.is_model(model_name), timm.list_models(), "timm")
+    if not timm.is_model(model_name):  # also accepts pretrained tags: "resnet50.a1_in1k"
+        raise _unknown_model(model_name, timm.list_models(), "timm")
     model = _call_builder(
         f"timm:{model_name}",
         timm.create_model,
@@ -293,7 +292,8 @@ def build_torchvision(
     model_name: str, *, in_chans: int, pretrained: bool, **model_kwargs
 ) -> HeadlessModel:
     names = torchvision.models.list_models(module=torchvision.models)
-    _check_known(model_name, model_name in names, names, "torchvision")
+    if model_name not in names:
+        raise _unknown_model(model_name, names, "torchvision")
     if model_name in ("googlenet", "inception_v3") and not pretrained:
         # aux heads only matter for supervised training; init_weights=True silences a warning
         model_kwargs = {"aux_logits": False, "init_weights": True, **model_kwargs}
@@ -309,13 +309,15 @@ def build_torchvision(
     rule = "none"
     if in_chans != 3:
         rule = replace_input_conv(model, in_chans, adapt_weights=pretrained)
-        model.transform_input = False  # GoogLeNet/Inception: it re-normalizes x[:, :3] as RGB
+        if hasattr(model, "transform_input"):  # GoogLeNet/Inception re-normalize x[:, :3] as RGB
+            model.transform_input = False
     input_size, mean, std = _torchvision_defaults(model_name, model_kwargs)
     return HeadlessModel(model, input_size, mean, std, removed_head, rule)
 
 
 def _drop_aux_heads(model: nn.Module) -> None:
-    # pretrained GoogLeNet/Inception-v3 come with auxiliary classifiers that cannot be refused
+    # pretrained Inception-v3 keeps its auxiliary classifier: get_model refuses aux_logits=False
+    # together with weights
     if getattr(model, "aux_logits", False):
         model.aux_logits = False
         for attr in ("aux1", "aux2", "AuxLogits"):

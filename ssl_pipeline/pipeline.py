@@ -62,12 +62,23 @@ def run(
     resolved = resolve(recipe)
     ctx = RunContext(recipe, run_dir, resolved, quiet=quiet, resuming=resume is not None)
     resolved.data = data_facts(ctx)  # builds the dataset: bad data fails before any write
-    resolved.views = fit_views(resolved.data["image_size"], resolved.data["channels"],
-                               recipe.views.model_dump()).__dict__
+    views = fit_views(resolved.data["image_size"], resolved.data["channels"], recipe.views.model_dump())
+    resolved.views = asdict(views)
+    handed_over = is_global_zero() and resolved.world_size > 1 and RUN_DIR_ENV not in os.environ
+    if handed_over:
+        os.environ[RUN_DIR_ENV] = str(run_dir)  # inherited by the processes DDP launches
+    try:
+        return _run_stages(ctx, start)
+    finally:
+        if handed_over:
+            os.environ.pop(RUN_DIR_ENV, None)
+
+
+def _run_stages(ctx: RunContext, start: float) -> RunResult:
+    recipe, run_dir, quiet = ctx.recipe, ctx.run_dir, ctx.quiet
     if is_global_zero():
         run_dir.mkdir(parents=True, exist_ok=True)
-        os.environ[RUN_DIR_ENV] = str(run_dir)
-        recipe = recipe.model_copy(update={"resolved": asdict(resolved)})
+        recipe = recipe.model_copy(update={"resolved": asdict(ctx.resolved)})
         ctx.recipe = recipe
         write_atomic(run_dir / "recipe.yaml", dump_recipe(recipe))
 

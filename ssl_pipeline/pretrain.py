@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from pathlib import Path
@@ -117,6 +118,21 @@ class SeedPerRank(pl.Callback):
         pl.seed_everything(self.seed + trainer.global_rank, workers=True, verbose=False)
 
 
+class LastCheckpoint(pl.Callback):
+    """checkpoints/last.ckpt after every epoch, written to a temporary file and renamed, so an
+    interrupted save never replaces a good checkpoint with half of one."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        trainer.save_checkpoint(tmp)  # every rank calls it; rank 0 writes
+        if trainer.is_global_zero:
+            os.replace(tmp, self.path)
+        trainer.strategy.barrier("last_checkpoint")
+
+
 class ChannelsLast(pl.Callback):
     """Model and image batches in channels_last memory layout (faster convolutions)."""
 
@@ -177,12 +193,14 @@ def pretrain_stage(ctx: RunContext) -> dict[str, Any]:
 
     ckpt_dir = ctx.run_dir / "checkpoints"
     monitor = monitor_callback(ctx)
+    # best.ckpt: the epoch with the highest online k-NN top-1 (only where the monitor runs).
     checkpoint = ModelCheckpoint(
-        dirpath=ckpt_dir, filename="best", save_last=True,
-        monitor=MONITOR_KEY if monitor else None, mode="max", save_top_k=1 if monitor else 0,
+        dirpath=ckpt_dir, filename="best", monitor=MONITOR_KEY if monitor else None, mode="max",
+        save_top_k=1 if monitor else 0, save_last=False, enable_version_counter=False,
     )
     progress = EpochProgress(quiet=ctx.quiet, monitor=monitor)
-    callbacks = [c for c in (monitor, checkpoint, progress, SeedPerRank(recipe.seed)) if c]
+    callbacks = [c for c in (monitor, checkpoint, LastCheckpoint(ckpt_dir / "last.ckpt"), progress,
+                             SeedPerRank(recipe.seed)) if c]
     if recipe.trainer.channels_last:
         callbacks.append(ChannelsLast())
     loggers = [JSONLLogger(ctx.run_dir / "metrics.jsonl", stage="pretrain")]
@@ -228,7 +246,7 @@ def finish_pretrain(ctx, method, trainer, checkpoint, progress, seconds, loader_
         "loss_by_epoch": [round(x, 5) for x in losses],
         "loss_first_epoch": losses[0] if losses else None,
         "loss_last_epoch": losses[-1] if losses else None,
-        "monitor_knn_top1_by_epoch": {h["epoch"]: h["knn_top1"] for h in progress.history
+        "monitor_knn_top1_by_epoch": {str(h["epoch"]): h["knn_top1"] for h in progress.history
                                       if "knn_top1" in h},
         "best_monitor_knn_top1": _best(checkpoint),
         "exported_checkpoint": exported,

@@ -26,3 +26,34 @@ def fashion_mnist_root() -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return DEBIAN_DIR
+
+
+@pytest.fixture(autouse=True)
+def no_wandb_by_default(monkeypatch):
+    """Tests run without W&B unless a test turns it on (W&B's env var overrides the recipe)."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.delenv("SSL_PIPELINE_RUN_DIR", raising=False)
+
+
+# Overrides that turn any recipe into a seconds-long smoke run on tiny synthetic data.
+TINY = [
+    "data.name=fake",
+    "data.image_size=16",
+    "data.fake.train_samples=48",
+    "data.fake.val_samples=16",
+    "data.fake.test_samples=16",
+    "pretrain.epochs=2",
+    "pretrain.batch_size=16",
+    "pretrain.monitor_every_n_epochs=1",
+    "trainer.accelerator=cpu",
+    "trainer.devices=1",
+    "trainer.num_nodes=1",
+    "trainer.precision=32",
+    "trainer.log_every_n_steps=1",
+    "tracking.wandb.mode=disabled",
+]
+
+
+@pytest.fixture
+def tiny_overrides() -> list[str]:
+    return list(TINY)
