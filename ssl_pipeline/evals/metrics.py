@@ -1,0 +1,63 @@
+"""Classification metrics from class scores, as plain Python numbers ready for JSON.
+
+Accuracies are fractions in [0, 1]. Any score that ranks classes works (logits, probabilities,
+k-NN votes): only the order within a row is used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from sklearn.metrics import confusion_matrix, f1_score, top_k_accuracy_score
+
+from ssl_pipeline.errors import SSLPipelineError
+
+
+def classification_metrics(
+    scores: np.ndarray, labels: np.ndarray, class_names: Sequence[str] | None = None
+) -> dict:
+    """Metrics of `scores (N, C)` against integer `labels (N,)` in [0, C).
+
+    Returns `top1`, `top5` (only when C >= 10, where it says more than top-1), `balanced_accuracy`
+    (mean recall over the classes present in `labels`), `macro_f1` (over classes present in
+    `labels` or predictions), `per_class_accuracy` (recall per class, None for a class
+    without examples), `confusion_matrix` (rows: true class, columns: predicted), `num_samples`
+    and, when given, `class_names`.
+
+    >>> m = classification_metrics(np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]]), np.array([0, 1, 1]))
+    >>> m["top1"], m["per_class_accuracy"], m["confusion_matrix"]
+    (0.6666666666666666, [1.0, 0.5], [[1, 0], [1, 1]])
+    """
+    scores, labels = _checked(scores, labels, class_names)
+    num_classes = scores.shape[1]
+    predictions = scores.argmax(1)
+    matrix = confusion_matrix(labels, predictions, labels=np.arange(num_classes))
+    per_class = [float(matrix[c, c] / n) if n else None for c, n in enumerate(matrix.sum(1))]
+    metrics = {
+        "num_samples": len(labels),
+        "top1": float((predictions == labels).mean()),
+        # sklearn's definition, without its warning when a class is predicted but absent
+        "balanced_accuracy": float(np.mean([a for a in per_class if a is not None])),
+        "macro_f1": float(f1_score(labels, predictions, average="macro", zero_division=0)),
+        "per_class_accuracy": per_class,
+        "confusion_matrix": matrix.tolist(),
+    }
+    if num_classes >= 10:
+        metrics["top5"] = float(top_k_accuracy_score(labels, scores, k=5, labels=np.arange(num_classes)))
+    if class_names is not None:
+        metrics["class_names"] = [str(name) for name in class_names]
+    return metrics
+
+
+def _checked(scores, labels, class_names) -> tuple[np.ndarray, np.ndarray]:
+    scores, labels = np.asarray(scores), np.asarray(labels).astype(np.int64)
+    if scores.ndim != 2 or labels.shape != (len(scores),) or len(labels) == 0:
+        raise SSLPipelineError(
+            f"metrics: scores must be (N, C) and labels (N,) with N > 0; got {scores.shape} and {labels.shape}"
+        )
+    if labels.min() < 0 or labels.max() >= scores.shape[1]:
+        raise SSLPipelineError(f"metrics: labels must lie in [0, {scores.shape[1]}), one per score column")
+    if class_names is not None and len(class_names) != scores.shape[1]:
+        raise SSLPipelineError(f"metrics: {len(class_names)} class names for {scores.shape[1]} score columns")
+    return scores, labels
