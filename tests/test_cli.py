@@ -18,7 +18,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "disabled"}
     exe = Path(sys.executable).with_name("ssl-pipeline")
     return subprocess.run([str(exe), *args], capture_output=True, text=True, env=env, cwd=ROOT,
-                          timeout=600)
+                          timeout=1800)
 
 
 @pytest.mark.parametrize("what, expected", [

@@ -87,7 +87,8 @@ def test_few_shot_is_deterministic_and_seeds_differ():
     assert len(set(first["by_shots"]["2"]["logistic"]["by_seed"])) > 1
 
 
-def test_unknown_classifier_is_a_user_error():
-    x, y = clusters()
-    with pytest.raises(SSLPipelineError, match="logistic"):
-        few_shot(x, y, x, y, 5, classifiers=("svm",))
+@pytest.mark.parametrize("kwargs", [{"classifiers": ("svm",)}, {"seeds": 0}, {"shots": (61,)}])
+def test_impossible_settings_are_a_user_error(kwargs):
+    x, y = clusters()  # 60 examples per class
+    with pytest.raises(SSLPipelineError):
+        few_shot(x, y, x, y, 5, **kwargs)

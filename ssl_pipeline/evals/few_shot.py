@@ -59,7 +59,11 @@ def few_shot(
     """
     unknown = sorted(set(classifiers) - set(CLASSIFIERS))
     if unknown or not classifiers:
-        raise SSLPipelineError(f"few_shot: unknown classifiers {unknown}; choose from {sorted(CLASSIFIERS)}")
+        raise SSLPipelineError(
+            f"few_shot: unknown classifiers {unknown}; choose from {sorted(CLASSIFIERS)}"
+        )
+    if seeds < 1:
+        raise SSLPipelineError(f"few_shot: seeds must be at least 1, got {seeds}")
     train_x, test_x = l2_normalized(train_x), l2_normalized(test_x)
     train_y, test_y = np.asarray(train_y), np.asarray(test_y)
     by_shots = {}
@@ -72,7 +76,8 @@ def few_shot(
                 top1[name].append(float((predictions == test_y).mean()))
         summaries = {name: summarize(values) for name, values in top1.items()}
         first = summaries[classifiers[0]]
-        by_shots[str(n)] = {"top1": first["top1"], "ci95": first["ci95"], "n": first["n"], **summaries}
+        headline = {key: first[key] for key in ("top1", "ci95", "n")}
+        by_shots[str(n)] = {**headline, **summaries}
     return {"by_shots": by_shots, "classifiers": list(classifiers), "seeds": seeds}
 
 

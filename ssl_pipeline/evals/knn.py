@@ -17,6 +17,8 @@ import numpy as np
 
 from ssl_pipeline.errors import SSLPipelineError
 
+PROTOCOLS = {20: 0.07, 200: 0.1}  # k -> T: DINO; InstDisc and lightly's benchmarks
+
 
 def l2_normalized(features: np.ndarray) -> np.ndarray:
     """A float32 C-contiguous copy of `features (N, D)` with unit-length rows."""
@@ -46,9 +48,10 @@ def knn_classify(
 ) -> dict[int, np.ndarray]:
     """Class scores `(num_queries, num_classes)` float64 for each k in `ks`, from one search.
 
-    `temperature` is one T for every k, or one per k: `ks=(20, 200), temperature={20: 0.07,
-    200: 0.1}` gives DINO's and InstDisc's protocols together. A k above the bank size uses the
-    whole bank. Rank classes with `scores.argsort(1)[:, ::-1]`; top-1 is `scores.argmax(1)`.
+    `temperature` is one T for every k, or one per k: `ks=tuple(PROTOCOLS),
+    temperature=PROTOCOLS` gives DINO's and InstDisc's protocols from one search. A k above the
+    bank size uses the whole bank. Top-1 is `scores.argmax(1)`; the ranking that lightly's
+    `knn_predict` returns is `np.argsort(-scores, 1)`.
     """
     temperatures = _temperatures(ks, temperature)
     bank, queries = l2_normalized(bank), l2_normalized(queries)
@@ -70,7 +73,9 @@ def knn_classify(
 knn_scores = knn_classify  # the earlier name
 
 
-def knn_top1(bank, bank_labels, queries, query_labels, num_classes, k=20, temperature=0.07) -> float:
+def knn_top1(
+    bank, bank_labels, queries, query_labels, num_classes, k=20, temperature=0.07
+) -> float:
     """Top-1 accuracy of weighted k-NN, as a fraction in [0, 1]."""
     scores = knn_classify(bank, bank_labels, queries, num_classes, (k,), temperature)[k]
     return float((scores.argmax(1) == np.asarray(query_labels)).mean())
@@ -90,7 +95,9 @@ def _temperatures(ks: Sequence[int], temperature: float | Mapping[int, float]) -
         return {k: float(temperature) for k in ks}
     missing = [k for k in ks if k not in temperature]
     if missing:
-        raise SSLPipelineError(f"k-NN: no temperature for k={missing}; give one for each of {tuple(ks)}")
+        raise SSLPipelineError(
+            f"k-NN: no temperature for k={missing}; give one for each of {tuple(ks)}"
+        )
     return {k: float(temperature[k]) for k in ks}
 
 

@@ -19,13 +19,14 @@ def classification_metrics(
 ) -> dict:
     """Metrics of `scores (N, C)` against integer `labels (N,)` in [0, C).
 
-    Returns `top1`, `top5` (only when C >= 10, where it says more than top-1), `balanced_accuracy`
+    Returns `top1`, `top5` (only when C >= 10; with fewer it says little), `balanced_accuracy`
     (mean recall over the classes present in `labels`), `macro_f1` (over classes present in
     `labels` or predictions), `per_class_accuracy` (recall per class, None for a class
     without examples), `confusion_matrix` (rows: true class, columns: predicted), `num_samples`
     and, when given, `class_names`.
 
-    >>> m = classification_metrics(np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]]), np.array([0, 1, 1]))
+    >>> scores = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    >>> m = classification_metrics(scores, np.array([0, 1, 1]))
     >>> m["top1"], m["per_class_accuracy"], m["confusion_matrix"]
     (0.6666666666666666, [1.0, 0.5], [[1, 0], [1, 1]])
     """
@@ -44,7 +45,8 @@ def classification_metrics(
         "confusion_matrix": matrix.tolist(),
     }
     if num_classes >= 10:
-        metrics["top5"] = float(top_k_accuracy_score(labels, scores, k=5, labels=np.arange(num_classes)))
+        top5 = top_k_accuracy_score(labels, scores, k=5, labels=np.arange(num_classes))
+        metrics["top5"] = float(top5)
     if class_names is not None:
         metrics["class_names"] = [str(name) for name in class_names]
     return metrics
@@ -54,10 +56,13 @@ def _checked(scores, labels, class_names) -> tuple[np.ndarray, np.ndarray]:
     scores, labels = np.asarray(scores), np.asarray(labels).astype(np.int64)
     if scores.ndim != 2 or labels.shape != (len(scores),) or len(labels) == 0:
         raise SSLPipelineError(
-            f"metrics: scores must be (N, C) and labels (N,) with N > 0; got {scores.shape} and {labels.shape}"
+            f"metrics: scores must be (N, C) and labels (N,) with N > 0; "
+            f"got {scores.shape} and {labels.shape}"
         )
     if labels.min() < 0 or labels.max() >= scores.shape[1]:
-        raise SSLPipelineError(f"metrics: labels must lie in [0, {scores.shape[1]}), one per score column")
+        raise SSLPipelineError(f"metrics: labels must lie in [0, {scores.shape[1]}) (score columns)")
     if class_names is not None and len(class_names) != scores.shape[1]:
-        raise SSLPipelineError(f"metrics: {len(class_names)} class names for {scores.shape[1]} score columns")
+        raise SSLPipelineError(
+            f"metrics: {len(class_names)} class names for {scores.shape[1]} score columns"
+        )
     return scores, labels

@@ -18,7 +18,7 @@ from ssl_pipeline.errors import SSLPipelineError
 def balanced_subset(
     labels: np.ndarray, per_class: int | None = None, fraction: float | None = None, seed: int = 0
 ) -> np.ndarray:
-    """Sorted indices into `labels` of a class-balanced random subset; give `per_class` or `fraction`.
+    """Sorted indices into `labels` of a class-balanced subset; give `per_class` or `fraction`.
 
     The same seed gives the same subset; classes absent from `labels` are skipped.
 
@@ -35,7 +35,10 @@ def balanced_subset(
     chosen = []
     for c in np.unique(labels):  # sorted, so the draws do not depend on the order of the labels
         members = np.flatnonzero(labels == c)
-        size = per_class if per_class is not None else max(1, math.floor(fraction * len(members) + 0.5))
+        if per_class is not None:
+            size = per_class
+        else:
+            size = max(1, math.floor(fraction * len(members) + 0.5))  # rounded half up
         if not 1 <= size <= len(members):
             raise SSLPipelineError(
                 f"balanced_subset: class {c} has {len(members)} examples, cannot take {size}; "
