@@ -28,6 +28,22 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("recipe")
     _add_set(validate)
 
+    evaluate = sub.add_parser("evaluate", help="evaluate an exported backbone without pretraining")
+    evaluate.add_argument("recipe", help="recipe giving the data and the evaluation stages")
+    evaluate.add_argument("--backbone", required=True, metavar="PATH",
+                          help="our export (run dir or .safetensors) or a timm/torchvision weights file")
+    evaluate.add_argument("--out", metavar="DIR")
+    evaluate.add_argument("--quiet", action="store_true")
+    _add_set(evaluate)
+
+    embed = sub.add_parser("embed", help="embeddings of a folder of images, with their paths")
+    embed.add_argument("--backbone", required=True, metavar="PATH")
+    embed.add_argument("--data", required=True, metavar="FOLDER")
+    embed.add_argument("--out", required=True, metavar="FILE", help=".npz with features and paths")
+    embed.add_argument("--name", help="architecture of a third-party weights file, e.g. timm:resnet50")
+    embed.add_argument("--batch-size", type=int, default=256)
+    embed.add_argument("--quiet", action="store_true")
+
     lister = sub.add_parser("list", help="what is registered")
     lister.add_argument("what", choices=["methods", "backbones", "datasets", "stages"])
     return parser
@@ -70,6 +86,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ssl_pipeline.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    stages = [s for s in recipe.stages if s != "pretrain"] or ["knn", "linear_probe"]
+    recipe = recipe.model_copy(update={"stages": stages, "eval": recipe.eval.model_copy(
+        update={"backbone": args.backbone})})
+    args.recipe, args.overrides, args.resume = recipe, [], None
+    return cmd_run(args)
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from ssl_pipeline.embed import embed_folder
+
+    out = embed_folder(args.backbone, args.data, args.out, name=args.name,
+                       batch_size=args.batch_size, quiet=args.quiet)
+    print(f"wrote {out}")
+    return EXIT_OK
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from ssl_pipeline.recipe import load_recipe
 
@@ -89,7 +125,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "list": cmd_list}
+COMMANDS = {"run": cmd_run, "evaluate": cmd_evaluate, "embed": cmd_embed,
+            "validate": cmd_validate, "list": cmd_list}
 
 if __name__ == "__main__":
     sys.exit(main())

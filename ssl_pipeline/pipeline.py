@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ssl_pipeline import evaluation as _evaluation  # noqa: F401  (registers the eval stages)
 from ssl_pipeline import pretrain as _pretrain  # noqa: F401  (registers the "pretrain" stage)
 from ssl_pipeline.data.transforms import fit_views
 from ssl_pipeline.errors import SSLPipelineError
@@ -83,6 +84,7 @@ def _run_stages(ctx: RunContext, start: float) -> RunResult:
         write_atomic(run_dir / "recipe.yaml", dump_recipe(recipe))
 
     results = _load_results(run_dir)
+    ctx.baselines = results.setdefault("baselines", {})
     done = ctx.stage_state()
     for stage in recipe.stages:
         if done.get(stage, {}).get("status") == "done":
@@ -206,5 +208,13 @@ def summary(result: RunResult) -> str:
         if pre.get("best_monitor_knn_top1") is not None:
             lines.append(f"  best val k-NN top-1 during pretraining: {pre['best_monitor_knn_top1']:.4f}")
         lines.append(f"  backbone: {pre['backbone']} (load with ssl_pipeline.load_backbone)")
+    baselines = result.results.get("baselines", {})
+    for stage in ("knn", "linear_probe", "few_shot", "finetune"):
+        main = result.results.get(stage)
+        if not main or main.get("top1") is None:
+            continue
+        refs = [f"{name} {b[stage]['top1']:.4f}" for name, b in baselines.items()
+                if b.get(stage, {}).get("top1") is not None]
+        lines.append(f"  {stage} test top-1: {main['top1']:.4f}" + (f" ({', '.join(refs)})" if refs else ""))
     return "\n".join(lines)
 

@@ -151,6 +151,56 @@ class TrainerConfig(Strict):
         return str(value) if isinstance(value, int) else value
 
 
+class KNNConfig(Strict):
+    # (k, temperature) pairs, all answered by one search; the first is the headline number.
+    # DINO: k=20, T=0.07; InstDisc and lightly's benchmarks: k=200, T=0.1.
+    settings: list[tuple[int, float]] = Field(default_factory=lambda: [(20, 0.07), (200, 0.1)])
+
+
+class LinearProbeConfig(Strict):
+    # lr x weight_decay grid (AdamW on standardized cached features), chosen on validation.
+    lr_grid: list[float] = Field(default_factory=lambda: [1e-3, 1e-2, 1e-1])
+    weight_decay_grid: list[float] = Field(default_factory=lambda: [0.0, 0.1, 1.0])
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(256, ge=1)
+
+
+class FinetuneConfig(Strict):
+    # SimCLR v2 protocol: class-balanced seeded label subsets; best epoch chosen on validation.
+    label_fractions: list[float] = Field(default_factory=lambda: [1.0])
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    lr: float = Field(1e-3, gt=0)  # the new head's lr
+    backbone_lr_ratio: float = Field(0.1, ge=0)  # backbone lr = lr x ratio (lower: keep features)
+    weight_decay: float = Field(1e-4, ge=0)
+    max_minutes: float | None = Field(None, gt=0)  # per fine-tuning run
+
+
+class FewShotConfig(Strict):
+    shots: list[int] = Field(default_factory=lambda: [1, 5, 10])
+    seeds: int = Field(5, ge=1)
+
+
+class EvalConfig(Strict):
+    # An exported backbone (ours or timm/torchvision weights) to evaluate when the recipe has no
+    # pretrain stage; `ssl-pipeline evaluate --backbone` sets it.
+    backbone: str | None = None
+    # Reference rows through the same stages: the same architecture at random init, and raw
+    # pixels (images of at most raw_pixels_max_dims values).
+    baselines: list[Literal["random_init", "raw_pixels"]] = Field(
+        default_factory=lambda: ["random_init", "raw_pixels"]
+    )
+    raw_pixels_max_dims: int = Field(4096, ge=1)
+    seeds: int = Field(3, ge=1)  # linear probe and label-fraction repeats
+    batch_size: int = Field(256, ge=1)  # feature extraction
+    cache_dir: str = "data/cache/features"
+    knn: KNNConfig = KNNConfig()
+    linear_probe: LinearProbeConfig = LinearProbeConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    few_shot: FewShotConfig = FewShotConfig()
+
+
 class WandbConfig(Strict):
     mode: Literal["online", "offline", "disabled"] = "offline"
     project: str = "ssl_pipeline"
@@ -174,6 +224,7 @@ class Recipe(Strict):
     views: ViewsConfig = ViewsConfig()
     pretrain: PretrainConfig = PretrainConfig()
     trainer: TrainerConfig = TrainerConfig()
+    eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
     export: Literal["last", "best"] = "last"
     # Written by the pipeline into the run's recipe.yaml (effective lr, per-device batch, data

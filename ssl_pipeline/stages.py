@@ -48,6 +48,10 @@ class RunContext:
     resolved: Resolved
     quiet: bool = False
     resuming: bool = False
+    # Results of the baselines, {name: {stage: result}}, filed under results["baselines"].
+    baselines: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Objects shared by the stages of one run (loaded backbone, features in memory).
+    cache: dict[str, Any] = field(default_factory=dict)
 
     @cached_property
     def data(self):

@@ -29,7 +29,8 @@ def fixture_root(name: str, tmp_path: Path) -> str | None:
 
 @pytest.mark.parametrize("name", datasets.names())
 def test_dataset_contract(name, tmp_path):
-    bundle = build_dataset(DataConfig(name=name, root=fixture_root(name, tmp_path)))
+    # val_fraction 0.5: the fixtures are small, and every class needs a validation example
+    bundle = build_dataset(DataConfig(name=name, root=fixture_root(name, tmp_path), val_fraction=0.5))
     assert len(bundle.train) > 0 and bundle.val is not None and len(bundle.val) > 0
     assert len(bundle.mean) == len(bundle.std) == bundle.channels
     assert bundle.image_size >= 4 and bundle.source

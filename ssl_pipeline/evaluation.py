@@ -1,0 +1,257 @@
+"""The evaluation stages: k-NN, linear probe, few-shot (on cached features) and fine-tuning.
+
+Each stage evaluates the run's backbone and, through exactly the same code, the reference rows
+the recipe asks for (`eval.baselines`): the same architecture at random initialization, and raw
+pixels where images are small. A supervised-pretrained backbone is evaluated like an SSL one.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ssl_pipeline.backbones import Backbone, create_backbone, load_backbone
+from ssl_pipeline.data import TransformedDataset
+from ssl_pipeline.data.transforms import eval_transform, fit_views, supervised_train_transform
+from ssl_pipeline.errors import SSLPipelineError
+from ssl_pipeline.evals.few_shot import few_shot
+from ssl_pipeline.evals.finetune import FinetuneSettings, finetune
+from ssl_pipeline.evals.knn import knn_classify
+from ssl_pipeline.evals.linear_probe import linear_probe
+from ssl_pipeline.evals.metrics import classification_metrics
+from ssl_pipeline.evals.subsets import balanced_subset
+from ssl_pipeline.features import cache_key, cached_features, weights_hash
+from ssl_pipeline.stages import RunContext, stage_registry
+from ssl_pipeline.tracking import JSONLLogger
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Subject:
+    """What is evaluated: the run's backbone, a baseline backbone, or raw pixels (None)."""
+
+    name: str
+    backbone: Backbone | None
+
+
+# ------------------------------------------------------------------ what is evaluated
+
+
+def evaluated_backbone(ctx: RunContext) -> Backbone:
+    """The run's exported backbone, else `eval.backbone`; loaded once per run."""
+    if "backbone" not in ctx.cache:
+        exported = ctx.run_dir / "backbone.safetensors"
+        path = exported if exported.exists() else ctx.recipe.eval.backbone
+        if path is None:
+            raise SSLPipelineError(
+                "nothing to evaluate: list 'pretrain' before the evaluation stages, or give a "
+                "backbone (eval.backbone in the recipe, or ssl-pipeline evaluate --backbone PATH)"
+            )
+        ctx.cache["backbone"] = load_backbone(path, name=ctx.recipe.backbone.name)
+    return ctx.cache["backbone"]
+
+
+def subjects(ctx: RunContext) -> list[Subject]:
+    backbone = evaluated_backbone(ctx)
+    found = [Subject("backbone", backbone)]
+    if "random_init" in ctx.recipe.eval.baselines:
+        found.append(Subject("random_init", random_init_like(backbone, ctx.recipe.seed, ctx)))
+    dims = ctx.data.channels * ctx.data.image_size ** 2
+    if "raw_pixels" in ctx.recipe.eval.baselines and dims <= ctx.recipe.eval.raw_pixels_max_dims:
+        found.append(Subject("raw_pixels", None))
+    return found
+
+
+def random_init_like(backbone: Backbone, seed: int, ctx: RunContext) -> Backbone:
+    """The same architecture, stem and preprocessing, freshly initialized (seeded)."""
+    if "random_init" not in ctx.cache:
+        torch.manual_seed(seed)
+        p = backbone.preprocessing
+        ctx.cache["random_init"] = create_backbone(
+            backbone.name, in_chans=p.in_chans, input_size=p.input_size, mean=p.mean, std=p.std,
+            stem=backbone.stem, **backbone.model_kwargs,
+        ).eval()
+    return ctx.cache["random_init"]
+
+
+# ------------------------------------------------------------------ features
+
+
+def transform_for(subject: Subject, ctx: RunContext):
+    """The eval transform at the backbone's own resolution and normalization."""
+    if subject.backbone is None:
+        d = ctx.resolved.data
+        return eval_transform(d["image_size"], d["mean"], d["std"])
+    p = subject.backbone.preprocessing
+    if p.in_chans != ctx.data.channels:
+        raise SSLPipelineError(
+            f"the backbone takes {p.in_chans}-channel images but {ctx.data.name} has "
+            f"{ctx.data.channels}; set --set data.channels={p.in_chans}"
+        )
+    return eval_transform(p.input_size, p.mean, p.std)
+
+
+def features(ctx: RunContext, subject: Subject, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Cached `(features, labels)` of one split for one subject."""
+    memo = ctx.cache.setdefault("features", {})
+    if (subject.name, split) in memo:
+        return memo[(subject.name, split)]
+    dataset = getattr(ctx.data, split)
+    transform = transform_for(subject, ctx)
+    loader = torch.utils.data.DataLoader(
+        TransformedDataset(dataset, transform), batch_size=ctx.recipe.eval.batch_size,
+        num_workers=ctx.recipe.data.num_workers,
+    )
+    model = subject.backbone if subject.backbone is not None else torch.nn.Flatten()
+    hashes = ctx.cache.setdefault("weights_sha", {})
+    if subject.name not in hashes:
+        hashes[subject.name] = weights_hash(model)
+    key = cache_key(f"{subject.name}:{hashes[subject.name]}", transform, ctx.data.split_hashes[split])
+    progress = None if ctx.quiet else f"features {subject.name}/{split}"
+    device = "cuda" if ctx.resolved.accelerator == "gpu" else "cpu"
+    x, y, _ = cached_features(model.to(device), loader, Path(ctx.recipe.eval.cache_dir), key,
+                              device, progress)
+    memo[(subject.name, split)] = (x, y)
+    return x, y
+
+
+def split_features(ctx: RunContext, subject: Subject) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    out = {split: features(ctx, subject, split) for split in SPLITS}
+    if subject.backbone is None:  # raw pixels: centred on the train mean, as a k-NN needs
+        mean = out["train"][0].mean(0, keepdims=True)
+        out = {s: (x - mean, y) for s, (x, y) in out.items()}
+    return out
+
+
+def require_labels(ctx: RunContext, stage: str) -> None:
+    if not ctx.data.labeled or ctx.data.test is None or ctx.data.val is None:
+        raise SSLPipelineError(
+            f"stage {stage} needs labeled train, val and test splits; {ctx.data.name} has none. "
+            "Evaluate on a labeled dataset (e.g. --set data.name=...) or drop the stage"
+        )
+
+
+def evaluate_subjects(ctx: RunContext, stage: str, evaluate) -> dict[str, Any]:
+    """Run `evaluate(ctx, subject)` for the backbone and every baseline; baselines are filed
+    under results["baselines"][name][stage], the backbone's result is returned."""
+    require_labels(ctx, stage)
+    main = {}
+    for subject in subjects(ctx):
+        result = evaluate(ctx, subject)
+        if result is None:
+            continue
+        if subject.name == "backbone":
+            main = result
+        else:
+            ctx.baselines.setdefault(subject.name, {})[stage] = result
+    return main
+
+
+# ------------------------------------------------------------------ stages
+
+
+def knn_result(ctx: RunContext, subject: Subject) -> dict[str, Any]:
+    f = split_features(ctx, subject)
+    settings = ctx.recipe.eval.knn.settings
+    ks = tuple(k for k, _ in settings)
+    scores = knn_classify(*f["train"], f["test"][0], ctx.data.num_classes, ks=ks,
+                          temperature=dict(settings))
+    by_k = {}
+    for k in ks:
+        metrics = classification_metrics(scores[k], f["test"][1])
+        by_k[str(k)] = {m: metrics[m] for m in ("top1", "top5") if m in metrics}
+        by_k[str(k)]["temperature"] = dict(settings)[k]
+    headline = classification_metrics(scores[ks[0]], f["test"][1], ctx.data.class_names)
+    return {**headline, "k": ks[0], "temperature": settings[0][1], "by_k": by_k}
+
+
+def probe_result(ctx: RunContext, subject: Subject) -> dict[str, Any]:
+    f = split_features(ctx, subject)
+    cfg = ctx.recipe.eval.linear_probe
+    return linear_probe(*f["train"], *f["val"], *f["test"], ctx.data.num_classes,
+                        grid={"lr": tuple(cfg.lr_grid), "weight_decay": tuple(cfg.weight_decay_grid)},
+                        seeds=ctx.recipe.eval.seeds, epochs=cfg.epochs, batch_size=cfg.batch_size)
+
+
+def few_shot_result(ctx: RunContext, subject: Subject) -> dict[str, Any]:
+    f = split_features(ctx, subject)
+    cfg = ctx.recipe.eval.few_shot
+    return few_shot(*f["train"], *f["test"], ctx.data.num_classes, shots=tuple(cfg.shots),
+                    seeds=cfg.seeds)
+
+
+@stage_registry.register("knn", "weighted k-NN (faiss, cosine) on cached features; test split")
+def knn_stage(ctx: RunContext) -> dict[str, Any]:
+    return evaluate_subjects(ctx, "knn", knn_result)
+
+
+@stage_registry.register("linear_probe", "linear probe on cached features, tuned on validation")
+def linear_probe_stage(ctx: RunContext) -> dict[str, Any]:
+    return evaluate_subjects(ctx, "linear_probe", probe_result)
+
+
+@stage_registry.register("few_shot", "k examples per class, logistic regression and k-NN, over seeds")
+def few_shot_stage(ctx: RunContext) -> dict[str, Any]:
+    return evaluate_subjects(ctx, "few_shot", few_shot_result)
+
+
+@stage_registry.register("finetune", "fine-tune the whole network on label fractions; best epoch on val")
+def finetune_stage(ctx: RunContext) -> dict[str, Any]:
+    return evaluate_subjects(ctx, "finetune", finetune_result)
+
+
+# ------------------------------------------------------------------ fine-tuning
+
+
+def finetune_result(ctx: RunContext, subject: Subject) -> dict[str, Any] | None:
+    if subject.backbone is None:
+        return None  # raw pixels have nothing to fine-tune
+    cfg, seeds = ctx.recipe.eval.finetune, ctx.recipe.eval.seeds
+    by_fraction = {}
+    for fraction in cfg.label_fractions:
+        runs = [finetune_once(ctx, subject, fraction, seed)
+                for seed in range(seeds if fraction < 1.0 else 1)]
+        top1 = [r["top1"] for r in runs]
+        by_fraction[str(fraction)] = {
+            "top1": float(np.mean(top1)), "top1_std": float(np.std(top1, ddof=1)) if len(top1) > 1 else 0.0,
+            "seeds": len(runs), "train_samples": runs[0]["train_samples"], "by_seed": runs,
+        }
+    headline = by_fraction[str(max(cfg.label_fractions))]
+    return {"top1": headline["top1"], "top1_std": headline["top1_std"], "by_fraction": by_fraction}
+
+
+def finetune_once(ctx: RunContext, subject: Subject, fraction: float, seed: int) -> dict[str, Any]:
+    cfg, bundle = ctx.recipe.eval.finetune, ctx.data
+    torch.manual_seed(ctx.recipe.seed + seed)
+    backbone = copy.deepcopy(subject.backbone).train()
+    p = backbone.preprocessing
+    train = bundle.train
+    if fraction < 1.0:
+        train = torch.utils.data.Subset(train, balanced_subset(bundle.train.labels, fraction=fraction, seed=seed))
+    views = fit_views(p.input_size, p.in_chans, {})
+    augment = supervised_train_transform(views, p.input_size, p.mean, p.std)
+    plain = transform_for(subject, ctx)
+    workers = ctx.recipe.data.num_workers
+    batch = min(cfg.batch_size, len(train))
+    loaders = [
+        torch.utils.data.DataLoader(TransformedDataset(train, augment), batch_size=batch,
+                                    shuffle=True, drop_last=len(train) > batch, num_workers=workers),
+        *(torch.utils.data.DataLoader(TransformedDataset(split, plain), batch_size=ctx.recipe.eval.batch_size,
+                                      num_workers=workers) for split in (bundle.val, bundle.test)),
+    ]
+    settings = FinetuneSettings(cfg.epochs, cfg.optimizer, cfg.lr, cfg.backbone_lr_ratio,
+                                cfg.weight_decay, cfg.max_minutes)
+    logger = JSONLLogger(ctx.run_dir / "metrics.jsonl", stage=f"finetune/{subject.name}/{fraction}/seed{seed}")
+    trainer_kwargs = dict(accelerator=ctx.resolved.accelerator, devices=1,
+                          precision=ctx.recipe.trainer.precision, logger=[logger],
+                          enable_progress_bar=False, enable_model_summary=False,
+                          enable_checkpointing=False, log_every_n_steps=1)
+    result = finetune(backbone, bundle.num_classes, *loaders, settings, trainer_kwargs,
+                      bundle.class_names)
+    return {"seed": seed, "train_samples": len(train), **result}

@@ -1,0 +1,154 @@
+"""Evaluation stages through the pipeline: results.json shape, baselines, feature cache,
+frozen backbones, evaluate and embed commands."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+
+import ssl_pipeline
+from ssl_pipeline.cli import main
+from ssl_pipeline.features import cache_key, cached_features, weights_hash
+from ssl_pipeline.backbones import create_backbone
+
+QUICKSTART = Path(__file__).parents[1] / "recipes" / "quickstart.yaml"
+EVAL_TINY = [
+    "eval.seeds=2",
+    "eval.linear_probe.epochs=5",
+    "eval.finetune.epochs=2",
+    "eval.finetune.label_fractions=[0.25, 1.0]",
+    "eval.few_shot.shots=[1, 2]",
+    "eval.few_shot.seeds=2",
+    "eval.knn.settings=[[5, 0.07], [10, 0.1]]",
+]
+
+
+@pytest.fixture
+def evaluated_run(tmp_path_factory, tiny_overrides):
+    cache = tmp_path_factory.mktemp("cache")
+    out = tmp_path_factory.mktemp("runs") / "run"
+    overrides = [*tiny_overrides, *EVAL_TINY, f"eval.cache_dir={cache}",
+                 "stages=[pretrain, knn, linear_probe, few_shot, finetune]"]
+    result = ssl_pipeline.run(QUICKSTART, overrides=overrides, out_dir=out, quiet=True)
+    return result, cache, overrides
+
+
+def test_results_json_has_the_documented_shape(evaluated_run):
+    result, _, _ = evaluated_run
+    results = json.loads((result.run_dir / "results.json").read_text())
+    assert results["schema_version"] == 1
+    assert {"git_commit", "packages", "split_hashes"} <= set(results["provenance"])
+    knn = results["knn"]
+    assert 0 <= knn["top1"] <= 1 and set(knn["by_k"]) == {"5", "10"}
+    assert len(knn["confusion_matrix"]) == 4 and "balanced_accuracy" in knn and "macro_f1" in knn
+    probe = results["linear_probe"]
+    assert probe["seeds"] == 2 and probe["top1_std"] >= 0 and set(probe["chosen"]) == {"lr", "weight_decay"}
+    finetune = results["finetune"]
+    assert set(finetune["by_fraction"]) == {"0.25", "1.0"}
+    assert finetune["by_fraction"]["0.25"]["seeds"] == 2 and finetune["by_fraction"]["1.0"]["seeds"] == 1
+    assert finetune["by_fraction"]["0.25"]["train_samples"] == 12  # 48 images, 4 classes, 25%
+    shots = results["few_shot"]["by_shots"]
+    assert set(shots) == {"1", "2"} and len(shots["2"]["ci95"]) == 2
+    baselines = results["baselines"]
+    assert set(baselines["random_init"]) == {"knn", "linear_probe", "few_shot", "finetune"}
+    assert set(baselines["raw_pixels"]) == {"knn", "linear_probe", "few_shot"}  # nothing to fine-tune
+
+
+def test_features_are_cached_and_reused(evaluated_run, tmp_path):
+    result, cache, overrides = evaluated_run
+    files = sorted(cache.glob("*.npz"))
+    # 3 subjects (backbone, random_init, raw_pixels) x 3 splits
+    assert len(files) == 9
+    stamps = {f: f.stat().st_mtime_ns for f in files}
+    again = ssl_pipeline.run(QUICKSTART, overrides=[*overrides, "stages=[knn]",
+                                                    f"eval.backbone={result.run_dir}"],
+                             out_dir=tmp_path / "again", quiet=True)
+    assert sorted(cache.glob("*.npz")) == files  # nothing new extracted
+    assert all(f.stat().st_mtime_ns == stamps[f] for f in files)
+    assert again.results["knn"]["top1"] == result.results["knn"]["top1"]
+
+
+def test_cache_key_changes_with_weights_transform_and_split(tmp_path):
+    torch.manual_seed(0)
+    a = create_backbone("timm:resnet18", in_chans=1, input_size=8)
+    b = create_backbone("timm:resnet18", in_chans=1, input_size=8)
+    assert weights_hash(a) != weights_hash(b)
+    base = cache_key(weights_hash(a), "t1", "s1")
+    assert base == cache_key(weights_hash(a), "t1", "s1")
+    assert len({base, cache_key(weights_hash(b), "t1", "s1"), cache_key(weights_hash(a), "t2", "s1"),
+                cache_key(weights_hash(a), "t1", "s2")}) == 4
+    images = torch.rand(10, 1, 8, 8)
+    loader = torch.utils.data.DataLoader(list(zip(images, range(10))), batch_size=4)
+    x1, y1, hit1 = cached_features(a, loader, tmp_path, base)
+    x2, y2, hit2 = cached_features(a, loader, tmp_path, base)
+    assert (hit1, hit2) == (False, True) and np.array_equal(x1, x2) and list(y2) == list(range(10))
+
+
+def test_probe_and_knn_leave_the_backbone_bit_identical(evaluated_run, tmp_path):
+    result, cache, overrides = evaluated_run
+    before = safetensors.torch.load_file(result.run_dir / "backbone.safetensors")
+    ssl_pipeline.run(QUICKSTART, overrides=[*overrides, "stages=[knn, linear_probe, few_shot]",
+                                            f"eval.backbone={result.run_dir}", "eval.baselines=[]"],
+                     out_dir=tmp_path / "probe", quiet=True)
+    after = safetensors.torch.load_file(result.run_dir / "backbone.safetensors")
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_linear_probe_never_changes_backbone_weights_in_memory(tiny_overrides, tmp_path):
+    from ssl_pipeline import evaluation
+    from ssl_pipeline.pipeline import run
+
+    seen = {}
+    original = evaluation.evaluated_backbone
+
+    def spy(ctx):
+        backbone = original(ctx)
+        seen.setdefault("before", {k: v.clone() for k, v in backbone.state_dict().items()})
+        seen["backbone"] = backbone
+        return backbone
+
+    evaluation.evaluated_backbone = spy
+    try:
+        run(QUICKSTART, overrides=[*tiny_overrides, *EVAL_TINY, f"eval.cache_dir={tmp_path / 'c'}",
+                                   "stages=[pretrain, linear_probe]"], out_dir=tmp_path / "r", quiet=True)
+    finally:
+        evaluation.evaluated_backbone = original
+    after = seen["backbone"].state_dict()
+    assert all(torch.equal(seen["before"][k], after[k]) for k in after)
+
+
+def test_evaluate_command_on_an_exported_backbone(evaluated_run, tmp_path, capsys):
+    result, cache, overrides = evaluated_run
+    sets = [x for o in overrides if not o.startswith("stages=") for x in ("--set", o)]
+    code = main(["evaluate", str(QUICKSTART), "--backbone", str(result.run_dir), "--out",
+                 str(tmp_path / "ev"), "--quiet", *sets, "--set", "stages=[knn]"])
+    assert code == 0
+    results = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert "pretrain" not in results and results["knn"]["top1"] == result.results["knn"]["top1"]
+    assert "knn test top-1" in capsys.readouterr().out
+
+
+def test_eval_stage_without_a_backbone_is_a_clear_error(tiny_overrides, tmp_path, capsys):
+    sets = [x for o in tiny_overrides for x in ("--set", o)]
+    assert main(["run", str(QUICKSTART), "--out", str(tmp_path / "r"), *sets,
+                 "--set", "stages=[knn]"]) == 2
+    assert "nothing to evaluate" in capsys.readouterr().err
+
+
+def test_embed_writes_features_with_paths(evaluated_run, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    (folder / "sub").mkdir(parents=True)
+    for i, name in enumerate(["a.png", "b.jpg", "sub/c.png"]):
+        Image.new("RGB", (20, 24), (40 * i, 10, 200)).save(folder / name)
+    result, _, _ = evaluated_run
+    assert main(["embed", "--backbone", str(result.run_dir), "--data", str(folder),
+                 "--out", str(tmp_path / "emb.npz"), "--quiet"]) == 0
+    saved = np.load(tmp_path / "emb.npz")
+    assert saved["features"].shape == (3, 512)
+    assert list(saved["paths"]) == ["a.png", "b.jpg", "sub/c.png"]
