@@ -69,14 +69,26 @@ def subjects(ctx: RunContext) -> list[Subject]:
 
 
 def random_init_like(backbone: Backbone, seed: int, ctx: RunContext) -> Backbone:
-    """The same architecture, stem and preprocessing, freshly initialized (seeded)."""
+    """The same architecture, stem and preprocessing, freshly initialized (seeded).
+
+    Norm layers whose scale starts at zero (timm zero-initializes the last BatchNorm of each
+    residual block, a training trick) are reset to one: otherwise every residual branch is
+    dead at initialization and the baseline sees only the shortcut path, which would make it
+    artificially weak and every pretrained backbone look better than it is.
+    """
     if "random_init" not in ctx.cache:
         torch.manual_seed(seed)
         p = backbone.preprocessing
-        ctx.cache["random_init"] = create_backbone(
+        fresh = create_backbone(
             backbone.name, in_chans=p.in_chans, input_size=p.input_size, mean=p.mean, std=p.std,
             stem=backbone.stem, **backbone.model_kwargs,
         ).eval()
+        for module in fresh.modules():
+            weight = getattr(module, "weight", None)
+            if isinstance(module, torch.nn.modules.batchnorm._NormBase) and weight is not None \
+                    and not weight.detach().any():
+                torch.nn.init.ones_(weight)
+        ctx.cache["random_init"] = fresh
     return ctx.cache["random_init"]
 
 

@@ -205,7 +205,7 @@ def pretrain_stage(ctx: RunContext) -> dict[str, Any]:
         callbacks.append(ChannelsLast())
     loggers = [JSONLLogger(ctx.run_dir / "metrics.jsonl", stage="pretrain")]
     wandb = wandb_logger(recipe.tracking.wandb, ctx.run_dir, ctx.run_dir.parent.name + "/" + ctx.run_dir.name,
-                         recipe.model_dump(mode="json"))
+                         recipe.model_dump(mode="json"), quiet=ctx.quiet)
     if wandb:
         loggers.append(wandb)
     trainer = build_trainer(ctx, callbacks, loggers)
@@ -213,7 +213,11 @@ def pretrain_stage(ctx: RunContext) -> dict[str, Any]:
     last = ckpt_dir / "last.ckpt"
     resume_from = last if ctx.resuming and last.exists() else None
     start = time.time()
-    trainer.fit(method, loader_, ckpt_path=resume_from)
+    try:
+        trainer.fit(method, loader_, ckpt_path=resume_from)
+    finally:
+        if wandb:  # one W&B run per stage run: a later run in this process must not reuse it
+            wandb.experiment.finish()
     seconds = time.time() - start
     if not trainer.is_global_zero:
         return {}

@@ -56,7 +56,8 @@ class JSONLLogger(Logger):
         append_jsonl(self.path, {"stage": self.stage, "step": step, "time": time.time(), **metrics})
 
 
-def wandb_logger(config: WandbConfig, run_dir: Path, run_name: str, recipe: dict) -> Logger | None:
+def wandb_logger(config: WandbConfig, run_dir: Path, run_name: str, recipe: dict,
+                 quiet: bool = False) -> Logger | None:
     """A W&B logger; W&B's own environment variables (WANDB_MODE, ...) override the recipe.
 
     If W&B cannot start, warn once and go on with local logging only.
@@ -64,6 +65,8 @@ def wandb_logger(config: WandbConfig, run_dir: Path, run_name: str, recipe: dict
     mode = os.environ.get("WANDB_MODE", config.mode)
     if mode == "disabled":
         return None
+    if quiet:
+        os.environ.setdefault("WANDB_SILENT", "true")
     try:
         logger = WandbLogger(
             project=os.environ.get("WANDB_PROJECT", config.project),

@@ -96,6 +96,11 @@ def test_quickstart_as_a_user_runs_it(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "epoch 1/15" in result.stdout and "epoch 15/15" in result.stdout
     assert f"run directory: {tmp_path / 'qs'}" in result.stdout
-    pre = json.loads((tmp_path / "qs" / "results.json").read_text())["pretrain"]
+    results = json.loads((tmp_path / "qs" / "results.json").read_text())
+    pre = results["pretrain"]
     assert pre["loss_last_epoch"] <= 0.9 * pre["loss_first_epoch"], pre["loss_by_epoch"]
     assert (tmp_path / "qs" / "backbone.safetensors").is_file()
+    for stage in ("knn", "linear_probe", "finetune"):
+        assert f"{stage} test top-1" in result.stdout
+        assert 0.5 < results[stage]["top1"] <= 1.0  # digits: far above chance (0.1)
+        assert results["baselines"]["random_init"][stage]["top1"] > 0.1

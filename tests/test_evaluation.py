@@ -152,3 +152,17 @@ def test_embed_writes_features_with_paths(evaluated_run, tmp_path):
     saved = np.load(tmp_path / "emb.npz")
     assert saved["features"].shape == (3, 512)
     assert list(saved["paths"]) == ["a.png", "b.jpg", "sub/c.png"]
+
+
+def test_random_init_baseline_has_no_dead_residual_branches():
+    """timm zero-initializes the last BatchNorm of each block; the baseline resets it to one."""
+    from types import SimpleNamespace
+
+    from ssl_pipeline.evaluation import random_init_like
+
+    reference = create_backbone("timm:resnet18", in_chans=1, input_size=8)
+    assert any(not m.weight.any() for m in reference.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    ctx = SimpleNamespace(cache={})
+    fresh = random_init_like(reference, seed=0, ctx=ctx)
+    assert all(m.weight.any() for m in fresh.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert weights_hash(fresh) != weights_hash(reference)

@@ -106,3 +106,15 @@ def test_bad_settings_fail_before_writing(tmp_path, tiny_overrides, override, me
         run_tiny(tmp_path, tiny_overrides, override)
     if override != "pretrain.batch_size=1000":  # checked before the run directory exists
         assert not (tmp_path / "run").exists()
+
+
+def test_offline_wandb_run_lives_under_the_run_directory(tmp_path, tiny_overrides, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE")
+    overrides = [o for o in tiny_overrides if not o.startswith("tracking")]
+    first = run_tiny(tmp_path, [*overrides, "tracking.wandb.mode=offline"])
+    runs = list((first.run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    second = ssl_pipeline.run(Path(__file__).parents[1] / "recipes/quickstart.yaml",
+                              overrides=[*overrides, "tracking.wandb.mode=offline"],
+                              out_dir=tmp_path / "second", quiet=True)
+    assert len(list((second.run_dir / "wandb").glob("offline-run-*"))) == 1  # its own W&B run
