@@ -13,6 +13,7 @@ import ssl_pipeline
 from ssl_pipeline.cli import main
 from ssl_pipeline.features import cache_key, cached_features, weights_hash
 from ssl_pipeline.backbones import create_backbone
+from conftest import TINY
 
 QUICKSTART = Path(__file__).parents[1] / "recipes" / "quickstart.yaml"
 EVAL_TINY = [
@@ -26,11 +27,12 @@ EVAL_TINY = [
 ]
 
 
-@pytest.fixture
-def evaluated_run(tmp_path_factory, tiny_overrides):
+@pytest.fixture(scope="module")
+def evaluated_run(tmp_path_factory):
+    """One tiny run with every evaluation stage, shared by the tests that only read it."""
     cache = tmp_path_factory.mktemp("cache")
     out = tmp_path_factory.mktemp("runs") / "run"
-    overrides = [*tiny_overrides, *EVAL_TINY, f"eval.cache_dir={cache}",
+    overrides = [*TINY, *EVAL_TINY, f"eval.cache_dir={cache}",
                  "stages=[pretrain, knn, linear_probe, few_shot, finetune]"]
     result = ssl_pipeline.run(QUICKSTART, overrides=overrides, out_dir=out, quiet=True)
     return result, cache, overrides
