@@ -41,6 +41,9 @@ class OnlineKNNMonitor(pl.Callback):
         bank, bank_labels = extract_features(backbone, self.bank_loader, device)
         val, val_labels = extract_features(backbone, self.val_loader, device)
         top1 = knn_top1(bank, bank_labels, val, val_labels, self.num_classes, self.k, self.temperature)
-        # Every rank computes the same value, so checkpoint selection agrees across processes.
-        pl_module.log(MONITOR_KEY, top1, on_epoch=True, sync_dist=False)
+        # BatchNorm running statistics can differ slightly between DDP processes (each updates
+        # them on its own shard), so rank 0's value is the one every process uses: checkpoint
+        # selection then agrees everywhere (the sync below is a mean of equal numbers).
+        top1 = float(trainer.strategy.broadcast(top1, src=0))
+        pl_module.log(MONITOR_KEY, top1, on_epoch=True, sync_dist=True)
         self.by_epoch[epoch] = top1

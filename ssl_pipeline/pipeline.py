@@ -87,6 +87,8 @@ def _run_stages(ctx: RunContext, start: float) -> RunResult:
     ctx.baselines = results.setdefault("baselines", {})
     done = ctx.stage_state()
     for stage in recipe.stages:
+        if not stage_registry.get(stage).extra.get("distributed") and not is_global_zero():
+            continue  # only rank 0 evaluates; the other DDP processes end after training
         if done.get(stage, {}).get("status") == "done":
             _say(quiet, f"stage {stage}: already done, skipped")
             continue

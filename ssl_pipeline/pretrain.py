@@ -183,7 +183,8 @@ def _is_terminal() -> bool:
     return sys.stdout.isatty()
 
 
-@stage_registry.register("pretrain", "train the backbone with the recipe's method, then export it")
+@stage_registry.register("pretrain", "train the backbone with the recipe's method, then export it",
+                         distributed=True)
 def pretrain_stage(ctx: RunContext) -> dict[str, Any]:
     recipe = ctx.recipe
     pl.seed_everything(recipe.seed, verbose=False)  # identical initial weights on every rank

@@ -76,10 +76,13 @@ class PretrainMethod(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss, extras = self.training_loss(batch)
         batch_size = batch[1].shape[0]
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch_size)
+        # sync_dist: the epoch loss is the mean over all processes, not rank 0's share
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True,
+                 batch_size=batch_size, sync_dist=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         for name, value in extras.items():
-            self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=batch_size)
+            self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=batch_size,
+                     sync_dist=True)
         return loss
 
     # ------------------------------------------------------------------ optimizer
