@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -104,7 +105,19 @@ def _run_stages(ctx: RunContext, start: float) -> RunResult:
         ctx.mark_stage(stage, status="done", seconds=round(time.time() - t0, 2))
         if is_global_zero():
             _write_results(run_dir, results, ctx)
+    if is_global_zero():
+        _write_report(run_dir)
     return RunResult(run_dir, results, time.time() - start)
+
+
+def _write_report(run_dir: Path) -> None:
+    """report.md / report.html / plots; a failure here warns and never costs the results."""
+    from ssl_pipeline.report import write_report
+
+    try:
+        write_report(run_dir)
+    except Exception as err:  # the results are already on disk
+        warnings.warn(f"could not write the report for {run_dir}: {type(err).__name__}: {err}")
 
 
 def _recipe_and_dir(recipe, overrides, out_dir, resume) -> tuple[Recipe, Path]:
@@ -200,6 +213,8 @@ def _say(quiet: bool, message: str) -> None:
 def summary(result: RunResult) -> str:
     """The few lines the CLI prints at the end of a run."""
     lines = [f"done in {result.seconds:.1f} s; run directory: {result.run_dir}"]
+    if (result.run_dir / "report.html").exists():
+        lines.append(f"  report: {result.run_dir / 'report.html'} (and report.md)")
     pre = result.results.get("pretrain")
     if pre:
         first, last = pre.get("loss_first_epoch"), pre.get("loss_last_epoch")

@@ -484,3 +484,12 @@ def test_eval_transform_is_deterministic_and_center_crops():
 def test_view_settings_are_a_plain_record():
     views = fit_views(16, 3, {})
     assert isinstance(views, ViewSettings) and views.crop_max_scale == 1.0
+
+
+def test_an_explicit_fashion_mnist_root_never_falls_back_to_other_data(tmp_path, monkeypatch):
+    debian = tmp_path / "debian"
+    write_fashion(debian, gz=True)
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", debian)
+    assert build_dataset(data_cfg(name="fashion_mnist", val_fraction=0.5)).source == str(debian)
+    with pytest.raises(SSLPipelineError, match="does/not/exist"):
+        build_dataset(data_cfg(name="fashion_mnist", root="does/not/exist"))

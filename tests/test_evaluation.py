@@ -59,6 +59,15 @@ def test_results_json_has_the_documented_shape(evaluated_run):
     assert set(baselines["raw_pixels"]) == {"knn", "linear_probe", "few_shot"}  # nothing to fine-tune
 
 
+def test_the_run_writes_its_report(evaluated_run):
+    result, _, _ = evaluated_run
+    html = (result.run_dir / "report.html").read_text()
+    # 4 stages for the backbone, 4 for random init, 3 for raw pixels (nothing to fine-tune)
+    assert html.count('class="result-row"') == 11
+    assert (result.run_dir / "report.md").is_file()
+    assert {p.name for p in (result.run_dir / "plots").glob("*.png")} >= {"pretrain_loss_lr.png", "monitor.png"}
+
+
 def test_features_are_cached_and_reused(evaluated_run, tmp_path):
     result, cache, overrides = evaluated_run
     files = sorted(cache.glob("*.npz"))

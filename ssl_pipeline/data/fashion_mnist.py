@@ -64,9 +64,11 @@ def find_files(folder: Path) -> dict[str, Path] | None:
 
 
 def candidate_dirs(root: str | None) -> list[Path]:
-    """Where to look, in order: data.root, its torchvision layout, then the Debian package."""
-    dirs = [Path(root), Path(root) / "FashionMNIST" / "raw"] if root else []
-    return dirs + [DEBIAN_DIR]
+    """Where to look: data.root and its torchvision layout when given (an explicit root that
+    lacks the files is an error, not a silent switch to other data), else the Debian package."""
+    if root:
+        return [Path(root), Path(root) / "FashionMNIST" / "raw"]
+    return [DEBIAN_DIR]
 
 
 @datasets.register("fashion_mnist", "Fashion-MNIST clothing photos (28 px, 1 channel, 10 classes)")
@@ -77,9 +79,9 @@ def build_fashion_mnist(cfg) -> DataBundle:
         raise SSLPipelineError(
             "Fashion-MNIST not found; looked for the four IDX files "
             f"({', '.join(FILES.values())}, optionally .gz) in: {', '.join(map(str, tried))}. "
-            "Install them with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or set "
-            "data.root to a folder holding the four files or torchvision's layout "
-            "(<root>/FashionMNIST/raw/)"
+            "Install them with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu; then leave "
+            f"data.root unset to read {DEBIAN_DIR}), or set data.root to a folder holding the "
+            "four files or torchvision's layout (<root>/FashionMNIST/raw/)"
         )
     arrays = {key: read_idx(path) for key, path in files.items()}
     for key in ("train_images", "test_images"):

@@ -1,0 +1,469 @@
+"""The human-readable report of one finished run: report.md, report.html and plots/*.png.
+
+Everything is read from the files the run already wrote (recipe.yaml, metrics.jsonl,
+results.json, run_state.json); nothing is rerun. Any of them may be missing or partial (a run
+that stopped after pretraining, a recipe without fine-tuning), so every section is built from
+what exists and is left out otherwise.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from .errors import SSLPipelineError
+
+# Keys of results.json that are not evaluation stages; everything else holding a top-1 is one.
+_NOT_STAGES = ("pretrain", "baselines", "provenance", "schema_version")
+# Stages whose confusion matrix may be plotted, where they keep their test metrics.
+_CONFUSION_STAGES = {"knn": None, "linear_probe": "test_metrics"}
+_CSS = (
+    "body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em;color:#222}"
+    "table{border-collapse:collapse;margin:1em 0}"
+    "th,td{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}"
+    "th{background:#f3f3f3}img{max-width:100%;display:block;margin:1em 0}"
+)
+
+
+def write_report(run_dir: str | Path) -> dict[str, Any]:
+    """Write ``report.md``, ``report.html`` and ``plots/*.png`` into ``run_dir``.
+
+    Returns ``{"md": Path, "html": Path, "plots": [Path, ...]}``.
+    """
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise SSLPipelineError(
+            f"run directory {str(run)!r} does not exist; pass the --out directory of a finished "
+            "`ssl-pipeline run`"
+        )
+    recipe = _read_yaml(run / "recipe.yaml")
+    results = _read_json(run / "results.json")
+    state = _read_json(run / "run_state.json")
+    plots = _write_plots(run, _read_metrics(run / "metrics.jsonl"), results, recipe)
+    sections = _sections(recipe, results, state)
+    md_path, html_path = run / "report.md", run / "report.html"
+    _write_atomic(md_path, _render_md(recipe, sections, plots, run).encode())
+    _write_atomic(html_path, _render_html(recipe, sections, plots).encode())
+    return {"md": md_path, "html": html_path, "plots": plots}
+
+
+# ---------------------------------------------------------------- reading the run's files
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise SSLPipelineError(f"{path} is not valid JSON ({err}); was the run interrupted?")
+    return data if isinstance(data, dict) else {}
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    data = yaml.safe_load(path.read_text())
+    return data if isinstance(data, dict) else {}
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    """Rows of metrics.jsonl; a torn last line (a run killed mid-write) is skipped, not fatal."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------- what the report says
+
+
+def _sections(recipe: dict, results: dict, state: dict) -> dict[str, list]:
+    """Section title -> rows; the results rows are dicts, the others (label, value) pairs."""
+    return {
+        "Recipe": _recipe_summary(recipe),
+        "Results": result_rows(results),
+        "Timings": _timings(results, state),
+        "Hardware": _flat_pairs(results.get("provenance", {}).get("hardware", {})),
+        "Packages": _flat_pairs(results.get("provenance", {}).get("packages", {})),
+        "Provenance": _provenance(results.get("provenance", {})),
+    }
+
+
+def _recipe_summary(recipe: dict) -> list[tuple[str, str]]:
+    resolved = recipe.get("resolved") or {}
+    pretrain = recipe.get("pretrain") or {}
+    world = resolved.get("world_size")
+    per_device = resolved.get("per_device_batch_size")
+    # The global batch is what the learning rate was scaled against, so show that, not per device.
+    batch = per_device * world if per_device and world else pretrain.get("batch_size")
+    pairs = [
+        ("name", recipe.get("name")),
+        ("data", _data_summary(recipe)),
+        ("backbone", (recipe.get("backbone") or {}).get("name")),
+        ("method", (recipe.get("method") or {}).get("name")),
+        ("stages", ", ".join(map(str, recipe.get("stages") or [])) or None),
+        ("pretraining epochs", pretrain.get("epochs")),
+        ("global batch", batch),
+        ("optimizer", pretrain.get("optimizer")),
+        ("effective lr", resolved.get("effective_lr", pretrain.get("lr"))),
+        ("world size", world),
+        ("seed", recipe.get("seed")),
+    ]
+    return [(label, _fmt(value)) for label, value in pairs if value is not None]
+
+
+def _data_summary(recipe: dict) -> str | None:
+    data = {**(recipe.get("data") or {}), **((recipe.get("resolved") or {}).get("data") or {})}
+    if not data.get("name"):
+        return None
+    parts = [str(data["name"])]
+    if data.get("num_classes"):
+        parts.append(f"{data['num_classes']} classes")
+    if data.get("image_size"):
+        parts.append(f"{data['image_size']} px")
+    sizes = data.get("sizes") or {}
+    if sizes:
+        parts.append(" / ".join(f"{split} {n}" for split, n in sizes.items()))
+    return ", ".join(parts)
+
+
+def result_rows(results: dict) -> list[dict[str, str]]:
+    """One row per evaluation stage of the backbone, then one per (baseline, stage)."""
+    rows = [_row("backbone", stage, res) for stage, res in _eval_stages(results)]
+    for baseline, stages in (results.get("baselines") or {}).items():
+        rows += [_row(baseline, stage, res) for stage, res in _eval_stages(stages)]
+    return rows
+
+
+def _eval_stages(results: dict) -> list[tuple[str, dict]]:
+    return [
+        (key, value)
+        for key, value in results.items()
+        if key not in _NOT_STAGES
+        and isinstance(value, dict)
+        and ("top1" in value or "by_shots" in value)
+    ]
+
+
+def _row(subject: str, stage: str, res: dict) -> dict[str, str]:
+    top1, details = res.get("top1"), _details(res)
+    shots = res.get("by_shots") or {}
+    if top1 is None and shots:
+        # Few-shot has no single top-1: the row shows the most shots, the details all of them.
+        most = max(shots, key=float)
+        top1 = shots[most].get("top1")
+        details.insert(0, f"top-1 at {most} shots")
+    std = res.get("top1_std")
+    return {
+        "subject": subject,
+        "stage": stage,
+        "top1": _fmt(top1),
+        "std": "" if std is None else f"± {_fmt(std)}",
+        "details": "; ".join(details),
+    }
+
+
+def _details(res: dict) -> list[str]:
+    metrics = {**(res.get("test_metrics") or {}), **res}
+    out = [f"{key} {_fmt(metrics[key])}" for key in ("top5", "balanced_accuracy", "macro_f1")
+           if metrics.get(key) is not None]
+    if "k" in res:
+        out.append(f"k {res['k']}")
+    if res.get("by_k"):
+        by_k = (f"{k}: {_fmt(v.get('top1'))}" for k, v in res["by_k"].items())
+        out.append("by k: " + ", ".join(by_k))
+    if res.get("seeds") is not None:
+        out.append(f"{res['seeds']} seeds")
+    if res.get("chosen"):
+        out.append("chosen " + ", ".join(f"{k}={_fmt(v)}" for k, v in res["chosen"].items()))
+    out += _fraction_details(res.get("by_fraction") or {})
+    out += _shot_details(res.get("by_shots") or {})
+    return out
+
+
+def _fraction_details(by_fraction: dict) -> list[str]:
+    return [
+        f"{float(frac):.0%} labels: {_fmt(v.get('top1'))}"
+        + (f" ± {_fmt(v['top1_std'])}" if v.get("top1_std") is not None else "")
+        for frac, v in by_fraction.items()
+    ]
+
+
+def _shot_details(by_shots: dict) -> list[str]:
+    out = []
+    for shots, v in sorted(by_shots.items(), key=lambda item: float(item[0])):
+        ci = v.get("ci95")
+        ci_text = f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci and len(ci) == 2 else ""
+        out.append(f"{shots}-shot: {_fmt(v.get('top1'))}{ci_text}")
+    return out
+
+
+def _timings(results: dict, state: dict) -> list[tuple[str, str]]:
+    pretrain = results.get("pretrain") or {}
+    pairs = [
+        (f"pretraining {label}", _fmt(pretrain[key]))
+        for key, label in (("seconds", "seconds"), ("images_per_second", "images / s"),
+                           ("steps", "steps"), ("epochs", "epochs"))
+        if pretrain.get(key) is not None
+    ]
+    for stage, info in (state.get("stages") or {}).items():
+        info = info if isinstance(info, dict) else {}
+        seconds = "" if info.get("seconds") is None else f"{_fmt(info['seconds'])} s"
+        pairs.append((f"stage {stage}", " ".join(filter(None, [info.get("status"), seconds]))))
+    return pairs
+
+
+def _provenance(provenance: dict) -> list[tuple[str, str]]:
+    pairs = [("git commit", provenance["git_commit"])] if provenance.get("git_commit") else []
+    return pairs + [(f"split {k}", v) for k, v in (provenance.get("split_hashes") or {}).items()]
+
+
+def _flat_pairs(mapping: dict) -> list[tuple[str, str]]:
+    return [(str(key), _fmt(value)) for key, value in mapping.items()]
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_fmt(v) for v in value) or "none"
+    return str(value)
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _write_plots(run: Path, metrics: list[dict], results: dict, recipe: dict) -> list[Path]:
+    figures = {
+        "pretrain_loss_lr.png": _loss_lr_figure(metrics),
+        "monitor.png": _monitor_figure(metrics, results),
+        "confusion.png": _confusion_figure(results, recipe),
+    }
+    paths = []
+    for name, fig in figures.items():
+        if fig is None:
+            continue
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=100)
+        (run / "plots").mkdir(exist_ok=True)
+        _write_atomic(run / "plots" / name, buffer.getvalue())
+        paths.append(run / "plots" / name)
+    return paths
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    # A bare Figure on an Agg canvas: no pyplot global state, no display needed.
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _series(metrics: list[dict], key: str, x: str = "step") -> tuple[list, list]:
+    points = [(row[x], row[key]) for row in metrics
+              if row.get("stage") == "pretrain" and row.get(key) is not None and x in row]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def _loss_lr_figure(metrics: list[dict]) -> Figure | None:
+    loss, lr = _series(metrics, "train/loss_step"), _series(metrics, "train/lr")
+    if not loss[0] and not lr[0]:
+        return None
+    fig = _new_figure(7, 5)
+    ax_loss, ax_lr = fig.subplots(2, 1, sharex=True)
+    ax_loss.plot(*loss, marker="." if len(loss[0]) < 50 else None)
+    ax_loss.set(ylabel="pretraining loss", title="Pretraining")
+    ax_lr.plot(*lr, color="tab:orange")
+    ax_lr.set(xlabel="step", ylabel="learning rate")
+    return fig
+
+
+def _monitor_by_epoch(metrics: list[dict], key: str) -> dict[int, float]:
+    """Last value per epoch, numbered from 1 like results.json (metrics.jsonl counts from 0)."""
+    epochs, values = _series(metrics, key, x="epoch")
+    return {int(epoch) + 1: value for epoch, value in zip(epochs, values)}
+
+
+def _monitor_figure(metrics: list[dict], results: dict) -> Figure | None:
+    knn = _monitor_by_epoch(metrics, "monitor/knn_top1")
+    if not knn:
+        by_epoch = (results.get("pretrain") or {}).get("monitor_knn_top1_by_epoch") or {}
+        knn = {int(epoch): value for epoch, value in by_epoch.items()}
+    collapse = _monitor_by_epoch(metrics, "train/collapse_std")
+    if not knn and not collapse:
+        return None
+    fig = _new_figure(7, 3.5)
+    ax = fig.subplots()
+    if knn:
+        ax.plot(list(knn), list(knn.values()), marker="o", label="val k-NN top-1")
+        ax.set(ylabel="val k-NN top-1")
+    if collapse:
+        # SimSiam's collapse metric lives on another scale (0 .. 1/sqrt(D)), so its own axis.
+        ax_std = ax.twinx() if knn else ax
+        ax_std.plot(list(collapse), list(collapse.values()), marker="s", color="tab:red",
+                    label="collapse std")
+        ax_std.set(ylabel="collapse std")
+    ax.set(xlabel="epoch", title="Online monitor during pretraining")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+    fig.legend(loc="outside lower center", ncols=2)
+    return fig
+
+
+def _best_confusion(results: dict) -> tuple[str, dict] | None:
+    """The backbone stage with the highest top-1 among those that kept a confusion matrix."""
+    candidates = []
+    for stage, sub in _CONFUSION_STAGES.items():
+        res = results.get(stage) or {}
+        metrics = res.get(sub) or {} if sub else res
+        if metrics.get("confusion_matrix"):
+            top1 = res.get("top1", metrics.get("top1"))
+            candidates.append((top1 if top1 is not None else -1.0, stage, metrics))
+    if not candidates:
+        return None
+    _, stage, metrics = max(candidates, key=lambda c: c[0])
+    return stage, metrics
+
+
+def _confusion_figure(results: dict, recipe: dict) -> Figure | None:
+    best = _best_confusion(results)
+    if best is None:
+        return None
+    stage, metrics = best
+    matrix = metrics["confusion_matrix"]  # (C, C), rows are true classes
+    per_class = metrics.get("per_class_accuracy") or [
+        row[i] / sum(row) if sum(row) else 0.0 for i, row in enumerate(matrix)
+    ]
+    names = _class_names(metrics, results, recipe, len(matrix))
+    fig = _new_figure(10, max(3.5, 0.3 * len(names) + 1.5))
+    ax_cm, ax_acc = fig.subplots(1, 2, width_ratios=[1.2, 1])
+    image = ax_cm.imshow(matrix, cmap="Blues")
+    fig.colorbar(image, ax=ax_cm, shrink=0.8)
+    ticks = range(len(names)) if len(names) <= 30 else []  # unreadable beyond that
+    ax_cm.set(xticks=list(ticks), yticks=list(ticks), xlabel="predicted", ylabel="true",
+              title=f"Confusion matrix ({stage}, test)")
+    if ticks:
+        ax_cm.set_xticklabels([names[i] for i in ticks], rotation=90, fontsize=7)
+        ax_cm.set_yticklabels([names[i] for i in ticks], fontsize=7)
+    ax_acc.barh(range(len(per_class)), per_class)
+    ax_acc.set(xlim=(0, 1), xlabel="accuracy", title="Per-class accuracy", yticks=list(ticks))
+    if ticks:
+        ax_acc.set_yticklabels([names[i] for i in ticks], fontsize=7)
+    ax_acc.invert_yaxis()  # same top-to-bottom order as the matrix rows
+    return fig
+
+
+def _class_names(metrics: dict, results: dict, recipe: dict, n: int) -> list[str]:
+    resolved = ((recipe.get("resolved") or {}).get("data") or {}).get("class_names")
+    for names in (metrics.get("class_names"), (results.get("knn") or {}).get("class_names"),
+                  resolved):
+        if names and len(names) == n:
+            return [str(name) for name in names]
+    return [str(i) for i in range(n)]
+
+
+# ---------------------------------------------------------------- rendering
+
+
+_NO_RESULTS = "No evaluation results in results.json yet."
+_RESULT_COLUMNS = (("subject", "subject"), ("stage", "stage"), ("top1", "top-1"),
+                   ("std", "± std"), ("details", "details"))
+
+
+def _render_md(recipe: dict, sections: dict, plots: list[Path], run: Path) -> str:
+    lines = [f"# Run report: {recipe.get('name') or run.name}", ""]
+    for title, rows in sections.items():
+        if rows:
+            lines += [f"## {title}", "", *_md_table(title, rows), ""]
+        elif title == "Results":
+            lines += [f"## {title}", "", _NO_RESULTS, ""]
+        if title == "Results" and plots:
+            lines += ["## Plots", ""]
+            lines += [f"![{p.stem}]({p.relative_to(run).as_posix()})" for p in plots] + [""]
+    return "\n".join(lines)
+
+
+def _md_table(title: str, rows: list) -> list[str]:
+    def cell(text: str) -> str:
+        return str(text).replace("|", "\\|").replace("\n", " ")
+
+    if title == "Results":
+        header = [label for _, label in _RESULT_COLUMNS]
+        body = [[row[key] for key, _ in _RESULT_COLUMNS] for row in rows]
+    else:
+        header, body = ["", ""], [list(pair) for pair in rows]
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return out + ["| " + " | ".join(cell(c) for c in r) + " |" for r in body]
+
+
+def _render_html(recipe: dict, sections: dict, plots: list[Path]) -> str:
+    title = html.escape(f"Run report: {recipe.get('name') or 'run'}")
+    parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+             f"<title>{title}</title><style>{_CSS}</style></head><body>", f"<h1>{title}</h1>"]
+    for name, rows in sections.items():
+        if rows:
+            table = _html_results(rows) if name == "Results" else _html_pairs(rows)
+            parts.append(f"<h2>{html.escape(name)}</h2>\n{table}")
+        elif name == "Results":
+            parts.append(f"<h2>Results</h2>\n<p>{html.escape(_NO_RESULTS)}</p>")
+        if name == "Results" and plots:
+            parts.append("<h2>Plots</h2>\n" + "\n".join(_html_image(p) for p in plots))
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def _html_results(rows: list[dict]) -> str:
+    head = "".join(f"<th>{html.escape(label)}</th>" for _, label in _RESULT_COLUMNS)
+    body = "\n".join(
+        '<tr class="result-row">'
+        + "".join(f"<td>{html.escape(row[key])}</td>" for key, _ in _RESULT_COLUMNS)
+        + "</tr>"
+        for row in rows
+    )
+    return (f'<table id="results">\n<thead><tr>{head}</tr></thead>\n'
+            f"<tbody>\n{body}\n</tbody></table>")
+
+
+def _html_pairs(pairs: list[tuple[str, str]]) -> str:
+    body = "\n".join(
+        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in pairs
+    )
+    return f"<table>\n{body}\n</table>"
+
+
+def _html_image(path: Path) -> str:
+    # Embedded so the report is one self-contained file that can be mailed or attached.
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    alt = html.escape(path.stem)
+    return f'<figure><img src="data:image/png;base64,{data}" alt="{alt}"></figure>'
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write via a temp file in the same directory, so a reader never sees half a report."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
