@@ -177,7 +177,7 @@ def _row(subject: str, stage: str, res: dict) -> dict[str, str]:
         "subject": subject,
         "stage": stage,
         "top1": _fmt(top1),
-        "std": "" if std is None else f"± {_fmt(std)}",
+        "std": "" if std is None else f"± {_fmt(round(std, 6))}",
         "details": "; ".join(details),
     }
 
@@ -203,7 +203,7 @@ def _details(res: dict) -> list[str]:
 def _fraction_details(by_fraction: dict) -> list[str]:
     return [
         f"{float(frac):.0%} labels: {_fmt(v.get('top1'))}"
-        + (f" ± {_fmt(v['top1_std'])}" if v.get("top1_std") is not None else "")
+        + (f" ± {_fmt(round(v['top1_std'], 6))}" if v.get("top1_std") is not None else "")
         for frac, v in by_fraction.items()
     ]
 
