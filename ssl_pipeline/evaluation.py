@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -198,24 +199,15 @@ def few_shot_result(ctx: RunContext, subject: Subject) -> dict[str, Any]:
                     seeds=cfg.seeds)
 
 
-@stage_registry.register("knn", "weighted k-NN (faiss, cosine) on cached features; test split")
-def knn_stage(ctx: RunContext) -> dict[str, Any]:
-    return evaluate_subjects(ctx, "knn", knn_result)
-
-
-@stage_registry.register("linear_probe", "linear probe on cached features, tuned on validation")
-def linear_probe_stage(ctx: RunContext) -> dict[str, Any]:
-    return evaluate_subjects(ctx, "linear_probe", probe_result)
-
-
-@stage_registry.register("few_shot", "k examples per class, logistic regression and k-NN, over seeds")
-def few_shot_stage(ctx: RunContext) -> dict[str, Any]:
-    return evaluate_subjects(ctx, "few_shot", few_shot_result)
-
-
-@stage_registry.register("finetune", "fine-tune the whole network on label fractions; best epoch on val")
-def finetune_stage(ctx: RunContext) -> dict[str, Any]:
-    return evaluate_subjects(ctx, "finetune", finetune_result)
+def _register_stages() -> None:
+    """Each evaluation stage is `evaluate_subjects` with its own per-subject function."""
+    for name, result, description in [
+        ("knn", knn_result, "weighted k-NN (faiss, cosine) on cached features; test split"),
+        ("linear_probe", probe_result, "linear probe on cached features, tuned on validation"),
+        ("few_shot", few_shot_result, "k examples per class, logistic regression and k-NN, over seeds"),
+        ("finetune", finetune_result, "fine-tune the whole network on label fractions; best epoch on val"),
+    ]:
+        stage_registry.register(name, description)(partial(evaluate_subjects, stage=name, evaluate=result))
 
 
 # ------------------------------------------------------------------ fine-tuning
@@ -267,3 +259,6 @@ def finetune_once(ctx: RunContext, subject: Subject, fraction: float, seed: int)
     result = finetune(backbone, bundle.num_classes, *loaders, settings, trainer_kwargs,
                       bundle.class_names)
     return {"seed": seed, "train_samples": len(train), **result}
+
+
+_register_stages()

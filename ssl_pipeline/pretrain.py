@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -171,16 +172,10 @@ def build_trainer(ctx: RunContext, callbacks: list[pl.Callback], loggers: list) 
         logger=loggers,
         callbacks=callbacks,
         default_root_dir=str(ctx.run_dir),
-        enable_progress_bar=not ctx.quiet and _is_terminal(),
+        enable_progress_bar=not ctx.quiet and sys.stdout.isatty(),  # bars on terminals only
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
-
-
-def _is_terminal() -> bool:
-    import sys
-
-    return sys.stdout.isatty()
 
 
 @stage_registry.register("pretrain", "train the backbone with the recipe's method, then export it",
