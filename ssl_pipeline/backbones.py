@@ -49,9 +49,7 @@ models with the default stem, and like this for torchvision:
 from __future__ import annotations
 
 import json
-import os
 import pickle
-import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +62,7 @@ import torchvision
 from timm.models import adapt_input_conv, clean_state_dict
 from torch import Tensor, nn
 
+from ssl_pipeline.atomic import write_atomic
 from ssl_pipeline.errors import SSLPipelineError
 from ssl_pipeline.registry import Registry, nearest
 
@@ -517,19 +516,10 @@ def export_backbone(backbone: Backbone, out_dir: Path, metadata: dict | None = N
     state = backbone.model.state_dict()
     tensors = {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
     weights = out_dir / WEIGHTS_FILE
-    _write_atomic(weights, lambda tmp: safetensors.torch.save_file(tensors, tmp, {"format": "pt"}))
+    write_atomic(weights, lambda tmp: safetensors.torch.save_file(tensors, tmp, {"format": "pt"}))
     text = json.dumps({**record, **(metadata or {})}, indent=2) + "\n"
-    _write_atomic(out_dir / RECORD_FILE, lambda tmp: Path(tmp).write_text(text))
+    write_atomic(out_dir / RECORD_FILE, lambda tmp: Path(tmp).write_text(text))
     return weights
-
-
-def _write_atomic(path: Path, write: Callable[[str], Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_backbone(path: str | Path, name: str | None = None, **create_kwargs: Any) -> Backbone:

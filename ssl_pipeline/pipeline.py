@@ -21,7 +21,8 @@ from ssl_pipeline.errors import SSLPipelineError
 from ssl_pipeline.methods.base import effective_lr
 from ssl_pipeline.provenance import provenance
 from ssl_pipeline.recipe import Recipe, dump_recipe, load_recipe, recipe_from_dict, read_yaml
-from ssl_pipeline.stages import Resolved, RunContext, is_global_zero, stage_registry, write_atomic
+from ssl_pipeline.atomic import write_text_atomic
+from ssl_pipeline.stages import Resolved, RunContext, is_global_zero, stage_registry
 
 __all__ = ["run", "RunResult", "stage_registry"]
 
@@ -82,7 +83,7 @@ def _run_stages(ctx: RunContext, start: float) -> RunResult:
         run_dir.mkdir(parents=True, exist_ok=True)
         recipe = recipe.model_copy(update={"resolved": asdict(ctx.resolved)})
         ctx.recipe = recipe
-        write_atomic(run_dir / "recipe.yaml", dump_recipe(recipe))
+        write_text_atomic(run_dir / "recipe.yaml", dump_recipe(recipe))
 
     results = _load_results(run_dir)
     ctx.baselines = results.setdefault("baselines", {})
@@ -196,7 +197,7 @@ def _load_results(run_dir: Path) -> dict[str, Any]:
 def _write_results(run_dir: Path, results: dict[str, Any], ctx: RunContext) -> None:
     results["schema_version"] = 1
     results["provenance"] = {**provenance(), "split_hashes": ctx.resolved.data.get("split_hashes")}
-    write_atomic(run_dir / "results.json", json.dumps(results, indent=2))
+    write_text_atomic(run_dir / "results.json", json.dumps(results, indent=2))
 
 
 def _quiet_lightning() -> None:

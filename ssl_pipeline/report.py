@@ -12,12 +12,12 @@ import base64
 import html
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from ssl_pipeline.atomic import write_bytes_atomic
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -53,8 +53,8 @@ def write_report(run_dir: str | Path) -> dict[str, Any]:
     plots = _write_plots(run, _read_metrics(run / "metrics.jsonl"), results, recipe)
     sections = _sections(recipe, results, state)
     md_path, html_path = run / "report.md", run / "report.html"
-    _write_atomic(md_path, _render_md(recipe, sections, plots, run).encode())
-    _write_atomic(html_path, _render_html(recipe, sections, plots).encode())
+    write_bytes_atomic(md_path, _render_md(recipe, sections, plots, run).encode())
+    write_bytes_atomic(html_path, _render_html(recipe, sections, plots).encode())
     return {"md": md_path, "html": html_path, "plots": plots}
 
 
@@ -267,7 +267,7 @@ def _write_plots(run: Path, metrics: list[dict], results: dict, recipe: dict) ->
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=100)
         (run / "plots").mkdir(exist_ok=True)
-        _write_atomic(run / "plots" / name, buffer.getvalue())
+        write_bytes_atomic(run / "plots" / name, buffer.getvalue())
         paths.append(run / "plots" / name)
     return paths
 
@@ -455,15 +455,3 @@ def _html_image(path: Path) -> str:
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     alt = html.escape(path.stem)
     return f'<figure><img src="data:image/png;base64,{data}" alt="{alt}"></figure>'
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same directory, so a reader never sees half a report."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

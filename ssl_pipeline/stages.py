@@ -9,6 +9,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 
+from ssl_pipeline.atomic import write_text_atomic
 from ssl_pipeline.recipe import Recipe
 from ssl_pipeline.registry import Registry
 
@@ -19,13 +20,6 @@ stage_registry: Registry[Callable[["RunContext"], dict[str, Any]]] = Registry("s
 def is_global_zero() -> bool:
     """True in the process that owns the run directory (rank 0 of a distributed run)."""
     return all(int(os.environ.get(var, 0)) == 0 for var in ("RANK", "LOCAL_RANK", "NODE_RANK"))
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -73,4 +67,4 @@ class RunContext:
             return
         stages = self.stage_state()
         stages[stage] = info
-        write_atomic(self.state_path, json.dumps({"stages": stages}, indent=2))
+        write_text_atomic(self.state_path, json.dumps({"stages": stages}, indent=2))

@@ -70,7 +70,6 @@ def knn_classify(
     return scores
 
 
-knn_scores = knn_classify  # the earlier name
 
 
 def knn_top1(
