@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--batch-size", type=int, default=256)
     embed.add_argument("--quiet", action="store_true")
 
+    compare = sub.add_parser("compare", help="runs side by side: one table and one plot")
+    compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
+    compare.add_argument("--out", metavar="DIR", help="default reports/compare/<timestamp>/")
+
     lister = sub.add_parser("list", help="what is registered")
     lister.add_argument("what", choices=["methods", "backbones", "datasets", "stages"])
     return parser
@@ -115,6 +119,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from ssl_pipeline.compare import write_comparison
+
+    written = write_comparison(args.run_dirs, args.out)
+    for path in [written["md"], written["html"], written["json"], *written["plots"]]:
+        print(f"wrote {path}")
+    return EXIT_OK
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     import ssl_pipeline
 
@@ -126,7 +139,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "evaluate": cmd_evaluate, "embed": cmd_embed,
-            "validate": cmd_validate, "list": cmd_list}
+            "validate": cmd_validate, "compare": cmd_compare, "list": cmd_list}
 
 if __name__ == "__main__":
     sys.exit(main())

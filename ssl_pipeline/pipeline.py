@@ -16,13 +16,14 @@ import torch
 
 from ssl_pipeline import evaluation as _evaluation  # noqa: F401  (registers the eval stages)
 from ssl_pipeline import pretrain as _pretrain  # noqa: F401  (registers the "pretrain" stage)
+from ssl_pipeline.atomic import write_text_atomic
 from ssl_pipeline.data.transforms import fit_views
 from ssl_pipeline.errors import SSLPipelineError
 from ssl_pipeline.methods.base import effective_lr
 from ssl_pipeline.provenance import provenance
 from ssl_pipeline.recipe import Recipe, dump_recipe, load_recipe, recipe_from_dict, read_yaml
-from ssl_pipeline.atomic import write_text_atomic
 from ssl_pipeline.stages import Resolved, RunContext, is_global_zero, stage_registry
+from ssl_pipeline.tracking import record_stage, stage_history
 
 __all__ = ["run", "RunResult", "stage_registry"]
 
@@ -103,22 +104,35 @@ def _run_stages(ctx: RunContext, start: float) -> RunResult:
         except Exception as err:
             ctx.mark_stage(stage, status="failed", error=f"{type(err).__name__}: {err}")
             raise StageFailed(stage, err) from err
-        ctx.mark_stage(stage, status="done", seconds=round(time.time() - t0, 2))
+        seconds = time.time() - t0
+        ctx.mark_stage(stage, status="done", seconds=round(seconds, 2))
         if is_global_zero():
             _write_results(run_dir, results, ctx)
+            _track_stage(ctx, stage, results[stage], seconds)
     if is_global_zero():
-        _write_report(run_dir)
+        _write_report(ctx, results)
     return RunResult(run_dir, results, time.time() - start)
 
 
-def _write_report(run_dir: Path) -> None:
+def _track_stage(ctx: RunContext, stage: str, result: dict[str, Any], seconds: float) -> None:
+    """The stage's numbers into metrics.jsonl, and into the stage's own W&B run; pretraining
+    logged its steps to both while it ran."""
+    metrics = ctx.run_dir / "metrics.jsonl"
+    record_stage(metrics, stage, result, ctx.baselines, seconds)
+    if stage != "pretrain":
+        ctx.tracker.log_stage(stage, result, ctx.baselines, stage_history(metrics, stage))
+
+
+def _write_report(ctx: RunContext, results: dict[str, Any]) -> None:
     """report.md / report.html / plots; a failure here warns and never costs the results."""
-    from ssl_pipeline.report import write_report
+    from ssl_pipeline.report import result_rows, write_report
 
     try:
-        write_report(run_dir)
+        written = write_report(ctx.run_dir)
     except Exception as err:  # the results are already on disk
-        warnings.warn(f"could not write the report for {run_dir}: {type(err).__name__}: {err}")
+        warnings.warn(f"could not write the report for {ctx.run_dir}: {type(err).__name__}: {err}")
+        return
+    ctx.tracker.log_report(written["plots"], result_rows(results))
 
 
 def _recipe_and_dir(recipe, overrides, out_dir, resume) -> tuple[Recipe, Path]:

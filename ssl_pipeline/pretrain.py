@@ -28,7 +28,7 @@ from ssl_pipeline.monitor import MONITOR_KEY, OnlineKNNMonitor
 from ssl_pipeline.provenance import provenance
 from ssl_pipeline.recipe import Recipe
 from ssl_pipeline.stages import RunContext, stage_registry
-from ssl_pipeline.tracking import EpochProgress, JSONLLogger, wandb_logger
+from ssl_pipeline.tracking import EpochProgress, JSONLLogger, stage_metrics
 
 # Lightning's advice to raise num_workers is noise here: data.num_workers is the user's choice.
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
@@ -200,8 +200,7 @@ def pretrain_stage(ctx: RunContext) -> dict[str, Any]:
     if recipe.trainer.channels_last:
         callbacks.append(ChannelsLast())
     loggers = [JSONLLogger(ctx.run_dir / "metrics.jsonl", stage="pretrain")]
-    wandb = wandb_logger(recipe.tracking.wandb, ctx.run_dir, ctx.run_dir.parent.name + "/" + ctx.run_dir.name,
-                         recipe.model_dump(mode="json"), quiet=ctx.quiet)
+    wandb = ctx.tracker.lightning_logger("pretrain")
     if wandb:
         loggers.append(wandb)
     trainer = build_trainer(ctx, callbacks, loggers)
@@ -211,13 +210,18 @@ def pretrain_stage(ctx: RunContext) -> dict[str, Any]:
     start = time.time()
     try:
         trainer.fit(method, loader_, ckpt_path=resume_from)
+        seconds = time.time() - start
+        if not trainer.is_global_zero:
+            return {}
+        result = finish_pretrain(ctx, method, trainer, checkpoint, progress, seconds, loader_)
+        if wandb:
+            experiment = wandb.experiment
+            experiment.summary.update(stage_metrics("pretrain", result, {}))
+            ctx.tracker.log_backbone(experiment, {"recipe": recipe.name, **result})
+        return result
     finally:
         if wandb:  # one W&B run per stage run: a later run in this process must not reuse it
             wandb.experiment.finish()
-    seconds = time.time() - start
-    if not trainer.is_global_zero:
-        return {}
-    return finish_pretrain(ctx, method, trainer, checkpoint, progress, seconds, loader_)
 
 
 def finish_pretrain(ctx, method, trainer, checkpoint, progress, seconds, loader_) -> dict[str, Any]:

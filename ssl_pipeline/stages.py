@@ -22,6 +22,11 @@ def is_global_zero() -> bool:
     return all(int(os.environ.get(var, 0)) == 0 for var in ("RANK", "LOCAL_RANK", "NODE_RANK"))
 
 
+def run_name(run_dir: Path) -> str:
+    """`<recipe name>/<timestamp>`: the run directory's last two parts, W&B's run group."""
+    return f"{run_dir.parent.name}/{run_dir.name}"
+
+
 @dataclass
 class Resolved:
     """Values derived from the recipe and the machine, recorded in the run's recipe.yaml."""
@@ -52,6 +57,15 @@ class RunContext:
         from ssl_pipeline.data import build_dataset
 
         return build_dataset(self.recipe.data)
+
+    @cached_property
+    def tracker(self):
+        """W&B for this pipeline run (one W&B run per stage, in one group); rank 0 only."""
+        from ssl_pipeline.tracking import WandbTracker
+
+        return WandbTracker(self.recipe.tracking.wandb, self.run_dir, run_name(self.run_dir),
+                            self.recipe.model_dump(mode="json"), quiet=self.quiet,
+                            active=is_global_zero())
 
     @property
     def state_path(self) -> Path:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import string
 import sys
 import time
 import warnings
@@ -16,6 +18,7 @@ import torch
 from pytorch_lightning.loggers import Logger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
+from ssl_pipeline.atomic import write_text_atomic
 from ssl_pipeline.recipe import WandbConfig
 
 
@@ -56,33 +59,218 @@ class JSONLLogger(Logger):
         append_jsonl(self.path, {"stage": self.stage, "step": step, "time": time.time(), **metrics})
 
 
-def wandb_logger(config: WandbConfig, run_dir: Path, run_name: str, recipe: dict,
-                 quiet: bool = False) -> Logger | None:
-    """A W&B logger; W&B's own environment variables (WANDB_MODE, ...) override the recipe.
+# W&B's own environment variables win over the recipe (WANDB_TAGS is comma-separated).
+_ENV_OVERRIDES = {"mode": "WANDB_MODE", "project": "WANDB_PROJECT", "entity": "WANDB_ENTITY",
+                  "group": "WANDB_RUN_GROUP", "tags": "WANDB_TAGS", "name": "WANDB_NAME"}
+IDS_FILE = "wandb_runs.json"
 
-    If W&B cannot start, warn once and go on with local logging only.
+
+def wandb_settings(config: WandbConfig) -> dict[str, Any]:
+    """The recipe's W&B block with W&B's environment variables applied on top."""
+    settings = config.model_dump()
+    for key, var in _ENV_OVERRIDES.items():
+        if os.environ.get(var):
+            value = os.environ[var]
+            settings[key] = [t for t in value.split(",") if t] if key == "tags" else value
+    return settings
+
+
+class WandbTracker:
+    """The W&B side of one pipeline run: one W&B run per stage, all in one group.
+
+    Each stage's W&B run id is kept in `run_dir/wandb_runs.json`, so a resumed stage continues
+    its own W&B run. If W&B cannot start, this warns once and stays off for the rest of the
+    pipeline run: metrics.jsonl still has everything.
     """
-    mode = os.environ.get("WANDB_MODE", config.mode)
-    if mode == "disabled":
-        return None
-    if quiet:
-        os.environ.setdefault("WANDB_SILENT", "true")
-    try:
-        logger = WandbLogger(
-            project=os.environ.get("WANDB_PROJECT", config.project),
-            entity=os.environ.get("WANDB_ENTITY", config.entity),
-            group=config.group or run_name,
-            tags=config.tags,
-            name=config.name or run_name,
-            save_dir=str(run_dir),
-            mode=mode,
-            config=recipe,
+
+    def __init__(self, config: WandbConfig, run_dir: Path, run_name: str, recipe: dict,
+                 quiet: bool = False, active: bool = True):
+        self.settings = wandb_settings(config)
+        self.active = active  # False in the non-zero ranks of a DDP run: rank 0 reports
+        self.run_dir = Path(run_dir)
+        self.run_name = run_name
+        self.recipe = recipe
+        self.quiet = quiet
+        self.failed = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.active and self.settings["mode"] != "disabled" and not self.failed
+
+    def init_kwargs(self, stage: str) -> dict[str, Any]:
+        """Arguments of `wandb.init` for the W&B run of one stage."""
+        s = self.settings
+        return dict(
+            project=s["project"], entity=s["entity"], group=s["group"] or self.run_name,
+            tags=s["tags"], name=f"{s['name'] or self.run_name}/{stage}", job_type=stage,
+            mode=s["mode"], config=self.recipe, id=self._run_id(stage), resume="allow",
+            dir=str(self.run_dir),
         )
-        logger.experiment  # starts the run now, so failures surface here  # noqa: B018
-        return logger
-    except Exception as err:  # W&B failing must never cost the run
-        warnings.warn(f"W&B could not start ({err}); continuing with metrics.jsonl only")
-        return None
+
+    def lightning_logger(self, stage: str) -> Logger | None:
+        """A Lightning WandbLogger for a stage that trains (pretraining)."""
+        if not self.enabled:
+            return None
+        kwargs = self.init_kwargs(stage)
+        try:
+            self._silence()
+            logger = WandbLogger(save_dir=kwargs.pop("dir"), **kwargs)
+            logger.experiment  # starts the run now, so failures surface here  # noqa: B018
+            return logger
+        except Exception as err:  # W&B failing must never cost the run
+            self._give_up(err)
+            return None
+
+    def start(self, stage: str):
+        """A plain W&B run for a stage that does not train through Lightning, or None."""
+        if not self.enabled:
+            return None
+        try:
+            import wandb
+
+            self._silence()
+            return wandb.init(**self.init_kwargs(stage), settings=wandb.Settings(
+                init_timeout=float(os.environ.get("WANDB_INIT_TIMEOUT", 60))))
+        except Exception as err:
+            self._give_up(err)
+            return None
+
+    def log_stage(self, stage: str, result: dict[str, Any], baselines: dict[str, Any],
+                  history: list[dict[str, Any]]) -> None:
+        """An evaluation stage's curves (from metrics.jsonl), results and per-class table."""
+        run = self.start(stage)
+        if run is None:
+            return
+        try:
+            for row in history:
+                values = {f"{row['stage']}/{k}": v for k, v in row.items()
+                          if k not in ("stage", "step", "time") and isinstance(v, (int, float))}
+                if values:
+                    run.log(values)
+            run.summary.update(stage_metrics(stage, result, baselines))
+            table = per_class_table(stage, result, baselines)
+            if table:
+                import wandb
+
+                run.log({f"{stage}/per_class": wandb.Table(columns=list(table[0]),
+                                                            data=[list(r.values()) for r in table])})
+        except Exception as err:
+            self._give_up(err)
+        finally:
+            run.finish()
+
+    def log_report(self, plots: list[Path], rows: list[dict[str, str]]) -> None:
+        """The report's plots and results table, in a W&B run of their own in the group."""
+        run = self.start("report")
+        if run is None:
+            return
+        try:
+            import wandb
+
+            run.log({f"plots/{p.stem}": wandb.Image(str(p)) for p in plots})
+            if rows:
+                run.log({"results": wandb.Table(columns=list(rows[0]),
+                                                data=[list(r.values()) for r in rows])})
+        except Exception as err:
+            self._give_up(err)
+        finally:
+            run.finish()
+
+    def log_backbone(self, run, metadata: dict[str, Any]) -> None:
+        """The exported backbone (safetensors + backbone.json) as a W&B model artifact."""
+        if run is None or not hasattr(run, "log_artifact"):
+            return
+        try:
+            import wandb
+
+            name = "backbone-" + "".join(c if c.isalnum() or c in "-_." else "-" for c in self.run_name)
+            artifact = wandb.Artifact(name, type="model", metadata=_jsonable_tree(metadata))
+            for file in ("backbone.safetensors", "backbone.json"):
+                if (self.run_dir / file).exists():
+                    artifact.add_file(str(self.run_dir / file))
+            run.log_artifact(artifact)
+        except Exception as err:
+            self._give_up(err)
+
+    def _run_id(self, stage: str) -> str:
+        """The stage's W&B run id: the stored one when resuming, else a new one, stored."""
+        path = self.run_dir / IDS_FILE
+        ids = json.loads(path.read_text()) if path.exists() else {}
+        if stage not in ids:
+            alphabet = string.ascii_lowercase + string.digits  # W&B's own id alphabet
+            ids[stage] = "".join(secrets.choice(alphabet) for _ in range(8))
+            write_text_atomic(path, json.dumps(ids, indent=2))
+        return ids[stage]
+
+    def _silence(self) -> None:
+        if self.quiet:
+            os.environ.setdefault("WANDB_SILENT", "true")
+
+    def _give_up(self, err: Exception) -> None:
+        if not self.failed:
+            warnings.warn(f"W&B could not start or log ({type(err).__name__}: {err}); "
+                          "continuing with metrics.jsonl only", stacklevel=2)
+        self.failed = True
+
+
+def stage_metrics(stage: str, result: dict[str, Any], baselines: dict[str, Any]) -> dict[str, float]:
+    """Every number of a stage's result, flattened: `knn/top1`, `knn/by_k/200/top1`,
+    `baselines/random_init/knn/top1`. Lists (confusion matrices, per-class values) are left out."""
+    flat = _flatten(result, stage)
+    for name, stages in (baselines or {}).items():
+        flat |= _flatten(stages.get(stage) or {}, f"baselines/{name}/{stage}")
+    return flat
+
+
+def per_class_table(stage: str, result: dict[str, Any], baselines: dict[str, Any]) -> list[dict]:
+    """Rows (subject, class, accuracy) from the per-class accuracies a stage kept."""
+    rows = []
+    subjects = [("backbone", result)] + [(n, s.get(stage) or {}) for n, s in (baselines or {}).items()]
+    for subject, res in subjects:
+        metrics = res.get("test_metrics") or res
+        accuracies = metrics.get("per_class_accuracy") or []
+        names = metrics.get("class_names") or [str(i) for i in range(len(accuracies))]
+        rows += [{"subject": subject, "class": str(n), "accuracy": float(a)}
+                 for n, a in zip(names, accuracies)]
+    return rows
+
+
+def _flatten(tree: dict[str, Any], prefix: str) -> dict[str, float]:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}/{key}"
+        if isinstance(value, dict):
+            out |= _flatten(value, name)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = value
+    return out
+
+
+def _jsonable_tree(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def record_stage(path: Path, stage: str, result: dict[str, Any], baselines: dict[str, Any],
+                 seconds: float) -> None:
+    """One metrics.jsonl line with a finished stage's numbers, so the file holds every
+    evaluation and not only the training steps."""
+    append_jsonl(path, {"stage": stage, "event": "stage_result", "time": time.time(),
+                        "seconds": round(seconds, 2), **stage_metrics(stage, result, baselines)})
+
+
+def stage_history(path: Path, stage: str) -> list[dict[str, Any]]:
+    """The metrics.jsonl rows logged inside one stage (e.g. fine-tuning's epochs)."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a torn last line of a killed run
+        if str(row.get("stage", "")).startswith(stage + "/"):
+            rows.append(row)
+    return rows
 
 
 class EpochProgress(pl.Callback):

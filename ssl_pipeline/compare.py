@@ -1,0 +1,415 @@
+"""Several runs side by side: comparison.md, comparison.html, comparison.json and one plot.
+
+One row per run and one column per stage and metric, as in the tables of the ImageNet
+literature (k-NN top-1, linear probe top-1 ± std, fine-tuning at 1% / 10% / 100% labels,
+few-shot accuracy, pretraining epochs and time), then the runs' baselines as reference rows.
+Everything is read from the files the runs already wrote; nothing is rerun, and nothing is
+written into the run directories. A run that failed or has not finished yet is a row saying so.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import yaml
+
+from ssl_pipeline.atomic import write_bytes_atomic
+
+from .errors import SSLPipelineError
+from .report import _CSS, _eval_stages, _fmt, _html_image, _new_figure, _read_json, _read_yaml
+
+_STAGE_LABELS = {"knn": "k-NN", "linear_probe": "linear probe", "finetune": "fine-tune",
+                 "few_shot": "few-shot"}
+_STAGE_ORDER = ("knn", "linear_probe", "finetune", "few_shot")
+_PLOT_NAME = "comparison_top1.png"
+
+
+@dataclass(frozen=True)
+class Column:
+    key: str
+    label: str
+    kind: str  # "top1" (plotted, best marked), "metric" (best marked) or "info"
+    # results.json -> (value, std or None)
+    get: Callable[[dict], tuple[Any, Any]] = field(compare=False, repr=False)
+
+
+@dataclass
+class Run:
+    path: Path
+    recipe: dict
+    results: dict
+    status: str  # "done", "failed" or "incomplete"
+    error: str = ""
+    label: str = ""
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def write_comparison(run_dirs: Sequence[str | Path], out_dir: str | Path | None = None) -> dict:
+    """Compare run directories in ``out_dir`` (default ``reports/compare/<timestamp>/``).
+
+    Returns ``{"md": Path, "html": Path, "json": Path, "plots": [Path, ...]}``. Every run
+    directory is checked before anything is written.
+    """
+    if not run_dirs:
+        raise SSLPipelineError(
+            "compare needs at least one run directory, e.g. reports/quickstart/<timestamp>"
+        )
+    runs = _label_runs([_load_run(Path(d)) for d in run_dirs])
+    out = Path(out_dir) if out_dir is not None else _default_out_dir()
+    _check_out_dir(out, runs)
+    table = comparison_table(runs)
+    out.mkdir(parents=True, exist_ok=True)
+    plots = _write_plot(out, table)
+    paths = {"md": out / "comparison.md", "html": out / "comparison.html",
+             "json": out / "comparison.json"}
+    write_bytes_atomic(paths["md"], _render_md(table, plots, out).encode())
+    write_bytes_atomic(paths["html"], _render_html(table, plots).encode())
+    write_bytes_atomic(paths["json"], (json.dumps(_table_json(table), indent=1) + "\n").encode())
+    return {**paths, "plots": plots}
+
+
+def _default_out_dir() -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")[:-3]  # same stamp as a run directory
+    return Path("reports") / "compare" / stamp
+
+
+def _check_out_dir(out: Path, runs: list[Run]) -> None:
+    target = out.resolve()
+    for run in runs:
+        if target == run.path.resolve() or run.path.resolve() in target.parents:
+            raise SSLPipelineError(
+                f"--out {out} is inside the run directory {run.path}; compare never writes into "
+                "a run directory, pass another one (e.g. reports/compare/<name>)"
+            )
+
+
+# ---------------------------------------------------------------- reading the runs
+
+
+def _load_run(path: Path) -> Run:
+    hint = "pass run directories written by `ssl-pipeline run`, e.g. reports/quickstart/<timestamp>"
+    if not path.is_dir():
+        raise SSLPipelineError(f"run directory {str(path)!r} does not exist; {hint}")
+    if not (path / "recipe.yaml").is_file() and not (path / "results.json").is_file():
+        raise SSLPipelineError(
+            f"{str(path)!r} is not a run directory (no recipe.yaml and no results.json); {hint}"
+        )
+    problems: list[str] = []
+    recipe = _read_part(_read_yaml, path / "recipe.yaml", problems)
+    results = _read_part(_read_json, path / "results.json", problems)
+    state = _read_part(_read_json, path / "run_state.json", problems)
+    stages = _stage_states(state)
+    failed = [f"stage {stage} failed: {info.get('error') or 'no error recorded'}"
+              for stage, info in stages.items() if info.get("status") == "failed"]
+    if failed or problems:
+        return Run(path, recipe, results, "failed", "; ".join(failed + problems))
+    missing = _unfinished(recipe, stages if "stages" in state else None, results)
+    return Run(path, recipe, results, "incomplete" if missing else "done", missing)
+
+
+def _read_part(read: Callable[[Path], dict], path: Path, problems: list[str]) -> dict:
+    """A torn or unreadable file makes the run a failed row, not a failed comparison."""
+    try:
+        return read(path)
+    except (SSLPipelineError, yaml.YAMLError, OSError, UnicodeDecodeError) as err:
+        problems.append(f"cannot read {path.name}: {err}")
+        return {}
+
+
+def _stage_states(state: dict) -> dict[str, dict]:
+    stages = state.get("stages")
+    stages = stages if isinstance(stages, dict) else {}
+    return {str(name): info for name, info in stages.items() if isinstance(info, dict)}
+
+
+def _unfinished(recipe: dict, stages: dict | None, results: dict) -> str:
+    if not results:
+        return "no results.json yet"
+    if stages is None:
+        return ""  # no run_state.json: take results.json as it is
+    pending = [str(s) for s in recipe.get("stages") or []
+               if (stages.get(str(s)) or {}).get("status") != "done"]
+    return f"stages not finished: {', '.join(pending)}" if pending else ""
+
+
+def _label_runs(runs: list[Run]) -> list[Run]:
+    """Recipe name + method + backbone; the run directory's name, then its path, where shared."""
+    for run in runs:
+        parts = (run.recipe.get("name"), (run.recipe.get("method") or {}).get("name"),
+                 (run.recipe.get("backbone") or {}).get("name"))
+        run.label = " · ".join(str(p) for p in parts if p) or run.path.name
+    for suffix in (lambda run: run.path.name, lambda run: str(run.path)):
+        labels = [run.label for run in runs]
+        for run in runs:
+            if labels.count(run.label) > 1:
+                run.label = f"{run.label} ({suffix(run)})"
+    return runs
+
+
+# ---------------------------------------------------------------- the table
+
+
+def comparison_table(runs: list[Run]) -> dict:
+    """``{"columns": [Column], "rows": [row]}``: the runs, then their distinct baselines.
+
+    A row is ``{"label", "kind" ("run" or "baseline"), "status", "error", "run_dirs",
+    "cells": {column key: (value, std)}, "best": {column keys}}``; only the columns that some
+    row has a value for are kept.
+    """
+    rows = [_row(run.label, "run", run.status, run.error, [run.path], run.results)
+            for run in runs]
+    rows += _baseline_rows(runs)
+    columns = _columns([row["results"] for row in rows])
+    for row in rows:
+        results = row.pop("results")
+        row["cells"] = {c.key: c.get(results) for c in columns}
+    columns = [c for c in columns if any(row["cells"][c.key][0] is not None for row in rows)]
+    _mark_best(columns, rows)
+    return {"columns": columns, "rows": rows}
+
+
+def _row(label, kind, status, error, run_dirs, results) -> dict:
+    return {"label": label, "kind": kind, "status": status, "error": error,
+            "run_dirs": run_dirs, "results": results}
+
+
+def _baseline_rows(runs: list[Run]) -> list[dict]:
+    """One row per (baseline, data, results): runs on the same data with identical baselines
+    share one row, labelled with the runs it is the reference for."""
+    rows: dict[tuple, dict] = {}
+    for run in runs:
+        baselines = run.results.get("baselines")
+        for name, stages in (baselines if isinstance(baselines, dict) else {}).items():
+            if not isinstance(stages, dict) or not _eval_stages(stages):
+                continue
+            key = (name, _data_key(run), json.dumps(stages, sort_keys=True, default=str))
+            row = rows.setdefault(key, _row(f"{name} baseline", "baseline", "", "", [], stages))
+            row["run_dirs"].append(run.path)
+            row.setdefault("of", []).append(run.label)
+    out = list(rows.values())
+    labels = [row["label"] for row in out]
+    for row in out:
+        of = row.pop("of")
+        of = "all runs" if len(of) == len(runs) > 2 else ", ".join(of)
+        row["status"] = f"reference for {of}"
+        if labels.count(row["label"]) > 1:  # the same baseline on other data or backbones
+            row["label"] += f" ({of})"
+    return out
+
+
+def _data_key(run: Run) -> str:
+    data = {**(run.recipe.get("data") or {}),
+            **((run.recipe.get("resolved") or {}).get("data") or {})}
+    splits = (run.results.get("provenance") or {}).get("split_hashes") or {}
+    return json.dumps([data.get("name"), data.get("image_size"), splits], sort_keys=True,
+                      default=str)
+
+
+def _columns(all_results: list[dict]) -> list[Column]:
+    """Every column any of these results could fill, in the literature's order."""
+    stages = dict.fromkeys(stage for results in all_results for stage, _ in _eval_stages(results))
+    ordered = [s for s in _STAGE_ORDER if s in stages]
+    ordered += [s for s in stages if s not in _STAGE_ORDER]
+    columns = []
+    for stage in ordered:
+        name = _STAGE_LABELS.get(stage, stage)
+        if stage == "finetune" and any(_sub(r, stage, "by_fraction") for r in all_results):
+            fractions = {f for r in all_results for f in _sub(r, stage, "by_fraction")}
+            columns += [Column(f"{stage}@{f}", f"{name} {float(f) * 100:g}%", "top1",
+                               _getter(stage, "by_fraction", f))
+                        for f in sorted(fractions, key=float)]
+        elif any(_sub(r, stage, "by_shots") for r in all_results):
+            shots = {n for r in all_results for n in _sub(r, stage, "by_shots")}
+            columns += [Column(f"{stage}@{n}", f"{name} {n}-shot", "top1",
+                               _getter(stage, "by_shots", n)) for n in sorted(shots, key=float)]
+        else:
+            columns += [
+                Column(f"{stage}/top1", f"{name} top-1", "top1", _getter(stage, None, None)),
+                Column(f"{stage}/top5", f"{name} top-5", "metric", _top5_getter(stage)),
+            ]
+    return columns + [
+        Column("pretrain/epochs", "pretraining epochs", "info", _pretrain_getter("epochs")),
+        Column("pretrain/seconds", "pretraining seconds", "info", _pretrain_getter("seconds")),
+    ]
+
+
+def _sub(results: dict, stage: str, key: str) -> dict:
+    res = results.get(stage)
+    return (res.get(key) or {}) if isinstance(res, dict) else {}
+
+
+def _getter(stage: str, sub: str | None, key: str | None) -> Callable[[dict], tuple]:
+    def get(results: dict) -> tuple:
+        whole = results.get(stage) if isinstance(results.get(stage), dict) else {}
+        res = whole if sub is None else ((whole.get(sub) or {}).get(key) or {})
+        return res.get("top1"), _spread(res, res.get("seeds", whole.get("seeds")))
+    return get
+
+
+def _spread(res: dict, seeds: Any) -> float | None:
+    # A std over one seed is 0 by construction, not a measured spread: show none.
+    std = res.get("top1_std")
+    return std if std is not None and (seeds is None or seeds > 1) else None
+
+
+def _top5_getter(stage: str) -> Callable[[dict], tuple]:
+    def get(results: dict) -> tuple:
+        res = results.get(stage) if isinstance(results.get(stage), dict) else {}
+        return {**(res.get("test_metrics") or {}), **res}.get("top5"), None
+    return get
+
+
+def _pretrain_getter(key: str) -> Callable[[dict], tuple]:
+    return lambda results: ((results.get("pretrain") or {}).get(key), None)
+
+
+def _mark_best(columns: list[Column], rows: list[dict]) -> None:
+    """The highest value per accuracy column among the runs (not the baselines), ties included."""
+    for row in rows:
+        row["best"] = set()
+    for column in (c for c in columns if c.kind != "info"):
+        values = [(row["cells"][column.key][0], row) for row in rows
+                  if row["kind"] == "run" and _is_number(row["cells"][column.key][0])]
+        if len(values) < 2:
+            continue  # a lone value is not "best" of anything
+        top = max(value for value, _ in values)
+        for value, row in values:
+            if value == top:
+                row["best"].add(column.key)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# ---------------------------------------------------------------- plot
+
+
+def _write_plot(out: Path, table: dict) -> list[Path]:
+    """Grouped bars: one group per top-1 column, one bar per row, error bars where seeds."""
+    columns = [c for c in table["columns"] if c.kind == "top1"]
+    rows = [r for r in table["rows"] if any(_is_number(r["cells"][c.key][0]) for c in columns)]
+    if not rows:
+        return []
+    width = 0.8 / len(rows)
+    fig = _new_figure(min(16.0, 2.0 + len(columns) * (0.4 * len(rows) + 0.8)), 4.5)
+    ax = fig.subplots()
+    for i, row in enumerate(rows):
+        points = [(j + (i - (len(rows) - 1) / 2) * width, *row["cells"][c.key])
+                  for j, c in enumerate(columns) if _is_number(row["cells"][c.key][0])]
+        x, top1, std = zip(*points)
+        baseline = row["kind"] == "baseline"  # references: hatched and paler
+        ax.bar(x, top1, width, label=row["label"], hatch="//" if baseline else None,
+               alpha=0.55 if baseline else 1.0, edgecolor="white" if baseline else None)
+        spread = [(xi, t, s) for xi, t, s in points if s is not None]
+        if spread:
+            ax.errorbar(*zip(*spread), fmt="none", ecolor="black", capsize=3)
+    ax.set_xticks(range(len(columns)))
+    ax.set_xticklabels([c.label for c in columns], rotation=30 if len(columns) > 4 else 0)
+    ax.set(ylabel="test top-1", ylim=(0, 1.05), title="Top-1 per evaluation")
+    fig.legend(loc="outside lower center", ncols=min(3, len(rows)), fontsize=8)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    (out / "plots").mkdir(exist_ok=True)
+    write_bytes_atomic(out / "plots" / _PLOT_NAME, buffer.getvalue())
+    return [out / "plots" / _PLOT_NAME]
+
+
+# ---------------------------------------------------------------- rendering
+
+
+_LEGEND = ("Test accuracies as fractions; ± is the standard deviation over seeds. "
+           "The best value per column among the runs is in bold; baseline rows are references "
+           "and not ranked. — means the run has no such value.")
+
+
+def _cell_text(cell: tuple) -> str:
+    value, std = cell
+    return _fmt(value) + ("" if std is None else f" ± {_fmt(std)}")
+
+
+def _status_text(row: dict) -> str:
+    return f"{row['status']}: {row['error']}" if row["error"] else row["status"]
+
+
+def _header(table: dict) -> list[str]:
+    return ["run", "status"] + [c.label for c in table["columns"]]
+
+
+def _render_md(table: dict, plots: list[Path], out: Path) -> str:
+    def cell(text: str) -> str:
+        return str(text).replace("|", "\\|").replace("\n", " ")
+
+    lines = [f"# Comparison of {_count_runs(table)}", "", _LEGEND, "",
+             "| " + " | ".join(_header(table)) + " |", "|" + "---|" * len(_header(table))]
+    for row in table["rows"]:
+        values = [f"**{_cell_text(row['cells'][c.key])}**" if c.key in row["best"]
+                  else _cell_text(row["cells"][c.key]) for c in table["columns"]]
+        lines.append("| " + " | ".join(cell(v) for v in [row["label"], _status_text(row), *values])
+                     + " |")
+    lines += ["", "## Run directories", ""]
+    lines += [f"- {row['label']}: `{row['run_dirs'][0]}`" for row in _run_rows(table)]
+    if plots:
+        lines += ["", "## Plots", ""]
+        lines += [f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def _render_html(table: dict, plots: list[Path]) -> str:
+    title = html.escape(f"Comparison of {_count_runs(table)}")
+    head = "".join(f"<th>{html.escape(label)}</th>" for label in _header(table))
+    body = "\n".join(_html_row(table, row) for row in table["rows"])
+    dirs = "\n".join(f"<tr><th>{html.escape(row['label'])}</th>"
+                     f"<td>{html.escape(str(row['run_dirs'][0]))}</td></tr>"
+                     for row in _run_rows(table))
+    parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+             f"<title>{title}</title><style>{_CSS}</style></head><body>", f"<h1>{title}</h1>",
+             f"<p>{html.escape(_LEGEND)}</p>",
+             f'<table id="comparison">\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n'
+             "</tbody></table>",
+             f"<h2>Run directories</h2>\n<table>\n{dirs}\n</table>"]
+    if plots:
+        parts.append("<h2>Plots</h2>\n" + "\n".join(_html_image(p) for p in plots))
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def _html_row(table: dict, row: dict) -> str:
+    cells = [f"<td>{html.escape(row['label'])}</td>", f"<td>{html.escape(_status_text(row))}</td>"]
+    for column in table["columns"]:
+        text = html.escape(_cell_text(row["cells"][column.key]))
+        cells.append(f"<td><strong>{text}</strong></td>" if column.key in row["best"]
+                     else f"<td>{text}</td>")
+    return '<tr class="result-row">' + "".join(cells) + "</tr>"
+
+
+def _run_rows(table: dict) -> list[dict]:
+    return [row for row in table["rows"] if row["kind"] == "run"]
+
+
+def _count_runs(table: dict) -> str:
+    n = len(_run_rows(table))
+    return f"{n} run" if n == 1 else f"{n} runs"
+
+
+def _table_json(table: dict) -> dict:
+    columns = table["columns"]
+    return {
+        "columns": [{"key": c.key, "label": c.label} for c in columns],
+        "rows": [{
+            "label": row["label"], "kind": row["kind"], "status": row["status"],
+            "error": row["error"], "run_dirs": [str(p) for p in row["run_dirs"]],
+            "values": {c.key: row["cells"][c.key][0] for c in columns},
+            "std": {c.key: row["cells"][c.key][1] for c in columns
+                    if row["cells"][c.key][1] is not None},
+            "best": [c.key for c in columns if c.key in row["best"]],
+        } for row in table["rows"]],
+    }
