@@ -8,6 +8,8 @@ pixels where images are small. A supervised-pretrained backbone is evaluated lik
 from __future__ import annotations
 
 import copy
+import sys
+import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -19,6 +21,7 @@ import torch
 from ssl_pipeline.backbones import Backbone, create_backbone, load_backbone
 from ssl_pipeline.data import TransformedDataset
 from ssl_pipeline.data.transforms import eval_transform, fit_views, supervised_train_transform
+from ssl_pipeline.embedding_map import FILE as EMBEDDING_MAP, write_embedding_map
 from ssl_pipeline.errors import SSLPipelineError
 from ssl_pipeline.evals.few_shot import few_shot
 from ssl_pipeline.evals.finetune import FinetuneSettings, finetune
@@ -27,6 +30,7 @@ from ssl_pipeline.evals.linear_probe import linear_probe
 from ssl_pipeline.evals.metrics import classification_metrics
 from ssl_pipeline.evals.subsets import balanced_subset
 from ssl_pipeline.features import cache_key, cached_features, weights_hash
+from ssl_pipeline.progress import on_terminal
 from ssl_pipeline.stages import RunContext, stage_registry
 from ssl_pipeline.tracking import JSONLLogger
 
@@ -126,10 +130,13 @@ def features(ctx: RunContext, subject: Subject, split: str) -> tuple[np.ndarray,
     if subject.name not in hashes:
         hashes[subject.name] = weights_hash(model)
     key = cache_key(f"{subject.name}:{hashes[subject.name]}", transform, ctx.data.split_hashes[split])
-    progress = None if ctx.quiet else f"features {subject.name}/{split}"
+    progress = bar(ctx, f"features {split}", subject)
     device = "cuda" if ctx.resolved.accelerator == "gpu" else "cpu"
-    x, y, _ = cached_features(model.to(device), loader, Path(ctx.recipe.eval.cache_dir), key,
-                              device, progress)
+    start = time.time()
+    x, y, from_cache = cached_features(model.to(device), loader, Path(ctx.recipe.eval.cache_dir),
+                                       key, device, progress)
+    if not from_cache:
+        ctx.count_images(len(dataset), time.time() - start)
     memo[(subject.name, split)] = (x, y)
     return x, y
 
@@ -140,6 +147,11 @@ def split_features(ctx: RunContext, subject: Subject) -> dict[str, tuple[np.ndar
         mean = out["train"][0].mean(0, keepdims=True)
         out = {s: (x - mean, y) for s, (x, y) in out.items()}
     return out
+
+
+def bar(ctx: RunContext, step: str, subject: Subject) -> str | None:
+    """The name of a progress bar for one step on one subject; None when the run is quiet."""
+    return None if ctx.quiet else f"{step} {subject.name}"
 
 
 def require_labels(ctx: RunContext, stage: str) -> None:
@@ -161,9 +173,19 @@ def evaluate_subjects(ctx: RunContext, stage: str, evaluate) -> dict[str, Any]:
             continue
         if subject.name == "backbone":
             main = result
+            map_embeddings(ctx, subject)
         else:
             ctx.baselines.setdefault(subject.name, {})[stage] = result
     return main
+
+
+def map_embeddings(ctx: RunContext, subject: Subject) -> None:
+    """The 2-D map of the backbone's test embeddings for the report, made once per invocation
+    (so it always shows the backbone this invocation evaluated)."""
+    if ctx.cache.get(EMBEDDING_MAP):
+        return
+    x, y = features(ctx, subject, "test")
+    ctx.cache[EMBEDDING_MAP] = write_embedding_map(ctx.run_dir, x, y, seed=ctx.recipe.seed)
 
 
 # ------------------------------------------------------------------ stages
@@ -174,7 +196,7 @@ def knn_result(ctx: RunContext, subject: Subject) -> dict[str, Any]:
     settings = ctx.recipe.eval.knn.settings
     ks = tuple(k for k, _ in settings)
     scores = knn_classify(*f["train"], f["test"][0], ctx.data.num_classes, ks=ks,
-                          temperature=dict(settings))
+                          temperature=dict(settings), progress=bar(ctx, "knn", subject))
     by_k = {}
     for k in ks:
         metrics = classification_metrics(scores[k], f["test"][1])
@@ -189,14 +211,15 @@ def probe_result(ctx: RunContext, subject: Subject) -> dict[str, Any]:
     cfg = ctx.recipe.eval.linear_probe
     return linear_probe(*f["train"], *f["val"], *f["test"], ctx.data.num_classes,
                         grid={"lr": tuple(cfg.lr_grid), "weight_decay": tuple(cfg.weight_decay_grid)},
-                        seeds=ctx.recipe.eval.seeds, epochs=cfg.epochs, batch_size=cfg.batch_size)
+                        seeds=ctx.recipe.eval.seeds, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                        progress=bar(ctx, "linear probe", subject))
 
 
 def few_shot_result(ctx: RunContext, subject: Subject) -> dict[str, Any]:
     f = split_features(ctx, subject)
     cfg = ctx.recipe.eval.few_shot
     return few_shot(*f["train"], *f["test"], ctx.data.num_classes, shots=tuple(cfg.shots),
-                    seeds=cfg.seeds)
+                    seeds=cfg.seeds, progress=bar(ctx, "few-shot", subject))
 
 
 def _register_stages() -> None:
@@ -254,10 +277,12 @@ def finetune_once(ctx: RunContext, subject: Subject, fraction: float, seed: int)
     logger = JSONLLogger(ctx.run_dir / "metrics.jsonl", stage=f"finetune/{subject.name}/{fraction}/seed{seed}")
     trainer_kwargs = dict(accelerator=ctx.resolved.accelerator, devices=1,
                           precision=ctx.recipe.trainer.precision, logger=[logger],
-                          enable_progress_bar=False, enable_model_summary=False,
+                          enable_progress_bar=not ctx.quiet and on_terminal(sys.stdout),
+                          enable_model_summary=False,
                           enable_checkpointing=False, log_every_n_steps=1)
     result = finetune(backbone, bundle.num_classes, *loaders, settings, trainer_kwargs,
                       bundle.class_names)
+    ctx.count_images(len(train) * result["epochs_run"], result["seconds"])  # training images
     return {"seed": seed, "train_samples": len(train), **result}
 
 

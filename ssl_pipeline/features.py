@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 
 import ssl_pipeline
+from ssl_pipeline.progress import progress_bar
 
 
 def weights_hash(module: nn.Module) -> str:
@@ -49,7 +49,7 @@ def extract_features(
     was_training = backbone.training
     backbone.eval()  # BatchNorm uses its running statistics: features do not depend on the batch
     features, labels = [], []
-    batches = _progress(loader, progress)
+    batches = progress_bar(loader, progress)
     try:
         for images, targets in batches:
             features.append(backbone(images.to(device)).float().cpu())
@@ -82,12 +82,3 @@ def cached_features(
     np.savez(tmp, features=features, labels=labels)
     os.replace(tmp, path)
     return features, labels, False
-
-
-def _progress(loader, description: str | None):
-    """A tqdm bar on terminals, nothing in logs or when quiet (description None)."""
-    if description is None or not sys.stderr.isatty():
-        return loader
-    from tqdm.auto import tqdm
-
-    return tqdm(loader, desc=description, leave=False)

@@ -97,6 +97,7 @@ def _run_stages(ctx: RunContext, start: float) -> RunResult:
             continue
         _say(quiet, f"stage {stage}: running")
         t0 = time.time()
+        ctx.throughput.update(images=0, seconds=0.0)
         try:
             results[stage] = stage_registry.get(stage).obj(ctx)
         except (SSLPipelineError, KeyboardInterrupt):
@@ -105,13 +106,23 @@ def _run_stages(ctx: RunContext, start: float) -> RunResult:
             ctx.mark_stage(stage, status="failed", error=f"{type(err).__name__}: {err}")
             raise StageFailed(stage, err) from err
         seconds = time.time() - t0
-        ctx.mark_stage(stage, status="done", seconds=round(seconds, 2))
+        ctx.mark_stage(stage, status="done", seconds=round(seconds, 2),
+                       **_images_per_second(ctx, results[stage]))
         if is_global_zero():
             _write_results(run_dir, results, ctx)
             _track_stage(ctx, stage, results[stage], seconds)
     if is_global_zero():
         _write_report(ctx, results)
     return RunResult(run_dir, results, time.time() - start)
+
+
+def _images_per_second(ctx: RunContext, result: dict[str, Any]) -> dict[str, float]:
+    """Images per second of the stage's network passes (training, or feature extraction when
+    the features were not already cached); nothing when the stage computed no images."""
+    if (result or {}).get("images_per_second") is not None:  # pretraining measures its own
+        return {"images_per_second": result["images_per_second"]}
+    images, seconds = ctx.throughput["images"], ctx.throughput["seconds"]
+    return {"images_per_second": round(images / seconds, 1)} if images and seconds > 0 else {}
 
 
 def _track_stage(ctx: RunContext, stage: str, result: dict[str, Any], seconds: float) -> None:

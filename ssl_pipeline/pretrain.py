@@ -25,6 +25,7 @@ from ssl_pipeline.data.transforms import (
 from ssl_pipeline.errors import SSLPipelineError
 from ssl_pipeline.methods import OptimSettings, PretrainMethod, methods
 from ssl_pipeline.monitor import MONITOR_KEY, OnlineKNNMonitor
+from ssl_pipeline.progress import on_terminal
 from ssl_pipeline.provenance import provenance
 from ssl_pipeline.recipe import Recipe
 from ssl_pipeline.stages import RunContext, stage_registry
@@ -172,7 +173,7 @@ def build_trainer(ctx: RunContext, callbacks: list[pl.Callback], loggers: list) 
         logger=loggers,
         callbacks=callbacks,
         default_root_dir=str(ctx.run_dir),
-        enable_progress_bar=not ctx.quiet and sys.stdout.isatty(),  # bars on terminals only
+        enable_progress_bar=not ctx.quiet and on_terminal(sys.stdout),  # bars on terminals only
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )

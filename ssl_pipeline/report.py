@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from ssl_pipeline.atomic import write_bytes_atomic
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .errors import SSLPipelineError
+from ssl_pipeline.atomic import write_bytes_atomic
+from ssl_pipeline.embedding_map import read_embedding_map
+from ssl_pipeline.errors import SSLPipelineError
 
 # Keys of results.json that are not evaluation stages; everything else holding a top-1 is one.
 _NOT_STAGES = ("pretrain", "baselines", "provenance", "schema_version")
@@ -228,7 +228,9 @@ def _timings(results: dict, state: dict) -> list[tuple[str, str]]:
     for stage, info in (state.get("stages") or {}).items():
         info = info if isinstance(info, dict) else {}
         seconds = "" if info.get("seconds") is None else f"{_fmt(info['seconds'])} s"
-        pairs.append((f"stage {stage}", " ".join(filter(None, [info.get("status"), seconds]))))
+        speed = info.get("images_per_second")
+        speed = "" if speed is None else f"({_fmt(speed)} images / s)"
+        pairs.append((f"stage {stage}", " ".join(filter(None, [info.get("status"), seconds, speed]))))
     return pairs
 
 
@@ -259,6 +261,7 @@ def _write_plots(run: Path, metrics: list[dict], results: dict, recipe: dict) ->
         "pretrain_loss_lr.png": _loss_lr_figure(metrics),
         "monitor.png": _monitor_figure(metrics, results),
         "confusion.png": _confusion_figure(results, recipe),
+        "embedding_map.png": _embedding_figure(read_embedding_map(run), results, recipe),
     }
     paths = []
     for name, fig in figures.items():
@@ -370,6 +373,34 @@ def _confusion_figure(results: dict, recipe: dict) -> Figure | None:
         ax_acc.set_yticklabels([names[i] for i in ticks], fontsize=7)
     ax_acc.invert_yaxis()  # same top-to-bottom order as the matrix rows
     return fig
+
+
+def _embedding_figure(saved, results: dict, recipe: dict) -> Figure | None:
+    if saved is None:
+        return None
+    coords, labels, method = saved
+    classes = sorted(set(labels.tolist()))
+    names = _class_names({}, results, recipe, max(classes) + 1 if classes else 0)
+    fig = _new_figure(7, 6)
+    ax = fig.subplots()
+    cmap = "tab10" if len(classes) <= 10 else "tab20"
+    for i, c in enumerate(classes):
+        points = coords[labels == c]
+        ax.scatter(points[:, 0], points[:, 1], s=6, alpha=0.7, label=names[c],
+                   color=_qualitative_color(cmap, i))
+    ax.set(title=f"Test embeddings of the backbone ({method}, {len(labels)} images)",
+           xticks=[], yticks=[])
+    if len(classes) <= 20:
+        ax.legend(markerscale=2, fontsize=7, loc="best", ncols=2 if len(classes) > 10 else 1)
+    return fig
+
+
+def _qualitative_color(cmap: str, i: int):
+    """The i-th colour of a qualitative colormap (cycling past its size)."""
+    from matplotlib import colormaps
+
+    colors = colormaps[cmap].colors
+    return colors[i % len(colors)]
 
 
 def _class_names(metrics: dict, results: dict, recipe: dict, n: int) -> list[str]:

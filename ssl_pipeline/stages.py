@@ -51,6 +51,13 @@ class RunContext:
     baselines: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Objects shared by the stages of one run (loaded backbone, features in memory).
     cache: dict[str, Any] = field(default_factory=dict)
+    # Images the current stage pushed through a network and the seconds that took, for the
+    # report's images per second; reset by the pipeline at the start of every stage.
+    throughput: dict[str, float] = field(default_factory=lambda: {"images": 0, "seconds": 0.0})
+
+    def count_images(self, images: int, seconds: float) -> None:
+        self.throughput["images"] += images
+        self.throughput["seconds"] += seconds
 
     @cached_property
     def data(self):

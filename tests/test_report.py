@@ -4,6 +4,7 @@ import base64
 import json
 import re
 
+import numpy as np
 import pytest
 import yaml
 
@@ -203,3 +204,27 @@ def test_recipe_name_is_html_escaped(tmp_path):
 def test_missing_run_directory_is_a_user_error(tmp_path):
     with pytest.raises(SSLPipelineError, match="does not exist"):
         write_report(tmp_path / "nope")
+
+
+def test_embedding_map_is_plotted_when_the_run_saved_one(tmp_path):
+    from ssl_pipeline.embedding_map import write_embedding_map
+
+    run = _make_run(tmp_path / "run")
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 20)
+    features = rng.normal(size=(60, 16)) + 5 * np.eye(16)[labels]  # three separated clusters
+    write_embedding_map(run, features, labels)
+    out = write_report(run)
+    assert "embedding_map.png" in [p.name for p in out["plots"]]
+    assert len(re.findall(r"<img ", out["html"].read_text())) == 4
+    assert "![embedding_map](plots/embedding_map.png)" in out["md"].read_text()
+
+
+def test_timings_show_images_per_second_of_each_stage(tmp_path):
+    run = _make_run(tmp_path / "run")
+    stages = {"pretrain": {"status": "done", "seconds": 13.0, "images_per_second": 7.7},
+              "knn": {"status": "done", "seconds": 2.0, "images_per_second": 950.5}}
+    (run / "run_state.json").write_text(json.dumps({"stages": stages}))
+    md = write_report(run)["md"].read_text()
+    assert "| stage knn | done 2 s (950.5 images / s) |" in md
+    assert "| stage pretrain | done 13 s (7.7 images / s) |" in md

@@ -26,6 +26,7 @@ from sklearn.linear_model import LogisticRegression
 from ssl_pipeline.errors import SSLPipelineError
 from ssl_pipeline.evals.knn import knn_classify, l2_normalized
 from ssl_pipeline.evals.subsets import balanced_subset
+from ssl_pipeline.progress import progress_bar
 
 
 def fit_predict_logistic(x, y, queries, num_classes) -> np.ndarray:
@@ -50,6 +51,7 @@ def few_shot(
     shots: Sequence[int] = (1, 5, 10),
     seeds: int = 5,
     classifiers: Sequence[str] = ("logistic", "knn"),
+    progress: str | None = None,
 ) -> dict:
     """Top-1 per shots value and classifier, over `seeds` draws of the training examples.
 
@@ -69,7 +71,7 @@ def few_shot(
     by_shots = {}
     for n in shots:
         top1 = {name: [] for name in classifiers}
-        for seed in range(seeds):
+        for seed in progress_bar(range(seeds), progress and f"{progress} {n}-shot"):
             idx = balanced_subset(train_y, per_class=n, seed=seed)
             for name in classifiers:
                 predictions = CLASSIFIERS[name](train_x[idx], train_y[idx], test_x, num_classes)

@@ -16,6 +16,7 @@ import faiss
 import numpy as np
 
 from ssl_pipeline.errors import SSLPipelineError
+from ssl_pipeline.progress import progress_bar
 
 PROTOCOLS = {20: 0.07, 200: 0.1}  # k -> T: DINO; InstDisc and lightly's benchmarks
 
@@ -45,6 +46,7 @@ def knn_classify(
     ks: Sequence[int] = (20, 200),
     temperature: float | Mapping[int, float] = 0.07,
     chunk_size: int = 4096,
+    progress: str | None = None,
 ) -> dict[int, np.ndarray]:
     """Class scores `(num_queries, num_classes)` float64 for each k in `ks`, from one search.
 
@@ -59,7 +61,8 @@ def knn_classify(
     index = build_index(bank)
     k_max = min(max(ks), len(bank))
     scores = {k: np.zeros((len(queries), num_classes)) for k in ks}
-    for start in range(0, len(queries), chunk_size):
+    starts = range(0, len(queries), chunk_size)
+    for start in progress_bar(starts, progress):  # one bar step per chunk of queries
         sims, idx = index.search(queries[start : start + chunk_size], k_max)  # (q, k_max) each
         labels = bank_labels[idx]
         for k, t in temperatures.items():

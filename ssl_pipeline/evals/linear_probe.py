@@ -36,6 +36,7 @@ from torch import Tensor
 
 from ssl_pipeline.errors import SSLPipelineError
 from ssl_pipeline.evals.metrics import classification_metrics
+from ssl_pipeline.progress import progress_bar
 
 DEFAULT_GRID = {"lr": (1e-3, 1e-2, 1e-1), "weight_decay": (0.0, 0.1, 1.0)}
 
@@ -53,6 +54,7 @@ def linear_probe(
     epochs: int = 100,
     batch_size: int = 256,
     device: str | torch.device = "cpu",
+    progress: str | None = None,
 ) -> dict:
     """Test top-1 of a linear classifier whose lr and weight decay were chosen on validation.
 
@@ -68,10 +70,11 @@ def linear_probe(
         for x, y in ((train_x, train_y), (val_x, val_y), (test_x, test_y))
     )
     fit = partial(fit_linear, *train, num_classes, epochs=epochs, batch_size=batch_size)
-    heads = fit(settings, 0)
+    heads = fit(settings, 0, progress=progress and f"{progress} grid")
     grid_top1 = [top1(head, *val) for head in heads]  # the only accuracies that choose anything
     best = int(np.argmax(grid_top1))
-    heads = [heads[best]] + [fit([settings[best]], seed)[0] for seed in range(1, seeds)]
+    heads = [heads[best]] + [fit([settings[best]], seed, progress=progress and f"{progress} seed {seed}")[0]
+                          for seed in range(1, seeds)]
     by_seed = [{"seed": seed, "top1": top1(head, *test), "val_top1": top1(head, *val)}
                for seed, head in enumerate(heads)]
     test_top1 = [run["top1"] for run in by_seed]
@@ -90,7 +93,7 @@ def linear_probe(
 
 def fit_linear(
     x: Tensor, y: Tensor, num_classes: int, settings: list[tuple[float, float]],
-    seed: int, epochs: int, batch_size: int,
+    seed: int, epochs: int, batch_size: int, progress: str | None = None,
 ) -> list[Head]:
     """One linear classifier per (lr, weight_decay) in `settings`, all on one mini-batch order."""
     n, dim = x.shape
@@ -102,7 +105,7 @@ def fit_linear(
     steps = epochs * -(-n // batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     generator = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
+    for _ in progress_bar(range(epochs), progress):
         for idx in torch.randperm(n, generator=generator).to(x.device).split(batch_size):
             batch = x.index_select(0, idx)  # index_select: 5x faster than x[idx] on CPU
             logits = F.linear(batch, torch.cat(weights), torch.cat(biases))  # (B, G*C)
