@@ -108,13 +108,21 @@ def test_bad_settings_fail_before_writing(tmp_path, tiny_overrides, override, me
         assert not (tmp_path / "run").exists()
 
 
-def test_offline_wandb_run_lives_under_the_run_directory(tmp_path, tiny_overrides, monkeypatch):
+def test_offline_wandb_runs_live_under_their_run_directory(tmp_path, tiny_overrides, monkeypatch):
     monkeypatch.delenv("WANDB_MODE")
     overrides = [o for o in tiny_overrides if not o.startswith("tracking")]
+
+    def wandb_ids(run_dir):
+        found = {p.name.rsplit("-", 1)[1] for p in (run_dir / "wandb").glob("offline-run-*")}
+        stored = set(json.loads((run_dir / "wandb_runs.json").read_text()).values())
+        assert found == stored  # one W&B run per stage (and the report), each id stored
+        return found
+
     first = run_tiny(tmp_path, [*overrides, "tracking.wandb.mode=offline"])
-    runs = list((first.run_dir / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1
     second = ssl_pipeline.run(Path(__file__).parents[1] / "recipes/quickstart.yaml",
                               overrides=[*overrides, "tracking.wandb.mode=offline"],
                               out_dir=tmp_path / "second", quiet=True)
-    assert len(list((second.run_dir / "wandb").glob("offline-run-*"))) == 1  # its own W&B run
+    first_ids, second_ids = wandb_ids(first.run_dir), wandb_ids(second.run_dir)
+    stages = yaml.safe_load((first.run_dir / "recipe.yaml").read_text())["stages"]
+    assert len(first_ids) == len(stages) + 1  # one per stage, plus the report's
+    assert not first_ids & second_ids  # a later run in the same process gets its own W&B runs
