@@ -190,7 +190,7 @@ def _baseline_rows(runs: list[Run]) -> list[dict]:
         for name, stages in (baselines if isinstance(baselines, dict) else {}).items():
             if not isinstance(stages, dict) or not _eval_stages(stages):
                 continue
-            key = (name, _data_key(run), json.dumps(stages, sort_keys=True, default=str))
+            key = (name, _data_key(run), json.dumps(_accuracies(stages), sort_keys=True))
             row = rows.setdefault(key, _row(f"{name} baseline", "baseline", "", "", [], stages))
             row["run_dirs"].append(run.path)
             row.setdefault("of", []).append(run.label)
@@ -203,6 +203,16 @@ def _baseline_rows(runs: list[Run]) -> list[dict]:
         if labels.count(row["label"]) > 1:  # the same baseline on other data or backbones
             row["label"] += f" ({of})"
     return out
+
+
+def _accuracies(tree: Any) -> Any:
+    """Only the accuracies of a results tree: two runs' baselines are the same reference when
+    these agree, whatever their timings (fine-tuning records its seconds) say."""
+    if isinstance(tree, dict):
+        kept = {k: _accuracies(v) for k, v in tree.items()
+                if isinstance(v, dict) or k in ("top1", "top5", "top1_std")}
+        return {k: v for k, v in kept.items() if v != {}}
+    return tree
 
 
 def _data_key(run: Run) -> str:
@@ -333,7 +343,8 @@ _LEGEND = ("Test accuracies as fractions; ± is the standard deviation over seed
 
 def _cell_text(cell: tuple) -> str:
     value, std = cell
-    return _fmt(value) + ("" if std is None else f" ± {_fmt(std)}")
+    # std rounded first: the std of equal floats can come out as 1e-16 instead of 0
+    return _fmt(value) + ("" if std is None else f" ± {_fmt(round(std, 6))}")
 
 
 def _status_text(row: dict) -> str:

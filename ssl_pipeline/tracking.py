@@ -227,12 +227,30 @@ def per_class_table(stage: str, result: dict[str, Any], baselines: dict[str, Any
     rows = []
     subjects = [("backbone", result)] + [(n, s.get(stage) or {}) for n, s in (baselines or {}).items()]
     for subject, res in subjects:
-        metrics = res.get("test_metrics") or res
+        metrics = _first_with(res, "per_class_accuracy") or {}
         accuracies = metrics.get("per_class_accuracy") or []
         names = metrics.get("class_names") or [str(i) for i in range(len(accuracies))]
         rows += [{"subject": subject, "class": str(n), "accuracy": float(a)}
                  for n, a in zip(names, accuracies)]
     return rows
+
+
+def _first_with(tree: Any, key: str) -> dict | None:
+    """The first dict holding `key`, depth first: a probe keeps its metrics under
+    test_metrics, fine-tuning under by_fraction/<fraction>/by_seed/<i>."""
+    if isinstance(tree, dict):
+        if key in tree:
+            return tree
+        children = tree.values()
+    elif isinstance(tree, list):
+        children = tree
+    else:
+        return None
+    for child in children:
+        found = _first_with(child, key)
+        if found is not None:
+            return found
+    return None
 
 
 def _flatten(tree: dict[str, Any], prefix: str) -> dict[str, float]:

@@ -248,3 +248,30 @@ def test_cli_compare_exit_statuses(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "error:" in captured.err and "does not exist" in captured.err
     assert "Traceback" not in captured.err and not (tmp_path / "x").exists()
+
+
+def test_baselines_equal_in_accuracy_share_a_row_whatever_their_timings(tmp_path):
+    import json as _json
+
+    from ssl_pipeline.compare import comparison_table, _load_run
+
+    dirs = []
+    for i, seconds in enumerate((12.0, 99.0)):
+        run = tmp_path / f"run{i}"
+        run.mkdir()
+        (run / "recipe.yaml").write_text(f"name: r{i}\ndata: {{name: digits}}\n")
+        baseline = {"finetune": {"top1": 0.9, "top1_std": 0.0,
+                                 "by_fraction": {"1.0": {"top1": 0.9, "by_seed": [{"seconds": seconds}]}}}}
+        (run / "results.json").write_text(_json.dumps(
+            {"knn": {"top1": 0.5 + i / 10}, "baselines": {"random_init": baseline}}))
+        dirs.append(run)
+    table = comparison_table([_load_run(d) for d in dirs])
+    baseline_rows = [r for r in table["rows"] if r["kind"] == "baseline"]
+    assert len(baseline_rows) == 1
+
+
+def test_std_of_equal_seeds_prints_as_zero_not_float_noise():
+    from ssl_pipeline.compare import _cell_text
+
+    assert _cell_text((0.95, 1.36e-16)) == "0.95 ± 0"
+    assert _cell_text((0.95, 0.002778)) == "0.95 ± 0.002778"

@@ -169,3 +169,17 @@ def test_unreachable_wandb_warns_once_and_the_run_goes_on(tmp_path, monkeypatch,
     out, err = capfd.readouterr()
     assert CANARY not in out + err + str([str(w.message) for w in caught])
     assert not [p for p in result.run_dir.rglob("*") if p.is_file() and CANARY.encode() in p.read_bytes()]
+
+
+def test_per_class_table_finds_each_stage_s_metrics():
+    from ssl_pipeline.tracking import per_class_table
+
+    metrics = {"per_class_accuracy": [0.5, 1.0], "class_names": ["a", "b"]}
+    finetune = {"top1": 0.7, "by_fraction": {"1.0": {"top1": 0.7, "by_seed": [{"seed": 0, **metrics}]}}}
+    probe = {"top1": 0.8, "test_metrics": metrics}
+    assert per_class_table("finetune", finetune, {}) == [
+        {"subject": "backbone", "class": "a", "accuracy": 0.5},
+        {"subject": "backbone", "class": "b", "accuracy": 1.0}]
+    rows = per_class_table("linear_probe", probe, {"raw_pixels": {"linear_probe": probe}})
+    assert [r["subject"] for r in rows] == ["backbone", "backbone", "raw_pixels", "raw_pixels"]
+    assert per_class_table("knn", {"top1": 0.9}, {}) == []
