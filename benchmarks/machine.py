@@ -1,0 +1,93 @@
+"""What a benchmark figure was measured on: CPU, cores and threads, library versions, date."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+PACKAGES = ("numpy", "torch", "faiss-cpu", "lightly", "scikit-learn", "pytorch-lightning", "timm",
+            "ssl-pipeline")
+
+
+def machine_info() -> dict:
+    """CPU model, cores, memory, the thread count of every thread pool, versions and date."""
+    import faiss
+    import torch
+    from threadpoolctl import threadpool_info
+
+    return {
+        "cpu_model": _cpu_model(),
+        "cpu_id": _cpu_id(),
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)),
+        "memory_gib": round(_meminfo_kib("MemTotal") / 2**20, 1),
+        "threads": {
+            "torch": torch.get_num_threads(),
+            "faiss_omp": faiss.omp_get_max_threads(),
+            # each BLAS/OpenMP library loaded in this process (numpy's, faiss's, torch's)
+            "pools": [f"{p['prefix']} ({p['user_api']}): {p['num_threads']}"
+                      for p in threadpool_info()],
+        },
+        "versions": {"python": sys.version.split()[0], **{p: _version(p) for p in PACKAGES}},
+        "platform": platform.platform(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def load_average() -> list[float]:
+    """1, 5 and 15-minute load averages: above the core count, other jobs shared the CPU."""
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+def memory_available_bytes() -> int:
+    return _meminfo_kib("MemAvailable") * 1024
+
+
+def write_result(payload: dict, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _cpu_id() -> str:
+    """Family/model numbers and AVX-512, for CPUs whose model name is only "AMD EPYC"."""
+    fields = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines():
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
+    except OSError:
+        return "unknown"
+    avx512 = "avx512f" in fields.get("flags", "").split()
+    return (f"{fields.get('vendor_id', '?')} family {fields.get('cpu family', '?')} model "
+            f"{fields.get('model', '?')}, AVX-512 {'yes' if avx512 else 'no'}")
+
+
+def _meminfo_kib(field: str) -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/meminfo")
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
