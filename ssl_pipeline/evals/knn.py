@@ -28,13 +28,16 @@ def l2_normalized(features: np.ndarray) -> np.ndarray:
     return features
 
 
-def build_index(bank: np.ndarray) -> faiss.Index:
-    """An exact inner-product index over the (normalized) bank; on the GPUs when faiss has any."""
+def build_index(bank: np.ndarray, chunk_rows: int = 65536) -> faiss.Index:
+    """An exact inner-product index over the L2-normalized rows of `bank`; on the GPUs when
+    faiss has any. Rows are normalized and added in chunks, so besides the caller's bank only
+    the index's own copy is held (a 1M x 2048 bank is 8 GB; three copies would not fit)."""
     index = faiss.IndexFlatIP(bank.shape[1])
     if hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
         # Older faiss GPU builds cap k at 2048; the protocols here use k <= 200.
         index = faiss.index_cpu_to_all_gpus(index)
-    index.add(bank)
+    for start in range(0, len(bank), chunk_rows):
+        index.add(l2_normalized(bank[start : start + chunk_rows]))
     return index
 
 
@@ -56,14 +59,15 @@ def knn_classify(
     `knn_predict` returns is `np.argsort(-scores, 1)`.
     """
     temperatures = _temperatures(ks, temperature)
-    bank, queries = l2_normalized(bank), l2_normalized(queries)
+    bank, queries = np.asarray(bank), np.asarray(queries)
     bank_labels = _checked_labels(bank, bank_labels, queries, num_classes)
     index = build_index(bank)
     k_max = min(max(ks), len(bank))
     scores = {k: np.zeros((len(queries), num_classes)) for k in ks}
     starts = range(0, len(queries), chunk_size)
     for start in progress_bar(starts, progress):  # one bar step per chunk of queries
-        sims, idx = index.search(queries[start : start + chunk_size], k_max)  # (q, k_max) each
+        chunk = l2_normalized(queries[start : start + chunk_size])
+        sims, idx = index.search(chunk, k_max)  # (q, k_max) each
         labels = bank_labels[idx]
         for k, t in temperatures.items():
             kk = min(k, k_max)
