@@ -28,17 +28,27 @@ def l2_normalized(features: np.ndarray) -> np.ndarray:
     return features
 
 
-def build_index(bank: np.ndarray, chunk_rows: int = 65536) -> faiss.Index:
-    """An exact inner-product index over the L2-normalized rows of `bank`; on the GPUs when
-    faiss has any. Rows are normalized and added in chunks, so besides the caller's bank only
-    the index's own copy is held (a 1M x 2048 bank is 8 GB; three copies would not fit)."""
-    index = faiss.IndexFlatIP(bank.shape[1])
-    if hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
-        # Older faiss GPU builds cap k at 2048; the protocols here use k <= 200.
-        index = faiss.index_cpu_to_all_gpus(index)
-    for start in range(0, len(bank), chunk_rows):
-        index.add(l2_normalized(bank[start : start + chunk_rows]))
-    return index
+class BankSearch:
+    """Exact inner-product search over the L2-normalized rows of a bank.
+
+    On the GPUs through a faiss GPU index when faiss has any. On CPU with `faiss.knn` over one
+    normalized copy of the bank: no index, whose own copy (grown by reallocation as rows are
+    added) would double the memory; a 1M x 2048 bank is 8 GB.
+    """
+
+    def __init__(self, bank: np.ndarray):
+        self.bank = l2_normalized(bank)
+        self.index = None
+        if hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
+            # Older faiss GPU builds cap k at 2048; the protocols here use k <= 200.
+            self.index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(self.bank.shape[1]))
+            self.index.add(self.bank)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """`(similarities, bank indices)`, each (len(queries), k), most similar first."""
+        if self.index is not None:
+            return self.index.search(queries, k)
+        return faiss.knn(queries, self.bank, k, metric=faiss.METRIC_INNER_PRODUCT)
 
 
 def knn_classify(
@@ -61,7 +71,7 @@ def knn_classify(
     temperatures = _temperatures(ks, temperature)
     bank, queries = np.asarray(bank), np.asarray(queries)
     bank_labels = _checked_labels(bank, bank_labels, queries, num_classes)
-    index = build_index(bank)
+    index = BankSearch(bank)
     k_max = min(max(ks), len(bank))
     scores = {k: np.zeros((len(queries), num_classes)) for k in ks}
     starts = range(0, len(queries), chunk_size)
