@@ -276,7 +276,7 @@ def finetune_once(ctx: RunContext, subject: Subject, fraction: float, seed: int)
                                 cfg.weight_decay, cfg.max_minutes)
     logger = JSONLLogger(ctx.run_dir / "metrics.jsonl", stage=f"finetune/{subject.name}/{fraction}/seed{seed}")
     trainer_kwargs = dict(accelerator=ctx.resolved.accelerator, devices=1,
-                          precision=ctx.recipe.trainer.precision, logger=[logger],
+                          precision=ctx.resolved.precision, logger=[logger],
                           enable_progress_bar=not ctx.quiet and on_terminal(sys.stdout),
                           enable_model_summary=False,
                           enable_checkpointing=False, log_every_n_steps=1)

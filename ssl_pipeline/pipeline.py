@@ -172,7 +172,7 @@ def _recipe_and_dir(recipe, overrides, out_dir, resume) -> tuple[Recipe, Path]:
 
 
 def resolve(recipe: Recipe) -> Resolved:
-    """Devices, world size, per-device batch and effective learning rate, checked."""
+    """Devices, world size, per-device batch, effective learning rate and precision, checked."""
     t, p = recipe.trainer, recipe.pretrain
     has_gpu = torch.cuda.is_available()
     accelerator = t.accelerator if t.accelerator != "auto" else ("gpu" if has_gpu else "cpu")
@@ -183,7 +183,7 @@ def resolve(recipe: Recipe) -> Resolved:
         )
     if t.precision == "16-mixed" and accelerator == "cpu":
         raise SSLPipelineError(
-            "trainer.precision=16-mixed needs a GPU; on CPU use bf16-mixed or 32"
+            "trainer.precision=16-mixed needs a GPU; on CPU use auto, bf16-mixed or 32"
         )
     devices = t.devices if t.devices != "auto" else (torch.cuda.device_count() if accelerator == "gpu" else 1)
     world = devices * t.num_nodes
@@ -195,7 +195,8 @@ def resolve(recipe: Recipe) -> Resolved:
             f"use a multiple of {per_step}"
         )
     lr = effective_lr(p.lr, p.batch_size, p.lr_reference_batch, p.lr_scaling)
-    return Resolved(accelerator, devices, world, p.batch_size // per_step, lr)
+    return Resolved(accelerator, devices, world, p.batch_size // per_step, lr,
+                    precision=_pretrain.resolve_precision(t.precision, accelerator))
 
 
 def data_facts(ctx: RunContext) -> dict[str, Any]:

@@ -79,6 +79,10 @@ class ViewsConfig(Strict):
     grayscale_prob: float | None = Field(None, ge=0, le=1)
     blur_prob: float | None = Field(None, ge=0, le=1)
     solarize_prob: float | None = Field(None, ge=0, le=1)
+    # device: workers only decode to uint8 tensors; the views are made batched on the training
+    # device (data/device_views.py). workers: per-image lightly/torchvision transforms in the
+    # DataLoader workers. Same augmentations and distributions either way.
+    augment_on: Literal["device", "workers"] = "device"
 
 
 class BackboneConfig(Strict):
@@ -137,8 +141,12 @@ class TrainerConfig(Strict):
     devices: Union[int, Literal["auto"]] = 1
     num_nodes: int = Field(1, ge=1)
     strategy: str = "auto"
-    precision: Literal["32", "bf16-mixed", "16-mixed"] = "32"
+    # auto: on GPUs bf16-mixed where supported, else 16-mixed (fp16 with loss scaling); on
+    # CPUs bf16-mixed where the CPU has native bf16 (AVX512-BF16/AMX), else 32.
+    # The choice is recorded under `resolved.precision` in the run's recipe.yaml.
+    precision: Literal["auto", "32", "bf16-mixed", "16-mixed"] = "auto"
     channels_last: bool = False
+    compile: bool = False  # torch.compile the backbone (slow first steps, then faster)
     accumulate_grad_batches: int = Field(1, ge=1)
     sync_batchnorm: bool = False
     deterministic: bool = False

@@ -38,6 +38,7 @@ class Resolved:
     effective_lr: float
     data: dict[str, Any] = field(default_factory=dict)
     views: dict[str, Any] = field(default_factory=dict)
+    precision: str = "32"  # trainer.precision, with "auto" made concrete for the accelerator
 
 
 @dataclass

@@ -114,3 +114,24 @@ def test_registry_is_generic():
     with pytest.raises(ValueError):
         registry.register("a", "again")(2)
     assert "a" in registry and registry.names() == ["a"]
+
+
+@pytest.mark.parametrize("name", methods.names())
+def test_uint8_batches_become_the_views_the_loss_takes(name):
+    from ssl_pipeline.data.device_views import DeviceViews
+    from ssl_pipeline.data.transforms import fit_views
+
+    cls = methods.get(name).obj
+    method = cls(TinyBackbone(), OptimSettings(), num_classes=4)
+    float_batch = fixed_batch(name)
+    assert method.on_after_batch_transfer(float_batch, 0) is float_batch  # no device views
+    method.device_views = DeviceViews(fit_views(12, 3, {}), 12, (0.5,) * 3, (0.25,) * 3,
+                                      cls.num_views)
+    assert method.on_after_batch_transfer(float_batch, 0) is float_batch  # already views
+    images = torch.randint(0, 256, (16, 3, 12, 12), dtype=torch.uint8)
+    x, y = method.on_after_batch_transfer([images, torch.arange(16) % 4], 0)
+    views = x if cls.num_views > 1 else [x]
+    assert isinstance(x, list) == (cls.num_views > 1) and len(views) == cls.num_views
+    assert all(v.shape == (16, 3, 12, 12) and v.dtype == torch.float32 for v in views)
+    loss, _ = method.training_loss((x, y))
+    assert torch.isfinite(loss)

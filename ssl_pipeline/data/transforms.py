@@ -3,7 +3,8 @@ baseline's augmentation, and the deterministic evaluation transform.
 
 The view settings are fitted to the data (`fit_views`) and built from lightly's transforms,
 in the order of lightly's `SimCLRViewTransform` (solarization, when asked for, after the blur
-as in BYOL).
+as in BYOL). With `augment_on="device"` the same views are made batched on the training device
+instead (data/device_views.py); these per-image transforms are then not used for pretraining.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ class ViewSettings:
     blur_prob: float
     blur_sigmas: tuple[float, float]
     solarize_prob: float
+    # where the pretraining views are made: "device" (batched, on the training device, from
+    # uint8 tensors the workers decode) or "workers" (these per-image transforms, on the CPU)
+    augment_on: str = "device"
 
 
 def fit_views(image_size: int, channels: int, overrides: dict) -> ViewSettings:
@@ -116,6 +120,12 @@ def eval_transform(image_size: int, mean, std, crop_pct: float = 1.0) -> T.Compo
             T.Normalize(mean=list(mean), std=list(std)),
         ]
     )
+
+
+def crop_and_flips(views: ViewSettings) -> ViewSettings:
+    """The supervised baseline's share of the view settings: crop and flips, nothing else."""
+    return dataclasses.replace(views, rotation_prob=0.0, color_jitter_prob=0.0,
+                               grayscale_prob=0.0, blur_prob=0.0, solarize_prob=0.0)
 
 
 def supervised_train_transform(views: ViewSettings, image_size: int, mean, std) -> T.Compose:

@@ -4,6 +4,10 @@ A method is a Lightning "system" (Lightning's systems-vs-models split): it recei
 composes lightly's heads and losses around it, and implements `training_loss`. Its typed
 constructor arguments (after `backbone`, `optim` and `num_classes`) are its recipe settings:
 `settings_model` turns them into the strict `method.<name>` block of the recipe.
+
+When the views are made on the training device (`views.augment_on: device`), the batch arrives
+as uint8 images and `on_after_batch_transfer` turns it into the `num_views` augmented views
+the method's `training_loss` takes, on the device, before the (autocast) training step.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ from pydantic import BaseModel, ConfigDict, create_model
 from torch import nn
 
 from ssl_pipeline.errors import SSLPipelineError
+
+if typing.TYPE_CHECKING:
+    from ssl_pipeline.data.device_views import DeviceViews
 
 # Constructor arguments supplied by the pipeline, not by the recipe's method block.
 PIPELINE_ARGS = ("self", "backbone", "optim", "num_classes")
@@ -63,11 +70,23 @@ class PretrainMethod(pl.LightningModule):
     """Backbone + method-specific heads and loss, trained by the Lightning Trainer."""
 
     needs_labels = False  # True for methods that train on labels (supervised)
+    num_views = 2  # augmented views per image that training_loss takes (1: a plain tensor)
 
     def __init__(self, backbone: nn.Module, optim: OptimSettings):
         super().__init__()
         self.backbone = backbone
         self.optim = optim
+        # Set by the pretraining stage when the views are made on the training device. A plain
+        # attribute, not a submodule: it has no state, so checkpoints do not depend on it.
+        self.device_views: DeviceViews | None = None
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """uint8 images `(B, C, H, W)` on the device -> the views `training_loss` expects."""
+        images, labels = batch
+        if self.device_views is None or not torch.is_tensor(images) or images.dtype != torch.uint8:
+            return batch
+        views = self.device_views(images)  # num_views tensors (B, C, S, S)
+        return [views if self.num_views > 1 else views[0], labels]
 
     def training_loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss of one batch and extra scalars to log (without the `train/` prefix)."""

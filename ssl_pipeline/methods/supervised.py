@@ -15,6 +15,7 @@ class Supervised(PretrainMethod):
     """
 
     needs_labels = True
+    num_views = 1
 
     def __init__(
         self,
