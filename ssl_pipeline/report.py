@@ -23,6 +23,7 @@ from matplotlib.ticker import MaxNLocator
 from ssl_pipeline.atomic import write_bytes_atomic
 from ssl_pipeline.embedding_map import read_embedding_map
 from ssl_pipeline.errors import SSLPipelineError
+from ssl_pipeline.tracking import read_jsonl
 
 # Keys of results.json that are not evaluation stages; everything else holding a top-1 is one.
 _NOT_STAGES = ("pretrain", "baselines", "provenance", "schema_version")
@@ -50,7 +51,7 @@ def write_report(run_dir: str | Path) -> dict[str, Any]:
     recipe = _read_yaml(run / "recipe.yaml")
     results = _read_json(run / "results.json")
     state = _read_json(run / "run_state.json")
-    plots = _write_plots(run, _read_metrics(run / "metrics.jsonl"), results, recipe)
+    plots = _write_plots(run, read_jsonl(run / "metrics.jsonl"), results, recipe)
     sections = _sections(recipe, results, state)
     md_path, html_path = run / "report.md", run / "report.html"
     write_bytes_atomic(md_path, _render_md(recipe, sections, plots, run).encode())
@@ -78,19 +79,6 @@ def _read_yaml(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _read_metrics(path: Path) -> list[dict]:
-    """Rows of metrics.jsonl; a torn last line (a run killed mid-write) is skipped, not fatal."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
 
 
 # ---------------------------------------------------------------- what the report says

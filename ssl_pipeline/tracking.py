@@ -276,19 +276,24 @@ def record_stage(path: Path, stage: str, result: dict[str, Any], baselines: dict
                         "seconds": round(seconds, 2), **stage_metrics(stage, result, baselines)})
 
 
-def stage_history(path: Path, stage: str) -> list[dict[str, Any]]:
-    """The metrics.jsonl rows logged inside one stage (e.g. fine-tuning's epochs)."""
-    if not path.exists():
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Rows of metrics.jsonl; a torn last line (a run killed mid-write) is skipped, not fatal."""
+    if not Path(path).is_file():
         return []
     rows = []
-    for line in path.read_text().splitlines():
+    for line in Path(path).read_text().splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            continue  # a torn last line of a killed run
-        if str(row.get("stage", "")).startswith(stage + "/"):
+            continue
+        if isinstance(row, dict):
             rows.append(row)
     return rows
+
+
+def stage_history(path: Path, stage: str) -> list[dict[str, Any]]:
+    """The metrics.jsonl rows logged inside one stage (e.g. fine-tuning's epochs)."""
+    return [row for row in read_jsonl(path) if str(row.get("stage", "")).startswith(stage + "/")]
 
 
 class EpochProgress(pl.Callback):
