@@ -11,7 +11,7 @@ ROOT = Path(__file__).parents[1]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["knn_scaling", "probe_speed"])
+@pytest.mark.parametrize("name", ["knn_scaling", "probe_speed", "pretrain_throughput"])
 def test_benchmark_quick_run_writes_its_json(tmp_path, name, fashion_mnist_root):
     out = tmp_path / f"{name}.json"
     proc = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--quick", "--out", str(out)],
