@@ -166,6 +166,12 @@ def _recipe_and_dir(recipe, overrides, out_dir, resume) -> tuple[Recipe, Path]:
     if os.environ.get(RUN_DIR_ENV):  # a DDP worker process: rank 0 chose the directory
         return recipe, Path(os.environ[RUN_DIR_ENV])
     if out_dir is not None:
+        if any((Path(out_dir) / name).exists() for name in ("results.json", "run_state.json")):
+            # Never mix two runs in one directory, and never overwrite what the first one wrote.
+            raise SSLPipelineError(
+                f"--out {out_dir} already holds a run; continue it with "
+                f"`ssl-pipeline run --resume {out_dir}`, or choose a new --out directory"
+            )
         return recipe, Path(out_dir)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")[:-3]
     return recipe, Path("reports") / (recipe.name or "run") / stamp

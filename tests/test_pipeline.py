@@ -126,3 +126,11 @@ def test_offline_wandb_runs_live_under_their_run_directory(tmp_path, tiny_overri
     stages = yaml.safe_load((first.run_dir / "recipe.yaml").read_text())["stages"]
     assert len(first_ids) == len(stages) + 1  # one per stage, plus the report's
     assert not first_ids & second_ids  # a later run in the same process gets its own W&B runs
+
+
+def test_out_dir_of_an_earlier_run_is_refused_not_mixed(tmp_path, tiny_overrides):
+    first = run_tiny(tmp_path, tiny_overrides)
+    before = (first.run_dir / "results.json").read_bytes()
+    with pytest.raises(SSLPipelineError, match="already holds a run.*--resume"):
+        run_tiny(tmp_path, tiny_overrides)
+    assert (first.run_dir / "results.json").read_bytes() == before  # nothing lost or mixed
