@@ -9,7 +9,6 @@ them is a new key, a re-run with the same ones reads the file.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 import ssl_pipeline
+from ssl_pipeline.atomic import write_atomic
 from ssl_pipeline.progress import progress_bar
 
 
@@ -78,7 +78,10 @@ def cached_features(
             return saved["features"], saved["labels"], True
     features, labels = extract_features(backbone, loader, device, progress)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{key}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, features=features, labels=labels)
-    os.replace(tmp, path)
+
+    def save(tmp: str) -> None:
+        with open(tmp, "wb") as file:  # a file object: np.savez would append .npz to a name
+            np.savez(file, features=features, labels=labels)
+
+    write_atomic(path, save)
     return features, labels, False

@@ -141,3 +141,47 @@ def test_knn_top1_is_the_accuracy_of_the_argmax(clustered):
     scores = knn_classify(bank, bank_labels, queries, NUM_CLASSES, (20,), 0.07)[20]
     expected = (scores.argmax(1) == query_labels).mean()
     assert knn_top1(bank, bank_labels, queries, query_labels, NUM_CLASSES) == pytest.approx(expected)
+
+
+# ------------------------------------------------------------------ ivf: approximate search
+
+
+def test_ivf_probing_every_list_is_the_exact_search(clustered):
+    bank, bank_labels, queries, _ = clustered
+    exact = knn_classify(bank, bank_labels, queries, NUM_CLASSES, (20, 200), 0.1)
+    ivf = knn_classify(bank, bank_labels, queries, NUM_CLASSES, (20, 200), 0.1,
+                       search={"index": "ivf", "nlist": 8, "nprobe": 8})
+    for k in (20, 200):
+        np.testing.assert_allclose(ivf[k], exact[k], rtol=1e-5)
+
+
+def test_ivf_with_few_lists_probed_agrees_with_exact_on_clustered_data():
+    """Probing 4 of 64 lists: 1/16 of the comparisons, still (nearly) the same predictions."""
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(NUM_CLASSES, 64))
+    labels = rng.integers(0, NUM_CLASSES, 6000)
+    bank = (centres[labels] + 0.8 * rng.normal(size=(6000, 64))).astype(np.float32)
+    query_labels = rng.integers(0, NUM_CLASSES, 500)
+    queries = (centres[query_labels] + 0.8 * rng.normal(size=(500, 64))).astype(np.float32)
+    exact = knn_classify(bank, labels, queries, NUM_CLASSES, (20,), 0.07)[20].argmax(1)
+    ivf = knn_classify(bank, labels, queries, NUM_CLASSES, (20,), 0.07,
+                       search={"index": "ivf", "nlist": 64, "nprobe": 4})[20].argmax(1)
+    assert (ivf == exact).mean() >= 0.99
+
+
+def test_ivf_lists_short_of_k_rows_give_no_votes_not_garbage():
+    """One list probed of many: fewer than k rows found; the -1 padding must not vote."""
+    bank, bank_labels, queries = random_features(3, 400, 50, dim=16)
+    scores = knn_classify(bank, bank_labels, queries, NUM_CLASSES, (200,), 0.1,
+                          search={"index": "ivf", "nlist": 40, "nprobe": 1})[200]
+    exact = knn_classify(bank, bank_labels, queries, NUM_CLASSES, (200,), 0.1)[200]
+    assert np.isfinite(scores).all() and (scores.sum(1) < exact.sum(1)).all()  # fewer voters
+
+
+def test_ivf_settings_are_checked():
+    bank, bank_labels, queries = random_features(4, 50, 5)
+    with pytest.raises(SSLPipelineError, match="nlist=80 exceeds the 50 bank rows"):
+        knn_classify(bank, bank_labels, queries, NUM_CLASSES, (5,), 0.1,
+                     search={"index": "ivf", "nlist": 80})
+    with pytest.raises(SSLPipelineError, match="index must be one of"):
+        knn_classify(bank, bank_labels, queries, NUM_CLASSES, (5,), 0.1, search={"index": "hnsw"})
