@@ -48,7 +48,6 @@ MIB = 2**20
 METHODS = {
     "ours": "ours: knn_classify (faiss IndexFlatIP), k=200 T=0.1",
     "ours_pipeline": "ours, pipeline call: k=20 T=0.07 and k=200 T=0.1 from one search",
-    "ours_ivf": "ours, approximate: eval.knn.index=ivf (defaults), k=200 T=0.1",
     "lightly": "lightly knn_predict, all queries at once",
     "sklearn": "scikit-learn KNeighborsClassifier, brute, cosine, exp(sim/T) weights",
 }
@@ -90,7 +89,8 @@ def make_data(spec: dict) -> dict:
 # ------------------------------------------------------------------ the methods
 # Each takes the data dict and returns top-1 predictions (and, for the pipeline call, the
 # k=20 ones too). With spec["handoff"] the bank is popped from the dict, so the callee holds
-# the only reference and may free it (used only where 3 copies of the bank do not fit).
+# the only reference and may free it (used only where the bank, its normalized copy and a spare
+# bank's worth of memory do not fit).
 
 
 def bank_of(data: dict, spec: dict) -> np.ndarray:
@@ -102,12 +102,8 @@ def run_ours(data: dict, spec: dict) -> dict[str, np.ndarray]:
 
     k, t = spec["k"], spec["temperature"]
     scores = knn_classify(bank_of(data, spec), data["bank_labels"], data["queries"],
-                          spec["classes"], ks=(k,), temperature=t, search=spec.get("search"))
+                          spec["classes"], ks=(k,), temperature=t)
     return {"top1": scores[k].argmax(1)}
-
-
-def run_ours_ivf(data: dict, spec: dict) -> dict[str, np.ndarray]:
-    return run_ours(data, dict(spec, search={"index": "ivf", "seed": spec["seed"]}))
 
 
 def run_ours_pipeline(data: dict, spec: dict) -> dict[str, np.ndarray]:
@@ -143,8 +139,8 @@ def run_sklearn(data: dict, spec: dict) -> dict[str, np.ndarray]:
     return {"top1": classifier.predict(data["queries"])}
 
 
-RUNNERS = {"ours": run_ours, "ours_pipeline": run_ours_pipeline, "ours_ivf": run_ours_ivf,
-           "lightly": run_lightly, "sklearn": run_sklearn}
+RUNNERS = {"ours": run_ours, "ours_pipeline": run_ours_pipeline, "lightly": run_lightly,
+           "sklearn": run_sklearn}
 
 
 # ------------------------------------------------------------------ one measurement, isolated
@@ -240,16 +236,13 @@ def compare(args, workdir: Path) -> dict:
 
 def ratios(rows: dict) -> dict:
     """Reference / ours, for time and peak-memory growth (above 1: ours is faster or smaller)."""
+    ours = rows.get("ours", {})
     out = {}
-    for mine in ("ours", "ours_ivf"):
-        ours = rows.get(mine, {})
-        suffix = "" if mine == "ours" else "_ivf"
-        for ref in ("lightly", "sklearn", "ours_pipeline") if mine == "ours" else ("lightly", "ours"):
-            row = rows.get(ref, {})
-            if "seconds" in row and "seconds" in ours:
-                out[f"{ref}_time_over_ours{suffix}"] = row["seconds"] / ours["seconds"]
-                out[f"{ref}_memory_over_ours{suffix}"] = (
-                    row["peak_growth_mib"] / max(ours["peak_growth_mib"], 1.0))
+    for ref in ("lightly", "sklearn", "ours_pipeline"):
+        row = rows.get(ref, {})
+        if "seconds" in row and "seconds" in ours:
+            out[f"{ref}_time_over_ours"] = row["seconds"] / ours["seconds"]
+            out[f"{ref}_memory_over_ours"] = row["peak_growth_mib"] / max(ours["peak_growth_mib"], 1.0)
     return out
 
 
@@ -258,34 +251,30 @@ def curve(args, workdir: Path) -> list[dict]:
     queries = args.curve_queries * len(args.curve_banks) if len(args.curve_queries) == 1 \
         else args.curve_queries
     for bank, q in zip(args.curve_banks, queries, strict=True):
-        for method in args.curve_methods:
-            points.append(curve_point(args, workdir, method, bank, q))
+        bank_bytes = bank * args.curve_dim * 4
+        spec = dict(method="ours_pipeline", bank=bank, dim=args.curve_dim, queries=q,
+                    classes=args.classes, separation=args.separation, seed=args.seed,
+                    k=200, temperature=0.1)
+        # knn_classify holds the caller's bank and its normalized copy at once; when those two
+        # and a spare bank's worth do not fit, hand the bank over so the caller's copy is freed
+        available = memory_available_bytes()
+        spec["handoff"] = 3.2 * bank_bytes + 2**30 > available
+        point = {"bank": bank, "dim": args.curve_dim, "queries": q, "bank_mib": bank_bytes / MIB,
+                 "similarity_matrix_mib": q * bank * 4 / MIB, "caller_keeps_bank": not spec["handoff"],
+                 "memory_available_mib_before": available / MIB}
+        if 2.2 * bank_bytes + 2**30 > available:
+            point["skipped"] = "not enough free memory for two copies of the bank"
+        else:
+            print(f"  ours, bank {bank} x {args.curve_dim}, {q} queries"
+                  f"{' (bank handed over)' if spec['handoff'] else ''} ...", flush=True)
+            result = run_isolated(spec, workdir)
+            result.pop("predictions", None)
+            point.update(result)
+            if "seconds" in result:
+                point["seconds_per_1k_queries"] = result["seconds"] / q * 1000
+                point["peak_growth_over_bank"] = result["peak_growth_mib"] / point["bank_mib"]
+        points.append(point)
     return points
-
-
-def curve_point(args, workdir: Path, method: str, bank: int, q: int) -> dict:
-    bank_bytes = bank * args.curve_dim * 4
-    spec = dict(method=method, bank=bank, dim=args.curve_dim, queries=q, classes=args.classes,
-                separation=args.separation, seed=args.seed, k=200, temperature=0.1)
-    # knn_classify holds the caller's bank, its normalized copy (flat) or the index's (ivf) at
-    # once; when that and a spare do not fit, hand the bank over so the caller's copy is freed
-    available = memory_available_bytes()
-    spec["handoff"] = 3.2 * bank_bytes + 2**30 > available
-    point = {"method": method, "bank": bank, "dim": args.curve_dim, "queries": q,
-             "bank_mib": bank_bytes / MIB, "similarity_matrix_mib": q * bank * 4 / MIB,
-             "caller_keeps_bank": not spec["handoff"], "memory_available_mib_before": available / MIB}
-    if 2.2 * bank_bytes + 2**30 > available:
-        point["skipped"] = "not enough free memory for two copies of the bank"
-        return point
-    print(f"  {method}, bank {bank} x {args.curve_dim}, {q} queries"
-          f"{' (bank handed over)' if spec['handoff'] else ''} ...", flush=True)
-    result = run_isolated(spec, workdir)
-    result.pop("predictions", None)
-    point.update(result)
-    if "seconds" in result:
-        point["seconds_per_1k_queries"] = result["seconds"] / q * 1000
-        point["peak_growth_over_bank"] = result["peak_growth_mib"] / point["bank_mib"]
-    return point
 
 
 def print_comparison(c: dict) -> None:
@@ -302,20 +291,18 @@ def print_comparison(c: dict) -> None:
         print(f"{METHODS[method]:<72} {row['seconds']:>8.2f} {row['peak_growth_mib']:>10.0f} "
               f"{row['top1_accuracy']:>6.3f} {agree:>6.3f}")
     r = c["ratios"]
-    for key in r:
-        if "_time_over_" in key:
-            ref, mine = key.split("_time_over_")
-            print(f"  {ref} / {mine}: time x{r[key]:.2f}, "
-                  f"peak memory growth x{r[key.replace('_time_', '_memory_')]:.2f}")
+    for ref in ("lightly", "sklearn", "ours_pipeline"):
+        if f"{ref}_time_over_ours" in r:
+            print(f"  {ref} / ours: time x{r[f'{ref}_time_over_ours']:.2f}, "
+                  f"peak memory growth x{r[f'{ref}_memory_over_ours']:.2f}")
 
 
 def print_curve(points: list[dict]) -> None:
-    print("\nours as the bank grows: ours_pipeline = exact, k=20 and k=200 from one search;"
-          " ours_ivf = approximate ivf index, k=200")
-    print(f"{'method':<14}{'bank':>9} {'dim':>5} {'queries':>7} {'time s':>8} {'s/1k q':>7} {'bank MiB':>9} "
+    print("\nours (pipeline call, k=20 and k=200 from one search) as the bank grows")
+    print(f"{'bank':>9} {'dim':>5} {'queries':>7} {'time s':>8} {'s/1k q':>7} {'bank MiB':>9} "
           f"{'peak+ MiB':>10} {'peak+/bank':>10} {'QxN matrix MiB':>15}  caller keeps bank")
     for p in points:
-        head = f"{p['method']:<14}{p['bank']:>9} {p['dim']:>5} {p['queries']:>7}"
+        head = f"{p['bank']:>9} {p['dim']:>5} {p['queries']:>7}"
         if "seconds" not in p:
             print(f"{head} {p.get('skipped') or p.get('error')}")
             continue
@@ -343,8 +330,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--curve-banks", type=ints, default=[60_000, 250_000, 1_000_000],
                    help="bank sizes of the scaling curve; empty to skip it")
     p.add_argument("--curve-dim", type=int, default=2048)
-    p.add_argument("--curve-methods", default="ours_pipeline,ours_ivf",
-                   help="comma-separated methods measured at every curve point")
     p.add_argument("--curve-queries", type=ints, default=[10_000, 5_000, 2_000],
                    help="queries per curve point (one value for all); fewer at 1M keep the "
                         "default run to a few minutes (time is linear in queries)")
@@ -355,8 +340,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                        curve_queries=[200])
     args = p.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
-    args.curve_methods = [m for m in args.curve_methods.split(",") if m]
-    if "ours" not in args.methods or set(args.methods + args.curve_methods) - set(METHODS):
+    if "ours" not in args.methods or set(args.methods) - set(METHODS):
         p.error(f"--methods must include 'ours' and only name {', '.join(METHODS)}")
     args.out = args.out or RESULTS_DIR / ("knn_scaling_quick.json" if args.quick else "knn_scaling.json")
     return args
@@ -387,18 +371,14 @@ def main(argv=None) -> dict:
             " plus N(0, 1) noise, seeded; bank and queries drawn alike.",
             "Each measurement runs once in a fresh subprocess after a warm-up on a 2000-row bank;"
             " peak_growth_mib = peak RSS during the call - RSS before it (bank already resident).",
-            "agreement_with_ours: fraction of queries whose top-1 class equals ours (exact search,"
-            " k=200 T=0.1); for ours_ivf it is the approximate index's agreement with exact.",
-            "ours_ivf: faiss IndexIVFFlat, spherical k-means on <= 64 rows per list, nlist ="
-            " 4 sqrt(bank rows), nprobe = nlist / 16; its time includes training and filling"
-            " the index.",
+            "agreement_with_ours: fraction of queries whose top-1 class equals ours (k=200 T=0.1).",
             "Curve points list their queries: by default fewer at the larger banks (10k, 5k, 2k)"
             " to keep the run to minutes; time is linear in queries, compare"
-            " seconds_per_1k_queries (which also carries the per-call normalized copy of the bank,"
-            " or the ivf index's training and filling).",
+            " seconds_per_1k_queries (which also carries the per-call normalized copy of the bank).",
             "caller_keeps_bank=false: the bank was handed to knn_classify (the caller dropped its"
-            " reference) because it, the normalized copy and a spare would not fit in memory;"
-            " peak growth then excludes the caller's copy.",
+            " reference) because it, the normalized copy and a spare bank's worth would not fit;"
+            " peak growth then excludes"
+            " the caller's copy.",
         ],
         "wall_seconds": time.perf_counter() - start,
     }

@@ -29,83 +29,26 @@ def l2_normalized(features: np.ndarray) -> np.ndarray:
 
 
 class BankSearch:
-    """Inner-product search over the L2-normalized rows of a bank: exact ("flat") or "ivf".
+    """Exact inner-product search over the L2-normalized rows of a bank.
 
-    flat, exact: on the GPUs through a faiss GPU index when faiss has any; on CPU with
-    `faiss.knn` over one normalized copy of the bank, no index, whose own copy (grown by
-    reallocation as rows are added) would double the memory; a 1M x 2048 bank is 8 GB.
-
-    ivf, approximate, for banks where exact search is too slow on CPU (a CPU's exact search is
-    bound by the queries x bank x dim matrix product): faiss `IndexIVFFlat`, the bank clustered
-    by spherical k-means into `nlist` lists (default 4 sqrt(N), faiss's rule of thumb), each
-    query compared with the rows of its `nprobe` nearest lists only (default nlist / 16: about
-    1/16 of the products). The similarities it returns are exact; only neighbours outside the
-    probed lists can be missed. The normalized rows go into the index chunk by chunk, so the
-    bank is held once.
+    On the GPUs through a faiss GPU index when faiss has any. On CPU with `faiss.knn` over one
+    normalized copy of the bank: no index, whose own copy (grown by reallocation as rows are
+    added) would double the memory; a 1M x 2048 bank is 8 GB.
     """
 
-    def __init__(self, bank: np.ndarray, index: str = "flat", nlist: int | None = None,
-                 nprobe: int | None = None, seed: int = 0):
-        if index not in INDEXES:
-            raise SSLPipelineError(f"k-NN: index must be one of {INDEXES}, got {index!r}")
-        self.kind, self.bank, self.index = index, None, None
-        gpus = hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
-        if index == "ivf":
-            self.index = ivf_index(bank, nlist, nprobe, seed)
-            if gpus:
-                self.index = faiss.index_cpu_to_all_gpus(self.index)
-            return
+    def __init__(self, bank: np.ndarray):
         self.bank = l2_normalized(bank)
-        if gpus:
+        self.index = None
+        if hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
             # Older faiss GPU builds cap k at 2048; the protocols here use k <= 200.
             self.index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(self.bank.shape[1]))
             self.index.add(self.bank)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """`(similarities, bank indices)`, each (len(queries), k), most similar first.
-
-        An ivf search whose probed lists hold fewer than k rows pads with index -1.
-        """
+        """`(similarities, bank indices)`, each (len(queries), k), most similar first."""
         if self.index is not None:
             return self.index.search(queries, k)
         return faiss.knn(queries, self.bank, k, metric=faiss.METRIC_INNER_PRODUCT)
-
-
-INDEXES = ("flat", "ivf")
-
-
-def ivf_lists(rows: int, nlist: int | None = None, nprobe: int | None = None) -> tuple[int, int]:
-    """`(nlist, nprobe)` for a bank of `rows`: the given values, or 4 sqrt(rows) and nlist / 16."""
-    nlist = nlist or max(1, round(4 * rows**0.5))
-    if nlist > rows:
-        raise SSLPipelineError(f"k-NN: ivf nlist={nlist} exceeds the {rows} bank rows; lower it")
-    return nlist, min(nlist, nprobe or max(1, nlist // 16))
-
-
-def search_description(rows: int, index: str = "flat", nlist=None, nprobe=None, **_) -> dict:
-    """What a search with these options over `rows` bank rows is, for the results."""
-    if index == "flat":
-        return {"index": "flat", "exact": True}
-    nlist, nprobe = ivf_lists(rows, nlist, nprobe)
-    return {"index": "ivf", "exact": False, "nlist": nlist, "nprobe": nprobe}
-
-
-def ivf_index(bank: np.ndarray, nlist: int | None, nprobe: int | None, seed: int):
-    """A trained, filled `IndexIVFFlat` over the normalized rows of `bank` (inner product)."""
-    n, dim = bank.shape
-    nlist, nprobe = ivf_lists(n, nlist, nprobe)
-    quantizer = faiss.IndexFlatIP(dim)
-    index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-    index.cp.spherical = True  # centroids on the unit sphere, as the rows are
-    index.cp.seed = seed
-    index.cp.max_points_per_centroid = 64  # k-means on <= 64 rows per list: enough, and fast
-    rng = np.random.default_rng(seed)
-    sample = np.sort(rng.choice(n, min(n, 64 * nlist), replace=False))
-    index.train(l2_normalized(bank[sample]))
-    for start in range(0, n, 65536):
-        index.add(l2_normalized(bank[start : start + 65536]))
-    index.nprobe = nprobe
-    return index
 
 
 def knn_classify(
@@ -117,35 +60,33 @@ def knn_classify(
     temperature: float | Mapping[int, float] = 0.07,
     chunk_size: int = 4096,
     progress: str | None = None,
-    search: Mapping[str, object] | None = None,
 ) -> dict[int, np.ndarray]:
     """Class scores `(num_queries, num_classes)` float64 for each k in `ks`, from one search.
 
     `temperature` is one T for every k, or one per k: `ks=tuple(PROTOCOLS),
     temperature=PROTOCOLS` gives DINO's and InstDisc's protocols from one search. A k above the
     bank size uses the whole bank. Top-1 is `scores.argmax(1)`; the ranking that lightly's
-    `knn_predict` returns is `np.argsort(-scores, 1)`. `search` holds `BankSearch`'s options
-    (`index`, `nlist`, `nprobe`, `seed`); the default is the exact search.
+    `knn_predict` returns is `np.argsort(-scores, 1)`.
     """
     temperatures = _temperatures(ks, temperature)
     bank, queries = np.asarray(bank), np.asarray(queries)
     bank_labels = _checked_labels(bank, bank_labels, queries, num_classes)
-    index = BankSearch(bank, **(search or {}))
+    index = BankSearch(bank)
     k_max = min(max(ks), len(bank))
     scores = {k: np.zeros((len(queries), num_classes)) for k in ks}
     starts = range(0, len(queries), chunk_size)
     for start in progress_bar(starts, progress):  # one bar step per chunk of queries
         chunk = l2_normalized(queries[start : start + chunk_size])
         sims, idx = index.search(chunk, k_max)  # (q, k_max) each
-        missing = idx < 0  # ivf only: the probed lists held fewer than k_max rows
-        labels = bank_labels[np.where(missing, 0, idx)]
+        labels = bank_labels[idx]
         for k, t in temperatures.items():
             kk = min(k, k_max)
             # float64 so exp(sim / T) cannot overflow for small T (float32 does below T = 0.0113)
             votes = np.exp(sims[:, :kk].astype(np.float64) / t)
-            votes[missing[:, :kk]] = 0.0
             scores[k][start : start + len(idx)] = _class_sums(labels[:, :kk], votes, num_classes)
     return scores
+
+
 
 
 def knn_top1(
