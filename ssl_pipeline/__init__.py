@@ -1,6 +1,6 @@
 """ssl_pipeline: pretrain image backbones without labels and measure how good they are.
 
-Public API: `run`, `load_recipe`, `create_backbone`, `load_backbone`, `list_methods`,
+Public API: `run`, `run_suite`, `load_recipe`, `load_suite`, `create_backbone`, `load_backbone`, `list_methods`,
 `list_backbones`, `list_datasets`, `list_stages`, and `SSLPipelineError`. Names are imported
 on first use, so `import ssl_pipeline` stays fast and submodules import without cycles.
 """
@@ -18,6 +18,8 @@ _LAZY = {
     "Recipe": "ssl_pipeline.recipe",
     "create_backbone": "ssl_pipeline.backbones",
     "load_backbone": "ssl_pipeline.backbones",
+    "run_suite": "ssl_pipeline.suite",
+    "load_suite": "ssl_pipeline.suite",
 }
 _REGISTRIES = {
     "methods": ("ssl_pipeline.methods", "methods"),

@@ -17,14 +17,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run a recipe's stages into a run directory")
-    run.add_argument("recipe", nargs="?", help="recipe YAML file, e.g. recipes/quickstart.yaml")
-    run.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its own recipe.yaml")
+    run = sub.add_parser("run", help="run a recipe's stages into a run directory, or a suite's variants")
+    run.add_argument("recipe", nargs="?",
+                     help="recipe or suite YAML file, e.g. recipes/quickstart.yaml")
+    run.add_argument("--resume", metavar="RUN_DIR",
+                     help="continue a run from its own recipe.yaml, or a suite directory")
     run.add_argument("--out", metavar="DIR", help="run directory (default reports/<name>/<timestamp>/)")
     run.add_argument("--quiet", action="store_true", help="no progress output")
     _add_set(run)
 
-    validate = sub.add_parser("validate", help="check a recipe without running it")
+    validate = sub.add_parser("validate", help="check a recipe, or every variant of a suite")
     validate.add_argument("recipe")
     _add_set(validate)
 
@@ -76,6 +78,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise SSLPipelineError("give either a recipe or --resume RUN_DIR, not both")
     if args.resume and args.overrides:
         raise SSLPipelineError("--resume continues a run with its own recipe.yaml; --set is not allowed")
+    if _is_suite(args.recipe, args.resume):
+        return cmd_run_suite(args)
     try:
         result = run(args.recipe, overrides=args.overrides, out_dir=args.out, quiet=args.quiet,
                      resume=args.resume)
@@ -88,6 +92,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     if is_global_zero():
         print(summary(result))
     return EXIT_OK
+
+
+def cmd_run_suite(args: argparse.Namespace) -> int:
+    from ssl_pipeline.suite import run_suite, suite_summary
+
+    result = run_suite(args.recipe, overrides=args.overrides, out_dir=args.out, quiet=args.quiet,
+                       resume=args.resume)
+    print(suite_summary(result))
+    return EXIT_STAGE_FAILED if result.failed else EXIT_OK
+
+
+def _is_suite(recipe: str | None, resume: str | None) -> bool:
+    from pathlib import Path
+
+    from ssl_pipeline.suite import SUITE_FILE, is_suite_file
+
+    if resume:
+        return (Path(resume) / SUITE_FILE).is_file()
+    return isinstance(recipe, str) and is_suite_file(recipe)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -112,11 +135,22 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from ssl_pipeline.recipe import load_recipe
+    from ssl_pipeline.suite import is_suite_file, load_suite, variant_recipes
 
+    if is_suite_file(args.recipe):
+        recipes = variant_recipes(load_suite(args.recipe, args.overrides), source=args.recipe)
+        print(f"{args.recipe}: valid suite, {len(recipes)} variants")
+        for name, recipe in recipes.items():
+            print(f"  {name}: {_describe(recipe)}")
+        return EXIT_OK
     recipe = load_recipe(args.recipe, args.overrides)
-    print(f"{args.recipe}: valid (method {recipe.method.name}, data {recipe.data.name}, "
-          f"backbone {recipe.backbone.name}, stages {', '.join(recipe.stages)})")
+    print(f"{args.recipe}: valid ({_describe(recipe)})")
     return EXIT_OK
+
+
+def _describe(recipe) -> str:
+    return (f"method {recipe.method.name}, data {recipe.data.name}, backbone {recipe.backbone.name}, "
+            f"seed {recipe.seed}, stages {', '.join(recipe.stages)}")
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

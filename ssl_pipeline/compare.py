@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
@@ -52,17 +52,27 @@ class Run:
 # ---------------------------------------------------------------- entry point
 
 
-def write_comparison(run_dirs: Sequence[str | Path], out_dir: str | Path | None = None) -> dict:
+def write_comparison(
+    run_dirs: Sequence[str | Path],
+    out_dir: str | Path | None = None,
+    *,
+    labels: Sequence[str] | None = None,
+    failed: Mapping[str | Path, str] | None = None,
+    title: str | None = None,
+) -> dict:
     """Compare run directories in ``out_dir`` (default ``reports/compare/<timestamp>/``).
 
     Returns ``{"md": Path, "html": Path, "json": Path, "plots": [Path, ...]}``. Every run
-    directory is checked before anything is written.
+    directory is checked before anything is written. ``labels`` name the rows (default: recipe
+    name · method · backbone); ``failed`` maps run directories that failed to their error, and
+    such a directory may be missing or hold no run yet (a suite's variant that failed early).
     """
     if not run_dirs:
         raise SSLPipelineError(
             "compare needs at least one run directory, e.g. reports/quickstart/<timestamp>"
         )
-    runs = _label_runs([_load_run(Path(d)) for d in run_dirs])
+    errors = {Path(d): error for d, error in (failed or {}).items()}
+    runs = _label_runs([_load_run(Path(d), errors.get(Path(d))) for d in run_dirs], labels)
     out = Path(out_dir) if out_dir is not None else _default_out_dir()
     _check_out_dir(out, runs)
     table = comparison_table(runs)
@@ -70,6 +80,7 @@ def write_comparison(run_dirs: Sequence[str | Path], out_dir: str | Path | None 
     plots = _write_plot(out, table)
     paths = {"md": out / "comparison.md", "html": out / "comparison.html",
              "json": out / "comparison.json"}
+    table["title"] = title or f"Comparison of {_count_runs(table)}"
     write_bytes_atomic(paths["md"], _render_md(table, plots, out).encode())
     write_bytes_atomic(paths["html"], _render_html(table, plots).encode())
     write_bytes_atomic(paths["json"], (json.dumps(_table_json(table), indent=1) + "\n").encode())
@@ -94,7 +105,17 @@ def _check_out_dir(out: Path, runs: list[Run]) -> None:
 # ---------------------------------------------------------------- reading the runs
 
 
-def _load_run(path: Path) -> Run:
+def _load_run(path: Path, failure: str | None = None) -> Run:
+    is_run = (path / "recipe.yaml").is_file() or (path / "results.json").is_file()
+    if failure is not None and not is_run:
+        return Run(path, {}, {}, "failed", failure)
+    run = _read_run(path)
+    if failure is not None:
+        run.status, run.error = "failed", failure
+    return run
+
+
+def _read_run(path: Path) -> Run:
     hint = "pass run directories written by `ssl-pipeline run`, e.g. reports/quickstart/<timestamp>"
     if not path.is_dir():
         raise SSLPipelineError(f"run directory {str(path)!r} does not exist; {hint}")
@@ -140,9 +161,13 @@ def _unfinished(recipe: dict, stages: dict | None, results: dict) -> str:
     return f"stages not finished: {', '.join(pending)}" if pending else ""
 
 
-def _label_runs(runs: list[Run]) -> list[Run]:
-    """Recipe name + method + backbone; the run directory's name, then its path, where shared."""
-    for run in runs:
+def _label_runs(runs: list[Run], labels: Sequence[str] | None = None) -> list[Run]:
+    """Recipe name + method + backbone, or the given labels; the run directory's name, then its
+    path, where shared."""
+    for i, run in enumerate(runs):
+        if labels is not None:
+            run.label = str(labels[i])
+            continue
         parts = (run.recipe.get("name"), (run.recipe.get("method") or {}).get("name"),
                  (run.recipe.get("backbone") or {}).get("name"))
         run.label = " · ".join(str(p) for p in parts if p) or run.path.name
@@ -359,7 +384,7 @@ def _render_md(table: dict, plots: list[Path], out: Path) -> str:
     def cell(text: str) -> str:
         return str(text).replace("|", "\\|").replace("\n", " ")
 
-    lines = [f"# Comparison of {_count_runs(table)}", "", _LEGEND, "",
+    lines = [f"# {table['title']}", "", _LEGEND, "",
              "| " + " | ".join(_header(table)) + " |", "|" + "---|" * len(_header(table))]
     for row in table["rows"]:
         values = [f"**{_cell_text(row['cells'][c.key])}**" if c.key in row["best"]
@@ -375,7 +400,7 @@ def _render_md(table: dict, plots: list[Path], out: Path) -> str:
 
 
 def _render_html(table: dict, plots: list[Path]) -> str:
-    title = html.escape(f"Comparison of {_count_runs(table)}")
+    title = html.escape(table["title"])
     head = "".join(f"<th>{html.escape(label)}</th>" for label in _header(table))
     body = "\n".join(_html_row(table, row) for row in table["rows"])
     dirs = "\n".join(f"<tr><th>{html.escape(row['label'])}</th>"

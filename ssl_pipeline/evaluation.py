@@ -212,14 +212,15 @@ def probe_result(ctx: RunContext, subject: Subject) -> dict[str, Any]:
     return linear_probe(*f["train"], *f["val"], *f["test"], ctx.data.num_classes,
                         grid={"lr": tuple(cfg.lr_grid), "weight_decay": tuple(cfg.weight_decay_grid)},
                         seeds=ctx.recipe.eval.seeds, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                        progress=bar(ctx, "linear probe", subject))
+                        progress=bar(ctx, "linear probe", subject), max_minutes=cfg.max_minutes)
 
 
 def few_shot_result(ctx: RunContext, subject: Subject) -> dict[str, Any]:
     f = split_features(ctx, subject)
     cfg = ctx.recipe.eval.few_shot
     return few_shot(*f["train"], *f["test"], ctx.data.num_classes, shots=tuple(cfg.shots),
-                    seeds=cfg.seeds, progress=bar(ctx, "few-shot", subject))
+                    seeds=cfg.seeds, progress=bar(ctx, "few-shot", subject),
+                    max_minutes=cfg.max_minutes)
 
 
 def _register_stages() -> None:
@@ -248,9 +249,11 @@ def finetune_result(ctx: RunContext, subject: Subject) -> dict[str, Any] | None:
         by_fraction[str(fraction)] = {
             "top1": float(np.mean(top1)), "top1_std": float(np.std(top1, ddof=1)) if len(top1) > 1 else 0.0,
             "seeds": len(runs), "train_samples": runs[0]["train_samples"], "by_seed": runs,
+            "stopped_by_budget": any(r["stopped_by_budget"] for r in runs),
         }
     headline = by_fraction[str(max(cfg.label_fractions))]
-    return {"top1": headline["top1"], "top1_std": headline["top1_std"], "by_fraction": by_fraction}
+    return {"top1": headline["top1"], "top1_std": headline["top1_std"], "by_fraction": by_fraction,
+            "stopped_by_budget": any(f["stopped_by_budget"] for f in by_fraction.values())}
 
 
 def finetune_once(ctx: RunContext, subject: Subject, fraction: float, seed: int) -> dict[str, Any]:

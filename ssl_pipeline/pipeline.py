@@ -17,6 +17,7 @@ import torch
 from ssl_pipeline import evaluation as _evaluation  # noqa: F401  (registers the eval stages)
 from ssl_pipeline import pretrain as _pretrain  # noqa: F401  (registers the "pretrain" stage)
 from ssl_pipeline.atomic import write_text_atomic
+from ssl_pipeline.data.image_folder import decoder_facts
 from ssl_pipeline.data.transforms import fit_views
 from ssl_pipeline.errors import SSLPipelineError
 from ssl_pipeline.methods.base import effective_lr
@@ -207,6 +208,8 @@ def resolve(recipe: Recipe) -> Resolved:
 
 def data_facts(ctx: RunContext) -> dict[str, Any]:
     bundle = ctx.data
+    files = ctx.recipe.data.name in ("image_folder", "webdataset")  # image files, decoded per item
+    decoder = {"decoder": decoder_facts(ctx.recipe.data.decode)} if files else {}
     return {
         "name": bundle.name,
         "source": bundle.source,
@@ -218,6 +221,7 @@ def data_facts(ctx: RunContext) -> dict[str, Any]:
         "class_names": bundle.class_names,
         "sizes": {s: len(getattr(bundle, s)) for s in ("train", "val", "test") if getattr(bundle, s) is not None},
         "split_hashes": bundle.split_hashes,
+        **decoder,
     }
 
 

@@ -25,6 +25,7 @@ from ssl_pipeline.data.transforms import (
     supervised_train_transform,
 )
 from ssl_pipeline.errors import SSLPipelineError
+from ssl_pipeline.evals.finetune import time_ran_out
 from ssl_pipeline.methods import OptimSettings, PretrainMethod, methods
 from ssl_pipeline.monitor import MONITOR_KEY, OnlineKNNMonitor
 from ssl_pipeline.progress import on_terminal
@@ -202,6 +203,7 @@ def build_trainer(ctx: RunContext, callbacks: list[pl.Callback], loggers: list) 
         precision=res.precision,
         max_epochs=p.epochs,
         max_steps=p.max_steps or -1,
+        max_time=None if p.max_minutes is None else {"minutes": p.max_minutes},
         accumulate_grad_batches=t.accumulate_grad_batches,
         sync_batchnorm=t.sync_batchnorm,
         deterministic=t.deterministic,
@@ -296,6 +298,8 @@ def finish_pretrain(ctx, method, trainer, checkpoint, progress, seconds, loader_
         "best_monitor_knn_top1": _best(checkpoint),
         "exported_checkpoint": exported,
         "backbone": str(Path(ctx.run_dir) / "backbone.safetensors"),
+        "max_minutes": ctx.recipe.pretrain.max_minutes,
+        "stopped_by_budget": time_ran_out(trainer),
     }
 
 

@@ -54,6 +54,10 @@ class DataConfig(Strict):
     std: list[float] | None = None
     download: bool = False  # cifar only; needs internet
     num_workers: int = Field(0, ge=0)
+    # image_folder and webdataset: who decodes 8-bit RGB JPEG/PNG/WebP files for the consumers
+    # that take uint8 tensors (the device-view path): torchvision.io, skipping PIL, or pil.
+    # auto: torchvision where its image codecs load. Per-image (PIL) transforms always get PIL.
+    decode: Literal["auto", "pil", "torchvision"] = "auto"
     max_train_samples: int | None = Field(None, ge=2)  # seeded stratified cap, for quick runs
     fake: FakeDataConfig = FakeDataConfig()
 
@@ -130,6 +134,9 @@ class PretrainConfig(Strict):
     scheduler: Literal["cosine", "constant"] = "cosine"
     min_lr_ratio: float = Field(0.0, ge=0, le=1)  # final lr / effective lr with cosine
     max_steps: int | None = Field(None, ge=1)  # stop early (smoke runs)
+    # Time budget of the whole stage (Lightning's max_time, counted across --resume): training
+    # stops there, the backbone is exported and results record `stopped_by_budget`.
+    max_minutes: float | None = Field(None, gt=0)
     # Online monitor: k-NN top-1 on the validation split every N epochs (0 = off).
     monitor_every_n_epochs: int = Field(1, ge=0)
     monitor_k: int = Field(20, ge=1)
@@ -171,6 +178,9 @@ class LinearProbeConfig(Strict):
     weight_decay_grid: list[float] = Field(default_factory=lambda: [0.0, 0.1, 1.0])
     epochs: int = Field(100, ge=1)
     batch_size: int = Field(256, ge=1)
+    # Per probe (backbone, each baseline): training stops there, the best setting found so far
+    # is reported over the seeds that finished, and the result records `stopped_by_budget`.
+    max_minutes: float | None = Field(None, gt=0)
 
 
 class FinetuneConfig(Strict):
@@ -188,6 +198,8 @@ class FinetuneConfig(Strict):
 class FewShotConfig(Strict):
     shots: list[int] = Field(default_factory=lambda: [1, 5, 10])
     seeds: int = Field(5, ge=1)
+    # Per evaluated backbone or baseline: no new draws after it; records `stopped_by_budget`.
+    max_minutes: float | None = Field(None, gt=0)
 
 
 class EvalConfig(Strict):
@@ -308,7 +320,14 @@ def read_yaml(path: Path) -> dict[str, Any]:
 def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read a YAML recipe, apply `--set` style overrides and validate it strictly."""
     path = Path(path)
-    raw = apply_overrides(read_yaml(path), overrides)
+    raw = read_yaml(path)
+    if "suite" in raw:  # a suite names its variants; each is a recipe (ssl_pipeline/suite.py)
+        raise SSLPipelineError(
+            f"{path} is a suite (a top-level 'suite:' block), not one recipe; run it with "
+            f"`ssl-pipeline run {path}`, check every variant with `ssl-pipeline validate {path}`, "
+            "or load it with ssl_pipeline.suite.load_suite"
+        )
+    raw = apply_overrides(raw, overrides)
     raw.setdefault("name", path.stem)
     return recipe_from_dict(raw, source=str(path))
 

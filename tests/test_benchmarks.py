@@ -20,3 +20,39 @@ def test_benchmark_quick_run_writes_its_json(tmp_path, name, fashion_mnist_root)
     figures = json.loads(out.read_text())
     assert figures["quick"] is True and figures["machine"]
     assert "x" in proc.stdout or "ratio" in proc.stdout.lower()  # it printed its ratios
+
+
+@pytest.mark.slow
+def test_decode_throughput_quick_run_reports_per_worker_ratios(tmp_path):
+    out = tmp_path / "decode_throughput.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.decode_throughput", "--quick",
+                           "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    figures = json.loads(out.read_text())
+    assert figures["quick"] is True and figures["machine"] and "x" in proc.stdout
+    for case in figures["cases"]:
+        assert set(case["rows"]) == {"reference", "ours_pil", "ours_files", "ours_shards"}
+        assert all(row["images_per_second_per_worker"] > 0 for row in case["rows"].values())
+    # ours decode to the same tensors, within the resize's 1 gray level
+    differences = figures["setup"]["max_difference_from_ours_pil"]
+    assert differences["ours_files"] <= 1 and differences["ours_shards"] <= 1
+
+
+@pytest.mark.slow
+def test_feature_throughput_quick_run_compares_equal_work(tmp_path, fashion_mnist_root):
+    out = tmp_path / "feature_throughput.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.feature_throughput", "--quick",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    figures = json.loads(out.read_text())
+    assert figures["quick"] is True and figures["machine"] and "x" in proc.stdout
+    assert set(figures["cases"]) == {"28px", "224px"}
+    for case in figures["cases"].values():
+        assert set(case["rows"]) == {"reference", "ours_cold", "ours_cached", "ours_extract_features_only"}
+        assert all(row["images_per_second"] > 0 for row in case["rows"].values())
+        # both sides computed the same features from the same images
+        for agreement in case["agreement_with_reference"].values():
+            assert agreement["same_shape"] and agreement["cosine_min"] > 0.9999
+        # what our side ran with was observed in its forward, for every image of the call
+        assert sum(case["ours"]["observed_in_forward"]["batch_sizes"]) == case["setup"]["warmup_images"]

@@ -10,6 +10,7 @@ from PIL import Image
 from ssl_pipeline.data import UNLABELED, build_dataset, datasets
 from ssl_pipeline.recipe import DataConfig
 from test_data import write_cifar, write_fashion, write_image_folder
+from test_webdataset import write_images, write_shards
 
 
 def fixture_root(name: str, tmp_path: Path) -> str | None:
@@ -22,6 +23,10 @@ def fixture_root(name: str, tmp_path: Path) -> str | None:
         write_cifar(tmp_path, name)
     elif name == "image_folder":
         write_image_folder(tmp_path, {"cat": 12, "dog": 12, "owl": 12})
+    elif name == "webdataset":
+        paths = write_images(tmp_path / "images", {"cat": 12, "dog": 12, "owl": 12})
+        write_shards(paths, tmp_path / "shards", per_shard=12, classes=["cat", "dog", "owl"])
+        return str(tmp_path / "shards")
     else:
         pytest.fail(f"dataset {name!r} is registered but has no fixture in {__file__}; add one")
     return str(tmp_path)

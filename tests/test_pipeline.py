@@ -12,8 +12,11 @@ import yaml
 import ssl_pipeline
 from ssl_pipeline.errors import SSLPipelineError
 from ssl_pipeline.methods import methods
+from ssl_pipeline.suite import is_suite_file
 
-RECIPES = sorted(Path(__file__).parents[1].joinpath("recipes").glob("*.yaml"))
+# suite files are recipes of recipes: tests/test_suite.py validates and runs those
+RECIPES = sorted(p for p in Path(__file__).parents[1].joinpath("recipes").glob("*.yaml")
+                 if not is_suite_file(p))
 
 
 def run_tiny(tmp_path, tiny_overrides, *extra, recipe="recipes/quickstart.yaml"):

@@ -7,8 +7,11 @@ import yaml
 
 from ssl_pipeline.errors import SSLPipelineError
 from ssl_pipeline.recipe import Recipe, apply_overrides, dump_recipe, load_recipe, recipe_from_dict
+from ssl_pipeline.suite import is_suite_file
 
-RECIPES = sorted(Path(__file__).parents[1].joinpath("recipes").glob("*.yaml"))
+# suite files are recipes of recipes: tests/test_suite.py validates and runs those
+RECIPES = sorted(p for p in Path(__file__).parents[1].joinpath("recipes").glob("*.yaml")
+                 if not is_suite_file(p))
 
 
 def write(tmp_path, text: str) -> Path:

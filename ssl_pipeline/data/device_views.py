@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ssl_pipeline.data.image_folder import decode_rgb, encoded_bytes
 from ssl_pipeline.data.transforms import ViewSettings
 
 # torchvision's RandomResizedCrop default aspect-ratio range and number of tries
@@ -67,28 +68,49 @@ CPU_CHUNK_PIXELS = 2**20  # values per chunk of views on CPUs: 6 views of 3 x 22
 
 
 class ToUint8Tensor:
-    """What the workers do for device-side views: PIL image -> uint8 tensor `(C, S, S)`.
+    """What the workers do for device-side views: image -> uint8 tensor `(C, S, S)`.
 
-    Images that are not already S x S are resized (short side to S, bilinear, antialiased by
-    PIL) and centre-cropped, so that a batch collates; the random crops are then taken from
-    that square on the device.
+    Images that are not already S x S are resized (short side to S, bilinear, antialiased) and
+    centre-cropped, so that a batch collates; the random crops are then taken from that square
+    on the device. A PIL image that comes undecoded with its file bytes (`data.decode`, see
+    data/image_folder.py) is decoded by torchvision.io and resized as a tensor, skipping PIL:
+    the same decoded pixels, and after torch's uint8 antialiased resize (AVX2, modelled on
+    Pillow-SIMD's) within 1 gray level of Pillow's. Any other PIL image is resized by Pillow.
     """
 
     def __init__(self, size: int):
         self.size = size
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
+        data = encoded_bytes(image)
+        if data is not None:
+            return self.from_tensor(decode_rgb(data))
         s = self.size
         if image.size != (s, s):
-            w, h = image.size
-            scale = s / min(w, h)
-            new = (max(s, round(w * scale)), max(s, round(h * scale)))
-            image = image.resize(new, Image.BILINEAR)
-            left, top = (new[0] - s) // 2, (new[1] - s) // 2
+            (new_w, new_h), (left, top) = self.resized_box(*image.size)
+            image = image.resize((new_w, new_h), Image.BILINEAR)
             image = image.crop((left, top, left + s, top + s))
         array = np.asarray(image)  # (S, S) or (S, S, C), uint8
         array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
         return torch.from_numpy(array.copy(order="C"))  # (C, S, S), writable
+
+    def from_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 `(C, H, W)` -> `(C, S, S)`, as the PIL path."""
+        from torchvision.transforms.v2.functional import InterpolationMode, resize
+
+        s, (h, w) = self.size, x.shape[1:]
+        if (w, h) != (s, s):
+            (new_w, new_h), (left, top) = self.resized_box(w, h)
+            x = resize(x, [new_h, new_w], InterpolationMode.BILINEAR, antialias=True)
+            x = x[:, top:top + s, left:left + s]
+        return x.contiguous()
+
+    def resized_box(self, w: int, h: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """`(new_w, new_h), (left, top)`: the short side resized to S, the centred S x S box."""
+        s = self.size
+        scale = s / min(w, h)
+        new = (max(s, round(w * scale)), max(s, round(h * scale)))
+        return new, ((new[0] - s) // 2, (new[1] - s) // 2)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(size={self.size})"

@@ -12,15 +12,30 @@ Layouts, decided from where the images are:
 Missing splits are carved from train, stratified and seeded by data.split_seed: val always,
 test only for labeled data (with no labels there is nothing to test; val still serves the
 pretraining loss).
+
+Decoding (`data.decode`). Items are 8-bit RGB PIL images either way. With `pil` each file is
+decoded by Pillow when read. With `torchvision` (and `auto`, where torchvision.io can decode)
+8-bit RGB JPEG, PNG and WebP files are returned as Pillow opens them: not decoded yet (Pillow
+decodes on first pixel access) and carrying their file bytes. A consumer that wants uint8
+tensors (`ToUint8Tensor`, the device-view path's worker step) decodes those bytes with
+torchvision.io instead and skips PIL; every other consumer (lightly's per-image views, the eval
+transform) gets Pillow's pixels as before. torchvision and Pillow both decode with
+libjpeg-turbo, libpng and libwebp: the same pixels (tests/test_decode.py). Gray, palette,
+RGBA, CMYK and 16-bit files are converted by Pillow (`to_rgb`) when read: an undecoded PIL
+image can only be handed on in its file's own mode.
 """
 
 from __future__ import annotations
 
+import functools
+import io
+import warnings
 from pathlib import Path
 
 import numpy as np
+import PIL
 import torch
-from PIL import Image
+from PIL import Image, features
 
 from ssl_pipeline.data.base import UNLABELED, DataBundle, Split, carve_splits, datasets
 from ssl_pipeline.errors import SSLPipelineError
@@ -29,21 +44,113 @@ EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 # the photos are most likely closer to ImageNet than to anything else we know statistics for
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DEFAULT_IMAGE_SIZE = 224
+# Pillow formats torchvision.io decodes to the same pixels (both use libjpeg-turbo, libpng, libwebp)
+TENSOR_FORMATS = ("JPEG", "PNG", "WEBP")
+ENCODED = "ssl_pipeline_encoded"  # attribute of an undecoded PIL image holding its file bytes
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Image files read lazily as 8-bit RGB PIL images, with integer `labels`."""
+    """Image files read lazily as 8-bit RGB PIL images, with integer `labels`.
 
-    def __init__(self, paths: list[Path], labels: np.ndarray):
+    `decode="torchvision"`: the images a tensor consumer can decode itself come undecoded
+    (`open_encoded`); "pil": decoded by Pillow on read.
+    """
+
+    def __init__(self, paths: list[Path], labels: np.ndarray, decode: str = "pil"):
         self.paths = paths
         self.labels = np.asarray(labels, dtype=np.int64)
+        self.decode = decode
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        if self.decode == "torchvision":
+            return open_encoded(self.paths[i].read_bytes(), True), int(self.labels[i])
         with Image.open(self.paths[i]) as image:
             return to_rgb(image), int(self.labels[i])
+
+
+def open_encoded(data: bytes, tensor_decode: bool) -> Image.Image:
+    """The 8-bit RGB PIL image of an image file's bytes.
+
+    With `tensor_decode`, an 8-bit RGB JPEG, PNG or WebP stays undecoded, its bytes attached
+    for `encoded_bytes`; anything else is decoded and converted by Pillow now.
+    """
+    image = Image.open(io.BytesIO(data))  # reads the header only
+    if tensor_decode and image.mode == "RGB" and image.format in TENSOR_FORMATS:
+        setattr(image, ENCODED, data)
+        return image
+    with image:
+        return to_rgb(image)
+
+
+def encoded_bytes(image: Image.Image) -> bytes | None:
+    """The file bytes of an image from `open_encoded` that no one has decoded yet, else None.
+
+    Once Pillow has loaded the pixels they may have been changed in place, and the bytes no
+    longer speak for them. Pillow keeps the decoded pixels in `_im` (`im` before Pillow 11 and
+    in pillow-simd), None until the first load.
+    """
+    data = getattr(image, ENCODED, None)
+    pixels = vars(image).get("_im", vars(image).get("im"))
+    return data if data is not None and pixels is None else None
+
+
+def decode_rgb(data: bytes) -> torch.Tensor:
+    """JPEG, PNG or WebP file bytes -> uint8 `(3, H, W)` with torchvision.io (no EXIF rotation,
+    as Pillow's `Image.open`)."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8)  # a writable copy
+    with warnings.catch_warnings():
+        # torchvision 0.29 deprecates its image codecs for TorchCodec's (torchcodec >= 0.16),
+        # a dependency we do not have yet; until then one warning per image is noise
+        warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)
+        return decode_image(buffer, mode=ImageReadMode.RGB)
+
+
+@functools.cache
+def torchvision_decodes() -> bool:
+    """Whether this torchvision build can decode images (its image extension loaded)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (2, 2), (10, 20, 30)).save(buffer, "PNG")
+    try:
+        return decode_rgb(buffer.getvalue())[:, 0, 0].tolist() == [10, 20, 30]
+    except (RuntimeError, ImportError, OSError):
+        return False
+
+
+def resolve_decode(setting: str) -> str:
+    """`data.decode` -> the decoder tensor consumers use: "torchvision" or "pil"."""
+    if setting == "pil":
+        return "pil"
+    if torchvision_decodes():
+        return "torchvision"
+    if setting == "torchvision":
+        raise SSLPipelineError(
+            "data.decode=torchvision, but this torchvision build cannot decode images (its "
+            "image extension did not load); set data.decode=auto or pil"
+        )
+    return "pil"
+
+
+def decoder_facts(setting: str) -> dict:
+    """Which decoder a run used, for the run record.
+
+    pillow-simd, a drop-in Pillow with SIMD resizing, shows as a ".post" version: it speeds up
+    the PIL consumers (torch's uint8 antialiased resize, on the tensor path, is modelled on it).
+    """
+    import torchvision
+
+    return {
+        "decode": setting,
+        "tensor_consumers": resolve_decode(setting),
+        "torchvision": torchvision.__version__,
+        "pillow": PIL.__version__,
+        "pillow_simd": ".post" in PIL.__version__,
+        "pillow_libjpeg_turbo": bool(features.check_feature("libjpeg_turbo")),
+    }
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -84,18 +191,19 @@ def read_folder(folder: Path) -> tuple[list[Path], list[str] | None]:
 
 
 def label_images(
-    folder: Path, paths: list[Path], names: list[str] | None, classes: list[str] | None
+    folder: Path, paths: list[Path], names: list[str] | None, classes: list[str] | None,
+    decode: str = "pil",
 ) -> ImageFiles:
     """The images with each class name replaced by its index in `classes` (None: unlabeled)."""
     if classes is None:
-        return ImageFiles(paths, np.full(len(paths), UNLABELED))
+        return ImageFiles(paths, np.full(len(paths), UNLABELED), decode)
     if names is None:
         raise SSLPipelineError(f"{folder} has no class folders, unlike the train folder")
     unknown = sorted(set(names) - set(classes))
     if unknown:
         raise SSLPipelineError(f"{folder} has classes the train folder lacks: {unknown}")
     index = {name: i for i, name in enumerate(classes)}
-    return ImageFiles(paths, np.array([index[name] for name in names]))
+    return ImageFiles(paths, np.array([index[name] for name in names]), decode)
 
 
 @datasets.register("image_folder", "a folder of images: class sub-folders, or unlabeled")
@@ -105,6 +213,7 @@ def build_image_folder(cfg) -> DataBundle:
             f"image_folder needs data.root set to an existing folder of images; got {cfg.root!r}"
         )
     root = Path(cfg.root)
+    decode = resolve_decode(getattr(cfg, "decode", "auto"))  # stand-in configs may lack it
     split_layout = (root / "train").is_dir()
     train_dir = root / "train" if split_layout else root
     paths, names = read_folder(train_dir)
@@ -114,13 +223,21 @@ def build_image_folder(cfg) -> DataBundle:
             f"{train_dir} has a single class folder ({classes[0]}); labeled data needs two or "
             "more class folders. For unlabeled data, set data.root to that folder"
         )
-    train = label_images(train_dir, paths, names, classes)
+    train = label_images(train_dir, paths, names, classes, decode)
     given = {
-        name: label_images(root / name, *read_folder(root / name), classes)
+        name: label_images(root / name, *read_folder(root / name), classes, decode)
         for name in ("val", "test")
         if split_layout and (root / name).is_dir()
     }
-    # carve what the folder does not provide; test only when there are labels to test
+    return photo_bundle("image_folder", cfg, train, given, classes, source=str(root))
+
+
+def photo_bundle(name: str, cfg, train, given: dict, classes: list[str] | None,
+                 source: str) -> DataBundle:
+    """A bundle of RGB photos from a `train` source and the `given` val/test sources.
+
+    Carves what is not given: val always, test only when there are labels to test.
+    """
     needs_test = classes is not None and "test" not in given
     parts = carve_splits(
         train.labels,
@@ -128,10 +245,10 @@ def build_image_folder(cfg) -> DataBundle:
         0.0 if "val" in given else cfg.val_fraction,
         cfg.test_fraction if needs_test else None,
     )
-    splits = {name: Split(train, parts[name]) for name in parts}
-    splits.update({name: Split(source) for name, source in given.items()})
+    splits = {part: Split(train, parts[part]) for part in parts}
+    splits.update({part: Split(source_) for part, source_ in given.items()})
     return DataBundle(
-        name="image_folder",
+        name=name,
         train=splits["train"],
         val=splits.get("val"),
         test=splits.get("test"),
@@ -141,5 +258,5 @@ def build_image_folder(cfg) -> DataBundle:
         image_size=DEFAULT_IMAGE_SIZE,
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
-        source=str(root),
+        source=source,
     )

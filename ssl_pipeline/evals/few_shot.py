@@ -17,6 +17,7 @@ normal 1.96 would be too narrow (t = 2.78). The interval is None for a single se
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -52,12 +53,15 @@ def few_shot(
     seeds: int = 5,
     classifiers: Sequence[str] = ("logistic", "knn"),
     progress: str | None = None,
+    max_minutes: float | None = None,
 ) -> dict:
     """Top-1 per shots value and classifier, over `seeds` draws of the training examples.
 
     Returns `{"by_shots": {"5": {"top1", "ci95", "n", "logistic": summary, "knn": summary}},
     "classifiers": [...], "seeds": n}`; a summary is `{"top1", "ci95", "std", "n", "by_seed"}`.
     The `top1`, `ci95`, `n` directly under a shots value are the first classifier's.
+    `max_minutes` is a time budget: no draw starts after it, shots values with no draw are left
+    out, and `"stopped_by_budget"` says so.
     """
     unknown = sorted(set(classifiers) - set(CLASSIFIERS))
     if unknown or not classifiers:
@@ -69,18 +73,26 @@ def few_shot(
     train_x, test_x = l2_normalized(train_x), l2_normalized(test_x)
     train_y, test_y = np.asarray(train_y), np.asarray(test_y)
     by_shots = {}
+    deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
+    out_of_time = False
     for n in shots:
         top1 = {name: [] for name in classifiers}
         for seed in progress_bar(range(seeds), progress and f"{progress} {n}-shot"):
+            out_of_time = deadline is not None and time.monotonic() >= deadline
+            if out_of_time:
+                break
             idx = balanced_subset(train_y, per_class=n, seed=seed)
             for name in classifiers:
                 predictions = CLASSIFIERS[name](train_x[idx], train_y[idx], test_x, num_classes)
                 top1[name].append(float((predictions == test_y).mean()))
+        if not top1[classifiers[0]]:
+            break
         summaries = {name: summarize(values) for name, values in top1.items()}
         first = summaries[classifiers[0]]
         headline = {key: first[key] for key in ("top1", "ci95", "n")}
         by_shots[str(n)] = {**headline, **summaries}
-    return {"by_shots": by_shots, "classifiers": list(classifiers), "seeds": seeds}
+    return {"by_shots": by_shots, "classifiers": list(classifiers), "seeds": seeds,
+            "stopped_by_budget": out_of_time}
 
 
 def summarize(values: Sequence[float]) -> dict:

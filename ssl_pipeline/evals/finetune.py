@@ -111,7 +111,8 @@ def finetune(
     start = time.time()
     trainer.fit(model, train_loader, val_loader)
     seconds = time.time() - start
-    model.load_state_dict(keep.best_state)
+    if keep.best_state is not None:  # None: the time budget ended training before any validation
+        model.load_state_dict(keep.best_state)
     scores, labels = predict(model, test_loader)
     return {
         **classification_metrics(scores, labels, class_names),
@@ -120,7 +121,15 @@ def finetune(
         "val_top1_by_epoch": keep.history,
         "epochs_run": trainer.current_epoch,
         "seconds": round(seconds, 2),
+        "stopped_by_budget": time_ran_out(trainer),
     }
+
+
+def time_ran_out(trainer: pl.Trainer) -> bool:
+    """True when Lightning's max_time (a `max_minutes` budget) ended training."""
+    timer = next((c for c in trainer.callbacks if isinstance(c, pl.callbacks.Timer)), None)
+    remaining = timer.time_remaining("train") if timer is not None else None
+    return remaining is not None and remaining <= 0
 
 
 @torch.no_grad()
