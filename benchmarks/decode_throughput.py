@@ -42,7 +42,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a file: make the `benchmarks` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.machine import RESULTS_DIR, load_average, machine_info, write_result
+from benchmarks.machine import BenchmarkRun, RESULTS_DIR
 
 SIZE = 224
 BATCH = 32
@@ -202,7 +202,7 @@ def main(argv=None) -> dict:
 
     args = parse_args(argv)
     torch.set_num_threads(1)  # the main process decodes like one worker (workers use 1 thread)
-    start, load_at_start = time.perf_counter(), load_average()
+    run = BenchmarkRun("decode_throughput", args)
     with tempfile.TemporaryDirectory(prefix="decode_throughput_") as tmp:
         paths = write_photos(Path(tmp) / "images", args.images, seed=0)
         shards = write_shards(paths, Path(tmp) / "shards")
@@ -214,12 +214,8 @@ def main(argv=None) -> dict:
         for workers in args.workers:
             cases.append(measure(sets, workers, args.repeats))
             print_case(cases[-1])
-    result = {
-        "benchmark": "decode_throughput",
-        "quick": args.quick,
-        "machine": machine_info(),
+    result = run.finish({
         "decoder": decoder_facts("torchvision"),
-        "load_average": {"start": load_at_start, "end": load_average()},
         "setup": {"images": args.images, "image_sides_px": [300, 500], "jpeg_quality": 90,
                   "output": [3, SIZE, SIZE], "batch": BATCH, "shard_samples": PER_SHARD,
                   "repeats": args.repeats, "max_difference_from_ours_pil": max_diff},
@@ -234,9 +230,7 @@ def main(argv=None) -> dict:
             " torchvision; ours_shards: webdataset (tar shards) with data.decode torchvision.",
             "main process (0 workers) with torch.set_num_threads(1), as in DataLoader workers.",
         ],
-        "wall_seconds": time.perf_counter() - start,
-    }
-    print(f"\nwrote {write_result(result, args.out)} ({result['wall_seconds']:.0f} s)")
+    })
     return result
 
 

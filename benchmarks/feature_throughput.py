@@ -52,7 +52,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a file: make the `benchmarks` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.machine import RESULTS_DIR, load_average, machine_info, write_result
+from benchmarks.machine import BenchmarkRun, RESULTS_DIR
 from benchmarks.pretrain_throughput import write_image_folder
 
 REFERENCE_WORKERS = 2  # what users write; this machine has 2 cores
@@ -391,7 +391,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    start, load_at_start = time.perf_counter(), load_average()
+    run = BenchmarkRun("feature_throughput", args)
     cases = {}
     with tempfile.TemporaryDirectory(prefix="feature_throughput_") as tmp:
         tmp = Path(tmp)
@@ -406,11 +406,7 @@ def main(argv=None) -> dict:
                         images=args.images_224, rounds=args.rounds, jpeg_files=args.images_224)
             cases["224px"] = measure_case(case, tmp)
             print_case(cases["224px"])
-    result = {
-        "benchmark": "feature_throughput",
-        "quick": args.quick,
-        "machine": machine_info(),
-        "load_average": {"start": load_at_start, "end": load_average()},
+    result = run.finish({
         "cases": cases,
         "notes": [
             "images_per_second = images / median seconds of one timed pass; a pass runs from"
@@ -438,9 +434,7 @@ def main(argv=None) -> dict:
             "ours.observed_in_forward: dtype, autocast, channels_last and batch sizes seen by a"
             " forward pre-hook on the backbone during a warm-up call of ours.",
         ],
-        "wall_seconds": time.perf_counter() - start,
-    }
-    print(f"\nwrote {write_result(result, args.out)} ({result['wall_seconds']:.0f} s)")
+    })
     return result
 
 

@@ -39,9 +39,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a file: make the `benchmarks` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.machine import (
-    RESULTS_DIR, load_average, machine_info, memory_available_bytes, write_result,
-)
+from benchmarks.machine import BenchmarkRun, RESULTS_DIR, memory_available_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 MIB = 2**20
@@ -351,7 +349,7 @@ def main(argv=None) -> dict:
     if args.worker:
         worker(args.worker)
         return {}
-    start, load_at_start = time.perf_counter(), load_average()
+    run = BenchmarkRun("knn_scaling", args)
     with tempfile.TemporaryDirectory(prefix="knn_scaling_") as tmp:
         print("comparison (each method in a fresh process):", flush=True)
         comparison = compare(args, Path(tmp))
@@ -359,11 +357,7 @@ def main(argv=None) -> dict:
         print("\nscaling curve:", flush=True)
         points = curve(args, Path(tmp)) if args.curve_banks else []
         print_curve(points)
-    result = {
-        "benchmark": "knn_scaling",
-        "quick": args.quick,
-        "machine": machine_info(),
-        "load_average": {"start": load_at_start, "end": load_average()},
+    result = run.finish({
         "comparison": comparison,
         "curve": points,
         "notes": [
@@ -380,9 +374,7 @@ def main(argv=None) -> dict:
             " peak growth then excludes"
             " the caller's copy.",
         ],
-        "wall_seconds": time.perf_counter() - start,
-    }
-    print(f"\nwrote {write_result(result, args.out)} ({result['wall_seconds']:.0f} s)")
+    })
     return result
 
 

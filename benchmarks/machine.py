@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import sys
+import time
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -53,6 +54,29 @@ def write_result(payload: dict, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+class BenchmarkRun:
+    """One run of a benchmark script: started (time, load average) when created; `finish`
+    writes its result JSON in the shape every script shares and says where."""
+
+    def __init__(self, name: str, args):
+        self.name, self.args = name, args
+        self.start, self.load_at_start = time.perf_counter(), load_average()
+
+    def finish(self, fields: dict) -> dict:
+        """`{benchmark, quick, machine, load_average, **fields, wall_seconds}`, written to
+        `args.out`."""
+        result = {
+            "benchmark": self.name,
+            "quick": self.args.quick,
+            "machine": machine_info(),
+            "load_average": {"start": self.load_at_start, "end": load_average()},
+            **fields,
+            "wall_seconds": time.perf_counter() - self.start,
+        }
+        print(f"\nwrote {write_result(result, self.args.out)} ({result['wall_seconds']:.0f} s)")
+        return result
 
 
 def _cpu_model() -> str:

@@ -50,7 +50,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a file: make the `benchmarks` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.machine import RESULTS_DIR, load_average, machine_info, write_result
+from benchmarks.machine import BenchmarkRun, RESULTS_DIR
 
 REFERENCE_WORKERS = 2  # lightly's examples use DataLoader workers; this machine has 2 cores
 SGD_LR, SGD_MOMENTUM, SGD_WEIGHT_DECAY = 0.06, 0.9, 5e-4  # our pretrain defaults (and lightly's)
@@ -320,7 +320,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    start, load_at_start = time.perf_counter(), load_average()
+    run = BenchmarkRun("pretrain_throughput", args)
     cases = {}
     with tempfile.TemporaryDirectory(prefix="pretrain_throughput_") as tmp:
         tmp = Path(tmp)
@@ -341,11 +341,7 @@ def main(argv=None) -> dict:
                         jpeg_files=files)
             cases["224px"] = measure_case(case, tmp)
             print_case(cases["224px"])
-    result = {
-        "benchmark": "pretrain_throughput",
-        "quick": args.quick,
-        "machine": machine_info(),
-        "load_average": {"start": load_at_start, "end": load_average()},
+    result = run.finish({
         "cases": cases,
         "notes": [
             "views_per_second = 2 x batch x timed steps / seconds from the end of the last"
@@ -360,9 +356,7 @@ def main(argv=None) -> dict:
             "pipeline_images_per_second_incl_startup: the pipeline's own figure (images/s over"
             " trainer.fit, start-up and warm-up included).",
         ],
-        "wall_seconds": time.perf_counter() - start,
-    }
-    print(f"\nwrote {write_result(result, args.out)} ({result['wall_seconds']:.0f} s)")
+    })
     return result
 
 

@@ -37,7 +37,7 @@ import torch
 if __package__ in (None, ""):  # run as a file: make the `benchmarks` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.machine import RESULTS_DIR, load_average, machine_info, write_result
+from benchmarks.machine import BenchmarkRun, RESULTS_DIR
 from ssl_pipeline import create_backbone
 from ssl_pipeline.data import TransformedDataset, build_dataset
 from ssl_pipeline.data.base import stratified_subsample
@@ -198,7 +198,7 @@ def main(argv=None) -> dict:
     cfg = EvalConfig()  # the recipe's defaults: grid, seeds, batch sizes
     batch_size = args.batch_size or cfg.linear_probe.batch_size
     cfg.linear_probe.batch_size = batch_size
-    start, load_at_start = time.perf_counter(), load_average()
+    run = BenchmarkRun("probe_speed", args)
     splits, bundle = load_splits(args)
     sizes = {name: len(split) for name, split in splits.items()}
     backbone = random_backbone(bundle, args.seed)
@@ -213,11 +213,7 @@ def main(argv=None) -> dict:
         "top1_ours_minus_lightly_points": 100 * (ours["test_top1"] - lightly["test_top1"]),
     }
     target = EvalConfig().linear_probe.epochs
-    result = {
-        "benchmark": "probe_speed",
-        "quick": args.quick,
-        "machine": machine_info(),
-        "load_average": {"start": load_at_start, "end": load_average()},
+    result = run.finish({
         "setup": {
             "dataset": "fashion_mnist", "source": bundle.source, "sizes": sizes,
             "backbone": "timm:resnet18, small stem, 28 px, random init (seed "
@@ -234,10 +230,8 @@ def main(argv=None) -> dict:
         "lightly": lightly,
         "comparison": comparison,
         "extrapolated_not_measured": extrapolate(ours, lightly, args.epochs, target),
-        "wall_seconds": time.perf_counter() - start,
-    }
+    })
     print_result(result)
-    print(f"\nwrote {write_result(result, args.out)} ({result['wall_seconds']:.0f} s)")
     return result
 
 
