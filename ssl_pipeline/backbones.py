@@ -29,6 +29,10 @@ resnet*, seresnet*, resnext*, wide_resnet*, from timm or torchvision) get the CI
 before the last stage. timm's deep stems (resnet10t, resnet50d: `conv1` is a Sequential of three
 convs) are replaced by the same single 3x3 conv. `stem="auto"` picks it when `input_size <= 64`.
 
+Without BatchNorm (`batchnorm=False`, for ablations). Every BatchNorm layer becomes `nn.Identity`,
+the structure timm and torchvision build when given `norm_layer=torch.nn.Identity`: ResNet exports
+load with `timm.create_model(model, num_classes=0, norm_layer=torch.nn.Identity, ...)`.
+
 Export. `export_backbone` writes `backbone.safetensors` (the headless model's state dict, nothing
 else) and `backbone.json` (how to rebuild it). The weights load without this package: with
 `timm.create_model(model, num_classes=0, checkpoint_path="backbone.safetensors")` for timm
@@ -138,8 +142,10 @@ class Backbone(nn.Module):
         input_conv_rule: str = "none",
         removed_head: tuple[str, ...] = (),
         model_kwargs: dict[str, Any] | None = None,
+        batchnorm: bool = True,
     ):
         super().__init__()
+        self.batchnorm = batchnorm
         self.name = name
         self.source, self.model_name = name.split(":", 1)
         self.model = model
@@ -180,6 +186,7 @@ def create_backbone(
     std: tuple[float, ...] | None = None,
     stem: str = "auto",
     pretrained: bool = False,
+    batchnorm: bool = True,
     **model_kwargs: Any,
 ) -> Backbone:
     """Build a headless backbone; see the module docstring for names, channels and stems.
@@ -200,6 +207,8 @@ def create_backbone(
     stem = resolve_stem(stem, built.model, input_size, name)
     if stem == "small":
         use_small_stem(built.model, in_chans)
+    if not batchnorm:
+        remove_batchnorm(built.model, name)
     preprocessing = Preprocessing(
         input_size=int(input_size or built.input_size),
         in_chans=in_chans,
@@ -214,7 +223,18 @@ def create_backbone(
         input_conv_rule="small_stem" if stem == "small" else built.input_conv_rule,
         removed_head=built.removed_head,
         model_kwargs=model_kwargs,
+        batchnorm=batchnorm,
     )
+
+
+def remove_batchnorm(model: nn.Module, name: str) -> None:
+    """Every BatchNorm layer (1d/2d/3d, SyncBatchNorm) becomes `nn.Identity`, in place."""
+    found = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not found:
+        raise SSLPipelineError(f"{name} has no BatchNorm layers to remove; set "
+                               "backbone.batchnorm: true (the default) for this model")
+    for dotted in found:
+        _set_submodule(model, dotted, nn.Identity())
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -489,6 +509,7 @@ def backbone_record(backbone: Backbone) -> dict[str, Any]:
         "source": backbone.source,
         "model": backbone.model_name,
         "stem": backbone.stem,
+        "batchnorm": backbone.batchnorm,
         "in_chans": p.in_chans,
         "feature_dim": backbone.feature_dim,
         "input_size": p.input_size,
@@ -566,6 +587,7 @@ def _load_export(weights: Path, record_path: Path, name: str | None, create_kwar
         "mean": tuple(record["mean"]),
         "std": tuple(record["std"]),
         "stem": record["stem"],
+        "batchnorm": record.get("batchnorm", True),
         **record["model_kwargs"],
         **create_kwargs,
     }

@@ -1,8 +1,11 @@
-"""Several runs side by side: comparison.md, comparison.html, comparison.json and one plot.
+"""Several runs side by side: comparison.md, comparison.html, comparison.json and plots.
 
 One row per run and one column per stage and metric, as in the tables of the ImageNet
 literature (k-NN top-1, linear probe top-1 ± std, fine-tuning at 1% / 10% / 100% labels,
 few-shot accuracy, pretraining epochs and time), then the runs' baselines as reference rows.
+Below it, the pretraining curves of the runs on common axes (`plots/curves.png` and one table
+per curve): training loss per epoch, the online monitor's validation k-NN top-1 against
+pretraining time, and a classifier head's validation accuracy per epoch where there is one.
 Everything is read from the files the runs already wrote; nothing is rerun, and nothing is
 written into the run directories. A run that failed or has not finished yet is a row saying so.
 """
@@ -28,6 +31,13 @@ _STAGE_LABELS = {"knn": "k-NN", "linear_probe": "linear probe", "finetune": "fin
                  "few_shot": "few-shot"}
 _STAGE_ORDER = ("knn", "linear_probe", "finetune", "few_shot")
 _PLOT_NAME = "comparison_top1.png"
+_CURVES_NAME = "curves.png"
+# pretraining curve key -> (title, y label); x is the epoch, or the minutes for k-NN top-1
+_CURVES = {
+    "loss": ("Training loss per epoch", "training loss"),
+    "knn_top1": ("Validation k-NN top-1 against pretraining time", "val k-NN top-1"),
+    "val_accuracy": ("Validation accuracy per epoch (classifier head)", "val accuracy"),
+}
 
 
 @dataclass(frozen=True)
@@ -77,7 +87,8 @@ def write_comparison(
     _check_out_dir(out, runs)
     table = comparison_table(runs)
     out.mkdir(parents=True, exist_ok=True)
-    plots = _write_plot(out, table)
+    table["curves"] = pretrain_curves(runs)
+    plots = _write_plot(out, table) + _write_curves_plot(out, table["curves"])
     paths = {"md": out / "comparison.md", "html": out / "comparison.html",
              "json": out / "comparison.json"}
     table["title"] = title or f"Comparison of {_count_runs(table)}"
@@ -358,9 +369,85 @@ def _write_plot(out: Path, table: dict) -> list[Path]:
     return [out / "plots" / _PLOT_NAME]
 
 
+def pretrain_curves(runs: list[Run]) -> dict[str, dict]:
+    """Run label -> its pretraining curve (pretrain.py's `epoch_curve` columns), for the runs
+    whose pretraining finished and recorded one."""
+    curves = {}
+    for run in runs:
+        curve = (run.results.get("pretrain") or {}).get("curve")
+        if isinstance(curve, dict) and curve.get("epoch"):
+            curves[run.label] = curve
+    return curves
+
+
+def _curve_points(curve: dict, key: str, x: str) -> tuple[list, list]:
+    points = [(xv, yv) for xv, yv in zip(curve.get(x, []), curve.get(key, [])) if yv is not None]
+    return ([p[0] for p in points], [p[1] for p in points]) if points else ([], [])
+
+
+def _write_curves_plot(out: Path, curves: dict[str, dict]) -> list[Path]:
+    """One panel per curve any run has; one line per run."""
+    keys = [k for k in _CURVES if any(_curve_points(c, k, "epoch")[0] for c in curves.values())]
+    if not keys:
+        return []
+    fig = _new_figure(5.0 * len(keys) + 1.0, 4.2)
+    axes = fig.subplots(1, len(keys), squeeze=False)[0]
+    for ax, key in zip(axes, keys):
+        title, ylabel = _CURVES[key]
+        for label, curve in curves.items():
+            if key == "knn_top1":
+                x, y = _curve_points(curve, key, "seconds")
+                x = [v / 60 for v in x]
+            else:
+                x, y = _curve_points(curve, key, "epoch")
+            if x:
+                ax.plot(x, y, marker="o", markersize=3, label=label)
+        ax.set(title=title, ylabel=ylabel, xlabel="pretraining minutes" if key == "knn_top1" else "epoch")
+        ax.title.set_fontsize(9)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(4, len(labels)), fontsize=8)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    (out / "plots").mkdir(exist_ok=True)
+    write_bytes_atomic(out / "plots" / _CURVES_NAME, buffer.getvalue())
+    return [out / "plots" / _CURVES_NAME]
+
+
+def curve_tables(curves: dict[str, dict]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, header, rows) per curve key any run has: one row per run, one column per epoch;
+    k-NN cells also give the pretraining minutes at which they were measured."""
+    tables = []
+    for key, (title, _) in _CURVES.items():
+        rows = []
+        for label, curve in curves.items():
+            values = dict(zip(curve["epoch"], curve.get(key) or []))
+            minutes = dict(zip(curve["epoch"], curve.get("seconds") or []))
+            if any(v is not None for v in values.values()):
+                rows.append((label, values, minutes))
+        if not rows:
+            continue
+        epochs = sorted({e for _, values, _ in rows for e in values})
+        header = ["run"] + [f"epoch {e}" for e in epochs]
+        body = []
+        for label, values, minutes in rows:
+            cells = []
+            for e in epochs:
+                value = values.get(e)
+                text = _fmt(value)
+                if key == "knn_top1" and value is not None and minutes.get(e) is not None:
+                    text += f" ({minutes[e] / 60:.1f} min)"
+                cells.append(text)
+            body.append([label] + cells)
+        tables.append((title, header, body))
+    return tables
+
+
 # ---------------------------------------------------------------- rendering
 
 
+_CURVES_LEGEND = ("Measured during pretraining on the validation split (never test): the "
+                  "online monitor's k-NN top-1 (with the pretraining minutes it was reached at, "
+                  "monitor time included) and a classifier head's accuracy, where the run has them.")
 _LEGEND = ("Test accuracies as fractions; ± is the standard deviation over seeds. "
            "The best value per column among the runs is in bold; baseline rows are references "
            "and not ranked. — means the run has no such value.")
@@ -391,6 +478,12 @@ def _render_md(table: dict, plots: list[Path], out: Path) -> str:
                   else _cell_text(row["cells"][c.key]) for c in table["columns"]]
         lines.append("| " + " | ".join(cell(v) for v in [row["label"], _status_text(row), *values])
                      + " |")
+    tables = curve_tables(table.get("curves") or {})
+    if tables:
+        lines += ["", "## Pretraining curves", "", _CURVES_LEGEND]
+    for title, header, body in tables:
+        lines += ["", f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in body]
     lines += ["", "## Run directories", ""]
     lines += [f"- {row['label']}: `{row['run_dirs'][0]}`" for row in _run_rows(table)]
     if plots:
@@ -411,11 +504,26 @@ def _render_html(table: dict, plots: list[Path]) -> str:
              f"<p>{html.escape(_LEGEND)}</p>",
              f'<table id="comparison">\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n'
              "</tbody></table>",
+             *_html_curve_tables(table.get("curves") or {}),
              f"<h2>Run directories</h2>\n<table>\n{dirs}\n</table>"]
     if plots:
         parts.append("<h2>Plots</h2>\n" + "\n".join(_html_image(p) for p in plots))
     parts.append("</body></html>\n")
     return "\n".join(parts)
+
+
+def _html_curve_tables(curves: dict[str, dict]) -> list[str]:
+    tables = curve_tables(curves)
+    if not tables:
+        return []
+    parts = ["<h2>Pretraining curves</h2>", f"<p>{html.escape(_CURVES_LEGEND)}</p>"]
+    for title, header, body in tables:
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+        rows = "\n".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>"
+                         for row in body)
+        parts.append(f"<h3>{html.escape(title)}</h3>\n<table class=\"curve\">\n<thead><tr>{head}"
+                     f"</tr></thead>\n<tbody>\n{rows}\n</tbody></table>")
+    return parts
 
 
 def _html_row(table: dict, row: dict) -> str:
@@ -448,4 +556,5 @@ def _table_json(table: dict) -> dict:
                     if row["cells"][c.key][1] is not None},
             "best": [c.key for c in columns if c.key in row["best"]],
         } for row in table["rows"]],
+        "curves": table.get("curves") or {},
     }

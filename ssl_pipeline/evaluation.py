@@ -86,7 +86,7 @@ def random_init_like(backbone: Backbone, seed: int, ctx: RunContext) -> Backbone
         p = backbone.preprocessing
         fresh = create_backbone(
             backbone.name, in_chans=p.in_chans, input_size=p.input_size, mean=p.mean, std=p.std,
-            stem=backbone.stem, **backbone.model_kwargs,
+            stem=backbone.stem, batchnorm=backbone.batchnorm, **backbone.model_kwargs,
         ).eval()
         for module in fresh.modules():
             weight = getattr(module, "weight", None)

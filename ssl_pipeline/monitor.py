@@ -1,7 +1,8 @@
 """The online monitor: k-NN top-1 on the validation split every N epochs during pretraining.
 
 It is the same for every method (a supervised backbone is judged exactly like an SSL one) and
-is what `export: best` and the `best` checkpoint select on.
+is what `export: best` and the `best` checkpoint select on. A method with a classification
+head (the supervised baseline) also gets its head's validation accuracy, from the same features.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from ssl_pipeline.evals.knn import knn_top1
 from ssl_pipeline.features import extract_features
 
 MONITOR_KEY = "monitor/knn_top1"
+VAL_ACCURACY_KEY = "monitor/val_accuracy"
 
 
 class OnlineKNNMonitor(pl.Callback):
@@ -32,6 +34,7 @@ class OnlineKNNMonitor(pl.Callback):
         self.k = k
         self.temperature = temperature
         self.by_epoch: dict[int, float] = {}  # epoch (1-based) -> top-1, only where measured
+        self.val_accuracy_by_epoch: dict[int, float] = {}  # the same, for a classifier's head
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch + 1
@@ -47,3 +50,11 @@ class OnlineKNNMonitor(pl.Callback):
         top1 = float(trainer.strategy.broadcast(top1, src=0))
         pl_module.log(MONITOR_KEY, top1, on_epoch=True, sync_dist=True)
         self.by_epoch[epoch] = top1
+        if getattr(pl_module, "needs_labels", False) and hasattr(pl_module, "head"):
+            with torch.no_grad():
+                head = pl_module.head
+                logits = head(torch.as_tensor(val, device=device, dtype=head.weight.dtype))
+            correct = (logits.argmax(1).cpu() == torch.as_tensor(val_labels)).float().mean()
+            accuracy = float(trainer.strategy.broadcast(float(correct), src=0))
+            pl_module.log(VAL_ACCURACY_KEY, accuracy, on_epoch=True, sync_dist=True)
+            self.val_accuracy_by_epoch[epoch] = accuracy

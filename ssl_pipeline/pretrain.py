@@ -51,10 +51,12 @@ def build_backbone(recipe: Recipe, ctx: RunContext) -> Backbone:
         std=tuple(data["std"]),
         stem=recipe.backbone.stem,
         pretrained=recipe.backbone.pretrained,
+        batchnorm=recipe.backbone.batchnorm,
         **recipe.backbone.kwargs,
     )
     if recipe.backbone.weights:
-        start = load_backbone(recipe.backbone.weights, name=recipe.backbone.name, stem=backbone.stem)
+        start = load_backbone(recipe.backbone.weights, name=recipe.backbone.name, stem=backbone.stem,
+                              batchnorm=backbone.batchnorm)
         backbone.model.load_state_dict(start.model.state_dict())
     return backbone
 
@@ -296,11 +298,30 @@ def finish_pretrain(ctx, method, trainer, checkpoint, progress, seconds, loader_
         "monitor_knn_top1_by_epoch": {str(h["epoch"]): h["knn_top1"] for h in progress.history
                                       if "knn_top1" in h},
         "best_monitor_knn_top1": _best(checkpoint),
+        "curve": epoch_curve(progress.history),
         "exported_checkpoint": exported,
         "backbone": str(Path(ctx.run_dir) / "backbone.safetensors"),
         "max_minutes": ctx.recipe.pretrain.max_minutes,
         "stopped_by_budget": time_ran_out(trainer),
     }
+
+
+def epoch_curve(history: list[dict[str, float]]) -> dict[str, list]:
+    """The per-epoch history as columns: `epoch`, `seconds` (wall time since the stage started,
+    online monitor included), `loss` and, where measured, `knn_top1` and `val_accuracy` (None
+    on epochs the monitor skipped). An epoch resumed from a checkpoint is not in the history."""
+    def column(key: str, digits: int) -> list:
+        return [None if h.get(key) is None else round(float(h[key]), digits) for h in history]
+
+    elapsed, total = [], 0.0
+    for h in history:
+        total += h["seconds"]
+        elapsed.append(round(total, 1))
+    curve = {"epoch": [int(h["epoch"]) for h in history], "seconds": elapsed}
+    for key in ("loss", "knn_top1", "val_accuracy"):
+        if any(h.get(key) is not None for h in history):
+            curve[key] = column(key, 5)
+    return curve
 
 
 def _best(checkpoint: ModelCheckpoint) -> float | None:

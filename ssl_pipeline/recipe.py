@@ -94,6 +94,8 @@ class BackboneConfig(Strict):
     name: str = "timm:resnet18"
     # small: 3x3 stride-1 stem without max-pool, for 28-64 px inputs (ResNet family).
     stem: Literal["auto", "default", "small"] = "auto"
+    # false: every BatchNorm layer becomes Identity (the batch-norm ablation; see backbones.py)
+    batchnorm: bool = True
     pretrained: bool = False  # timm/torchvision weights: needs internet
     weights: str | None = None  # a local weights file to start from
     kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to the model constructor

@@ -276,7 +276,7 @@ def _stages_done(run_dir: Path, stages: list[str]) -> bool:
 # results.json, not in the suite's summary.
 _DETAIL = {"by_seed", "per_class_accuracy", "confusion_matrix", "class_names", "grid",
            "test_metrics", "val_top1_by_epoch", "monitor_knn_top1_by_epoch", "loss_by_epoch",
-           "backbone"}
+           "backbone", "curve"}
 
 
 def headline(tree: Any) -> Any:
@@ -321,6 +321,9 @@ def variant_summary(recipe: Recipe, run_dir: Path, outcome: dict[str, Any] | Non
         "seconds": round(sum(s["seconds"] or 0 for s in stages.values()), 2),
         "stages": stages,
     }
+    curve = (results.get("pretrain") or {}).get("curve")
+    if curve and state.get("pretrain", {}).get("status") == "done":
+        summary["curve"] = curve  # per epoch: a few numbers each, what ablation plots need
     if outcome.get("error"):
         summary["error"] = outcome["error"]
     return {**summary, "baselines": baselines} if baselines else summary

@@ -319,6 +319,8 @@ class EpochProgress(pl.Callback):
         record |= {name: metrics[key].item() for key, name in self.SHOWN if key in metrics}
         if self.monitor is not None and record["epoch"] in self.monitor.by_epoch:
             record["knn_top1"] = self.monitor.by_epoch[record["epoch"]]
+        if self.monitor is not None and record["epoch"] in self.monitor.val_accuracy_by_epoch:
+            record["val_accuracy"] = self.monitor.val_accuracy_by_epoch[record["epoch"]]
         self.history.append(record)
         if trainer.is_global_zero and not self.quiet:
             parts = [f"epoch {record['epoch']}/{trainer.max_epochs}"]

@@ -172,6 +172,32 @@ def test_timm_loads_our_export_with_checkpoint_path(tmp_path):
         assert torch.equal(load_backbone(path)(x), backbone(x))  # the file path works too
 
 
+@pytest.mark.parametrize("name", ["timm:resnet18", "torchvision:resnet18"])
+def test_without_batchnorm_round_trips_and_loads_with_identity_norm_layer(name, tmp_path):
+    backbone = create_backbone(name, input_size=32, stem="default", batchnorm=False).eval()
+    norms = [m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert not norms and not backbone.batchnorm
+    assert not any("bn" in key or "downsample.1" in key for key in backbone.model.state_dict())
+    path = export_backbone(backbone, tmp_path)
+    assert json.loads((tmp_path / "backbone.json").read_text())["batchnorm"] is False
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(load_backbone(path)(x), backbone(x))
+        if name.startswith("timm:"):  # what the module docstring promises
+            model = timm.create_model("resnet18", num_classes=0, norm_layer=nn.Identity,
+                                      checkpoint_path=str(path)).eval()
+        else:
+            model = torchvision.models.resnet18(norm_layer=nn.Identity)
+            model.fc = nn.Identity()
+            model.load_state_dict(safetensors.torch.load_file(path))
+        assert torch.equal(model.eval()(x), backbone(x))
+
+
+def test_removing_batchnorm_from_a_model_without_it_is_an_error():
+    with pytest.raises(SSLPipelineError, match="no BatchNorm layers.*backbone.batchnorm: true"):
+        create_backbone("timm:vit_tiny_patch16_224", img_size=32, input_size=32, batchnorm=False)
+
+
 def test_torchvision_recipe_loads_our_export(tmp_path, monkeypatch):
     backbone = create_backbone("torchvision:resnet18", input_size=32, stem="default").eval()
     export_backbone(backbone, tmp_path)

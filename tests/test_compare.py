@@ -200,6 +200,40 @@ def test_html_is_self_contained_and_plot_is_a_png(tmp_path):
     assert sorted(p.name for p in a.iterdir()) == ["recipe.yaml", "results.json", "run_state.json"]
 
 
+def test_pretraining_curves_plotted_and_tabulated_per_epoch(tmp_path):
+    with_aug, without = _results(), _results()
+    with_aug["pretrain"]["curve"] = {"epoch": [1, 2, 3], "seconds": [30.0, 60.0, 90.0],
+                                     "loss": [2.0, 1.2, 0.9], "knn_top1": [0.6, None, 0.7],
+                                     "val_accuracy": [0.7, 0.8, 0.85]}
+    without["pretrain"]["curve"] = {"epoch": [1, 2], "seconds": [20.0, 40.0],
+                                    "loss": [1.5, 0.4], "val_accuracy": [0.75, 0.74]}
+    a = _make_run(tmp_path / "a", _recipe(method="supervised"), with_aug)
+    b = _make_run(tmp_path / "b", _recipe(method="supervised"), without)
+    out = write_comparison([a, b], tmp_path / "cmp", labels=["with", "without"])
+    curves = tmp_path / "cmp" / "plots" / "curves.png"
+    assert curves in out["plots"] and curves.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    md = out["md"].read_text()
+    section = md.split("## Pretraining curves", 1)[1].split("## Run directories")[0]
+    loss = section.split("### Training loss per epoch", 1)[1].split("###")[0]
+    assert "| run | epoch 1 | epoch 2 | epoch 3 |" in loss
+    assert "| with | 2 | 1.2 | 0.9 |" in loss and "| without | 1.5 | 0.4 | — |" in loss
+    knn = section.split("against pretraining time", 1)[1].split("###")[0]
+    assert "| with | 0.6 (0.5 min) | — | 0.7 (1.5 min) |" in knn and "without" not in knn
+    assert "| without | 0.75 | 0.74 | — |" in section.split("(classifier head)", 1)[1]
+    assert "![curves](plots/curves.png)" in md
+    page = out["html"].read_text()
+    assert "<h2>Pretraining curves</h2>" in page and page.count('<table class="curve">') == 3
+    data = json.loads(out["json"].read_text())
+    assert data["curves"]["without"]["loss"] == [1.5, 0.4]
+
+
+def test_no_curves_section_without_recorded_curves(tmp_path):
+    a, b = _two_runs(tmp_path)
+    out = write_comparison([a, b], tmp_path / "cmp")
+    assert "Pretraining curves" not in out["md"].read_text()
+    assert not (tmp_path / "cmp" / "plots" / "curves.png").exists()
+
+
 def test_no_plot_when_no_run_has_results(tmp_path):
     run = _make_run(tmp_path / "run", results=False, stages={})
     out = write_comparison([run], tmp_path / "cmp")

@@ -157,6 +157,15 @@ def test_suite_run_writes_variant_dirs_comparison_and_a_small_summary(finished_s
     assert "top1_std" in probe and simclr["stages"]["pretrain"]["stopped_by_budget"] is False
     assert simclr["baselines"]["random_init"]["knn"]["top1"] is not None
     assert summary["variants"]["supervised"]["method"] == "supervised"
+    # per-epoch curves, for ablation plots: the monitor's k-NN, and the head's val accuracy
+    # for the supervised variant only
+    curve = simclr["curve"]
+    assert curve["epoch"] == [1] and curve["seconds"][0] > 0 and len(curve["loss"]) == 1
+    assert 0 <= curve["knn_top1"][0] <= 1 and "val_accuracy" not in curve
+    assert 0 <= summary["variants"]["supervised"]["curve"]["val_accuracy"][0] <= 1
+    assert "curve" not in summary["variants"]["broken"]
+    assert "## Pretraining curves" in (out / "comparison.md").read_text()
+    assert (out / "plots" / "curves.png").is_file()
 
 
 def test_a_failing_variant_is_reported_and_the_others_finish(finished_suite):
