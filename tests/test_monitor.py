@@ -62,7 +62,7 @@ def test_knn_and_head_accuracy_measured_on_the_validation_split():
 
 
 def test_ssl_methods_get_no_head_accuracy_and_skipped_epochs_are_not_measured():
-    bank, val, head = _data()
+    bank, val, _ = _data()
     monitor = OnlineKNNMonitor(bank, val, num_classes=2, every_n_epochs=2, k=2)
     module = _Module(None, needs_labels=False)
     monitor.on_train_epoch_end(_trainer(1), module)
