@@ -8,6 +8,8 @@ pixels where images are small. A supervised-pretrained backbone is evaluated lik
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -18,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+import ssl_pipeline
+from ssl_pipeline.atomic import write_text_atomic
 from ssl_pipeline.backbones import Backbone, create_backbone, load_backbone
 from ssl_pipeline.data import TransformedDataset
 from ssl_pipeline.data.transforms import eval_transform, fit_views, supervised_train_transform
@@ -168,7 +172,10 @@ def evaluate_subjects(ctx: RunContext, stage: str, evaluate) -> dict[str, Any]:
     require_labels(ctx, stage)
     main = {}
     for subject in subjects(ctx):
-        result = evaluate(ctx, subject)
+        if subject.name == "backbone":
+            result = evaluate(ctx, subject)
+        else:
+            result = baseline_result(ctx, stage, subject, evaluate)
         if result is None:
             continue
         if subject.name == "backbone":
@@ -177,6 +184,45 @@ def evaluate_subjects(ctx: RunContext, stage: str, evaluate) -> dict[str, Any]:
         else:
             ctx.baselines.setdefault(subject.name, {})[stage] = result
     return main
+
+
+def baseline_result(ctx: RunContext, stage: str, subject: Subject, evaluate) -> dict[str, Any] | None:
+    """A baseline's result for `stage`, reused from `<eval.cache_dir>/baselines/` when an
+    earlier run evaluated exactly this baseline (same weights, data splits, eval transform,
+    evaluation settings, seed and precision), e.g. the other variants of a suite; computed and
+    stored otherwise. Reused results carry `"reused": true`. `eval.reuse_baselines: false`
+    always recomputes."""
+    if not ctx.recipe.eval.reuse_baselines:
+        return evaluate(ctx, subject)
+    path = Path(ctx.recipe.eval.cache_dir) / "baselines" / f"{baseline_key(ctx, stage, subject)}.json"
+    if path.is_file():
+        try:
+            return {**json.loads(path.read_text()), "reused": True}
+        except (OSError, json.JSONDecodeError):
+            pass  # a torn entry: computed again and rewritten below
+    result = evaluate(ctx, subject)
+    if result is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps(result))
+    return result
+
+
+def baseline_key(ctx: RunContext, stage: str, subject: Subject) -> str:
+    """Everything a baseline's result depends on, hashed."""
+    recipe = ctx.recipe
+    parts = {
+        "stage": stage,
+        "subject": subject.name,
+        "weights": "none" if subject.backbone is None else weights_hash(subject.backbone),
+        "transform": repr(transform_for(subject, ctx)),
+        "splits": ctx.resolved.data.get("split_hashes"),
+        "eval": recipe.eval.model_dump(mode="json", exclude={"backbone", "baselines", "cache_dir",
+                                                             "reuse_baselines"}),
+        "seed": recipe.seed,
+        "precision": ctx.resolved.precision,
+        "version": ssl_pipeline.__version__,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
 def map_embeddings(ctx: RunContext, subject: Subject) -> None:

@@ -214,6 +214,9 @@ class EvalConfig(Strict):
         default_factory=lambda: ["random_init", "raw_pixels"]
     )
     raw_pixels_max_dims: int = Field(4096, ge=1)
+    # A baseline evaluated before with exactly the same weights, data, transform and settings
+    # (the other variants of a suite, a re-run) is read from <cache_dir>/baselines/, not redone.
+    reuse_baselines: bool = True
     seeds: int = Field(3, ge=1)  # linear probe and label-fraction repeats
     batch_size: int = Field(256, ge=1)  # feature extraction
     cache_dir: str = "data/cache/features"

@@ -82,6 +82,38 @@ def test_features_are_cached_and_reused(evaluated_run, tmp_path):
     assert again.results["knn"]["top1"] == result.results["knn"]["top1"]
 
 
+def test_baselines_are_reused_across_runs_only_when_everything_matches(tiny_overrides, tmp_path):
+    cache = tmp_path / "cache"
+    base = [*tiny_overrides, "stages=[pretrain, knn, linear_probe]", "pretrain.epochs=1",
+            "eval.seeds=2", "eval.linear_probe.epochs=3", f"eval.cache_dir={cache}"]
+
+    def run(name, *extra):
+        result = ssl_pipeline.run(QUICKSTART, overrides=[*base, *extra], out_dir=tmp_path / name,
+                                  quiet=True)
+        return result.results["baselines"]
+
+    first = run("first")
+    assert not any("reused" in r for b in first.values() for r in b.values())
+    assert len(list((cache / "baselines").glob("*.json"))) == 4  # 2 baselines x 2 stages
+    # another method (a suite's next variant): the same baselines, read back, not recomputed
+    second = run("second", "method.name=supervised")
+    for name, stages in first.items():
+        for stage, result in stages.items():
+            assert second[name][stage] == {**result, "reused": True}
+    # a different evaluation setting is a different baseline; reuse can be switched off
+    third = run("third", "eval.seeds=3")
+    assert third["random_init"]["linear_probe"]["seeds"] == 3
+    assert not any("reused" in r for b in third.values() for r in b.values())
+    fourth = run("fourth", "eval.reuse_baselines=false")
+    assert not any("reused" in r for b in fourth.values() for r in b.values())
+    # a torn entry is recomputed, not an error
+    for entry in (cache / "baselines").glob("*.json"):
+        entry.write_text("{")
+    fifth = run("fifth")
+    assert fifth["raw_pixels"]["knn"]["top1"] == first["raw_pixels"]["knn"]["top1"]
+    assert "reused" not in fifth["raw_pixels"]["knn"]
+
+
 def test_cache_key_changes_with_weights_transform_and_split(tmp_path):
     torch.manual_seed(0)
     a = create_backbone("timm:resnet18", in_chans=1, input_size=8)
