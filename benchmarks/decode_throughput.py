@@ -42,7 +42,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a file: make the `benchmarks` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.machine import BenchmarkRun, RESULTS_DIR
+from benchmarks.machine import BenchmarkRun, benchmark_parser, RESULTS_DIR
 
 SIZE = 224
 BATCH = 32
@@ -177,13 +177,10 @@ def print_case(case: dict) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a seconds-long smoke configuration")
+    p = benchmark_parser(__doc__)
     p.add_argument("--images", type=int, default=500, help="JPEG files to write and read")
     p.add_argument("--workers", default="0,1,2", help="DataLoader worker counts to measure")
     p.add_argument("--repeats", type=int, default=3, help="timed passes per path (median counts)")
-    p.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/)")
     if p.parse_known_args(argv)[0].quick:  # smaller defaults; values given explicitly still win
         p.set_defaults(images=64, workers="0,1", repeats=1)
     args = p.parse_args(argv)

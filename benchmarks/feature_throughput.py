@@ -52,7 +52,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a file: make the `benchmarks` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.machine import BenchmarkRun, RESULTS_DIR
+from benchmarks.machine import BenchmarkRun, benchmark_parser, RESULTS_DIR
 from benchmarks.pretrain_throughput import write_image_folder
 
 REFERENCE_WORKERS = 2  # what users write; this machine has 2 cores
@@ -370,14 +370,11 @@ def print_case(c: dict) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a seconds-long smoke configuration")
+    p = benchmark_parser(__doc__)
     p.add_argument("--images-28", type=int, default=2000, help="Fashion-MNIST test images")
     p.add_argument("--images-224", type=int, default=384, help="224 px JPEGs in the test split")
     p.add_argument("--rounds", type=int, default=3, help="timed passes per side (median reported)")
     p.add_argument("--sizes", default="28,224", help="which cases to run: 28, 224 or both")
-    p.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/)")
     if p.parse_known_args(argv)[0].quick:  # smaller defaults; sizes given explicitly still win
         p.set_defaults(images_28=96, images_224=8, rounds=1)
     args = p.parse_args(argv)

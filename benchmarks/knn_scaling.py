@@ -39,7 +39,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a file: make the `benchmarks` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.machine import BenchmarkRun, RESULTS_DIR, memory_available_bytes
+from benchmarks.machine import BenchmarkRun, benchmark_parser, RESULTS_DIR, memory_available_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 MIB = 2**20
@@ -311,9 +311,7 @@ def print_curve(points: list[dict]) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     ints = lambda text: [int(v) for v in text.split(",") if v]  # noqa: E731
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a seconds-long smoke configuration")
+    p = benchmark_parser(__doc__)
     p.add_argument("--bank", type=int, default=60_000, help="bank rows of the comparison")
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--queries", type=int, default=10_000)
@@ -331,7 +329,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--curve-queries", type=ints, default=[10_000, 5_000, 2_000],
                    help="queries per curve point (one value for all); fewer at 1M keep the "
                         "default run to a few minutes (time is linear in queries)")
-    p.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     if p.parse_known_args(argv)[0].quick:  # smaller defaults; sizes given explicitly still win
         p.set_defaults(bank=5_000, dim=64, queries=500, curve_banks=[2_000, 8_000], curve_dim=128,

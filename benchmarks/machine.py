@@ -1,7 +1,9 @@
-"""What a benchmark figure was measured on: CPU, cores and threads, library versions, date."""
+"""What a benchmark figure was measured on (CPU, cores and threads, library versions, date),
+the arguments every benchmark takes, and the result file they all write."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -54,6 +56,15 @@ def write_result(payload: dict, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+def benchmark_parser(doc: str, quick_help: str = "a seconds-long smoke configuration") -> argparse.ArgumentParser:
+    """The arguments every benchmark takes: --quick and --out (the script adds its own)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/)")
+    return p
 
 
 class BenchmarkRun:

@@ -50,7 +50,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a file: make the `benchmarks` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.machine import BenchmarkRun, RESULTS_DIR
+from benchmarks.machine import BenchmarkRun, benchmark_parser, RESULTS_DIR
 
 REFERENCE_WORKERS = 2  # lightly's examples use DataLoader workers; this machine has 2 cores
 SGD_LR, SGD_MOMENTUM, SGD_WEIGHT_DECAY = 0.06, 0.9, 5e-4  # our pretrain defaults (and lightly's)
@@ -297,16 +297,13 @@ def print_case(c: dict) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a seconds-long smoke configuration")
+    p = benchmark_parser(__doc__)
     p.add_argument("--batch-28", type=int, default=128, help="global batch at 28 px")
     p.add_argument("--steps-28", type=int, default=8, help="timed steps at 28 px")
     p.add_argument("--batch-224", type=int, default=32, help="global batch at 224 px")
     p.add_argument("--steps-224", type=int, default=4, help="timed steps at 224 px")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones")
     p.add_argument("--sizes", default="28,224", help="which cases to run: 28, 224 or both")
-    p.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/)")
     if p.parse_known_args(argv)[0].quick:  # smaller defaults; sizes given explicitly still win
         p.set_defaults(batch_28=16, steps_28=2, batch_224=4, steps_224=2, warmup=1)
     args = p.parse_args(argv)

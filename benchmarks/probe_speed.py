@@ -37,7 +37,7 @@ import torch
 if __package__ in (None, ""):  # run as a file: make the `benchmarks` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.machine import BenchmarkRun, RESULTS_DIR
+from benchmarks.machine import BenchmarkRun, benchmark_parser, RESULTS_DIR
 from ssl_pipeline import create_backbone
 from ssl_pipeline.data import TransformedDataset, build_dataset
 from ssl_pipeline.data.base import stratified_subsample
@@ -172,9 +172,7 @@ def extrapolate(ours: dict, lightly: dict, epochs: int, target: int) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a smoke configuration, under a minute")
+    p = benchmark_parser(__doc__, "a smoke configuration, under a minute")
     # small sets, so that lightly's side can run the full 100 epochs (the recipe's default and
     # lightly's linear-eval benchmarks') in ~11 minutes on 2 cores: it re-runs the backbone on
     # train and val every epoch
@@ -185,7 +183,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None,
                    help="both probes' batch size (default: the recipe's eval.linear_probe.batch_size)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/)")
     if p.parse_known_args(argv)[0].quick:  # smaller defaults; sizes given explicitly still win
         p.set_defaults(train=256, val=128, test=256, epochs=1)
     args = p.parse_args(argv)

@@ -24,8 +24,8 @@ from ssl_pipeline.data.transforms import (
     ssl_views_transform,
     supervised_train_transform,
 )
+from ssl_pipeline.budget import time_ran_out
 from ssl_pipeline.errors import SSLPipelineError
-from ssl_pipeline.evals.finetune import time_ran_out
 from ssl_pipeline.methods import OptimSettings, PretrainMethod, methods
 from ssl_pipeline.monitor import MONITOR_KEY, OnlineKNNMonitor
 from ssl_pipeline.progress import on_terminal

@@ -17,13 +17,13 @@ normal 1.96 would be too narrow (t = 2.78). The interval is None for a single se
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 
 import numpy as np
 from scipy import stats
 from sklearn.linear_model import LogisticRegression
 
+from ssl_pipeline.budget import Deadline
 from ssl_pipeline.errors import SSLPipelineError
 from ssl_pipeline.evals.knn import knn_classify, l2_normalized
 from ssl_pipeline.evals.subsets import balanced_subset
@@ -73,12 +73,12 @@ def few_shot(
     train_x, test_x = l2_normalized(train_x), l2_normalized(test_x)
     train_y, test_y = np.asarray(train_y), np.asarray(test_y)
     by_shots = {}
-    deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
+    deadline = Deadline(max_minutes)
     out_of_time = False
     for n in shots:
         top1 = {name: [] for name in classifiers}
         for seed in progress_bar(range(seeds), progress and f"{progress} {n}-shot"):
-            out_of_time = deadline is not None and time.monotonic() >= deadline
+            out_of_time = deadline.passed
             if out_of_time:
                 break
             idx = balanced_subset(train_y, per_class=n, seed=seed)

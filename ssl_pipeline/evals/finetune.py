@@ -16,6 +16,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from ssl_pipeline.budget import time_ran_out
 from ssl_pipeline.evals.metrics import classification_metrics
 from ssl_pipeline.methods.base import lr_factor, OptimSettings
 
@@ -123,13 +124,6 @@ def finetune(
         "seconds": round(seconds, 2),
         "stopped_by_budget": time_ran_out(trainer),
     }
-
-
-def time_ran_out(trainer: pl.Trainer) -> bool:
-    """True when Lightning's max_time (a `max_minutes` budget) ended training."""
-    timer = next((c for c in trainer.callbacks if isinstance(c, pl.callbacks.Timer)), None)
-    remaining = timer.time_remaining("train") if timer is not None else None
-    return remaining is not None and remaining <= 0
 
 
 @torch.no_grad()
