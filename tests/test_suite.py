@@ -122,6 +122,7 @@ def test_every_suite_in_recipes_validates(path):
     assert recipes and all(r.data.name for r in recipes.values())
 
 
+@pytest.mark.slow  # 5 suites, 21 variants: a few minutes; validation above is in the default tier
 @pytest.mark.parametrize("path", SUITES, ids=[p.name for p in SUITES])
 def test_every_suite_in_recipes_runs_end_to_end_on_tiny_fake_data(path, tmp_path, tiny_overrides):
     cheap = [*tiny_overrides, "pretrain.epochs=1", f"eval.cache_dir={tmp_path / 'cache'}",
