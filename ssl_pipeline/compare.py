@@ -382,7 +382,7 @@ def pretrain_curves(runs: list[Run]) -> dict[str, dict]:
 
 def _curve_points(curve: dict, key: str, x: str) -> tuple[list, list]:
     points = [(xv, yv) for xv, yv in zip(curve.get(x, []), curve.get(key, [])) if yv is not None]
-    return ([p[0] for p in points], [p[1] for p in points]) if points else ([], [])
+    return [p[0] for p in points], [p[1] for p in points]
 
 
 def _write_curves_plot(out: Path, curves: dict[str, dict]) -> list[Path]:

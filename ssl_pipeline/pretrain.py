@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import time
@@ -310,17 +311,11 @@ def epoch_curve(history: list[dict[str, float]]) -> dict[str, list]:
     """The per-epoch history as columns: `epoch`, `seconds` (wall time since the stage started,
     online monitor included), `loss` and, where measured, `knn_top1` and `val_accuracy` (None
     on epochs the monitor skipped). An epoch resumed from a checkpoint is not in the history."""
-    def column(key: str, digits: int) -> list:
-        return [None if h.get(key) is None else round(float(h[key]), digits) for h in history]
-
-    elapsed, total = [], 0.0
-    for h in history:
-        total += h["seconds"]
-        elapsed.append(round(total, 1))
-    curve = {"epoch": [int(h["epoch"]) for h in history], "seconds": elapsed}
+    curve = {"epoch": [int(h["epoch"]) for h in history],
+             "seconds": [round(t, 1) for t in itertools.accumulate(h["seconds"] for h in history)]}
     for key in ("loss", "knn_top1", "val_accuracy"):
         if any(h.get(key) is not None for h in history):
-            curve[key] = column(key, 5)
+            curve[key] = [None if h.get(key) is None else round(float(h[key]), 5) for h in history]
     return curve
 
 
