@@ -23,7 +23,7 @@ from ssl_pipeline.errors import SSLPipelineError
 from ssl_pipeline.methods.base import effective_lr
 from ssl_pipeline.provenance import provenance
 from ssl_pipeline.recipe import Recipe, dump_recipe, load_recipe, recipe_from_dict, read_yaml
-from ssl_pipeline.stages import Resolved, RunContext, is_global_zero, stage_registry
+from ssl_pipeline.stages import Resolved, RunContext, is_global_zero, launched_processes, stage_registry
 from ssl_pipeline.tracking import record_stage, stage_history
 
 __all__ = ["run", "RunResult", "stage_registry"]
@@ -166,6 +166,11 @@ def _recipe_and_dir(recipe, overrides, out_dir, resume) -> tuple[Recipe, Path]:
         raise SSLPipelineError("overrides apply to recipe files; set fields on the Recipe object instead")
     if os.environ.get(RUN_DIR_ENV):  # a DDP worker process: rank 0 chose the directory
         return recipe, Path(os.environ[RUN_DIR_ENV])
+    if out_dir is None and launched_processes() > 1:
+        raise SSLPipelineError(
+            f"{launched_processes()} processes were started by torchrun or srun, and each would "
+            "pick its own run directory; pass the same --out DIR to all of them"
+        )
     if out_dir is not None:
         if any((Path(out_dir) / name).exists() for name in ("results.json", "run_state.json")):
             # Never mix two runs in one directory, and never overwrite what the first one wrote.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import os
 import sys
 import time
 import warnings
@@ -32,6 +31,7 @@ from ssl_pipeline.monitor import MONITOR_KEY, OnlineKNNMonitor
 from ssl_pipeline.progress import on_terminal
 from ssl_pipeline.provenance import provenance
 from ssl_pipeline.recipe import Recipe
+from ssl_pipeline.resume import ResumableSampler, TrainingCheckpoints, resume_checkpoint
 from ssl_pipeline.stages import RunContext, stage_registry
 from ssl_pipeline.tracking import EpochProgress, JSONLLogger, stage_metrics
 
@@ -95,6 +95,8 @@ def train_transform(ctx: RunContext, method: PretrainMethod):
 
 
 def train_loader(ctx: RunContext, method: PretrainMethod) -> torch.utils.data.DataLoader:
+    """Batches of this process's share of each epoch, in an order drawn from the seed and the
+    epoch, each image's views from its own seed: resumable mid-epoch (ssl_pipeline.resume)."""
     res = ctx.resolved
     dataset = TransformedDataset(ctx.data.train, train_transform(ctx, method))
     if len(dataset) < res.per_device_batch_size * res.world_size:
@@ -102,16 +104,26 @@ def train_loader(ctx: RunContext, method: PretrainMethod) -> torch.utils.data.Da
             f"pretrain.batch_size={ctx.recipe.pretrain.batch_size} is larger than the "
             f"{len(dataset)} training images; lower pretrain.batch_size"
         )
-    # drop_last: NT-Xent and BatchNorm behave best with equal batches.
-    return loader(dataset, res.per_device_batch_size, ctx.recipe.data.num_workers, train=True)
+    workers = ctx.recipe.data.num_workers
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=res.per_device_batch_size,
+        sampler=ResumableSampler(len(dataset), ctx.recipe.seed),
+        drop_last=True,  # NT-Xent and BatchNorm behave best with equal batches
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=torch.cuda.is_available(),
+        # Its own generator: making an epoch's iterator must not draw from the global stream
+        # that the device-side views use (a resumed run makes one more iterator).
+        generator=torch.Generator().manual_seed(ctx.recipe.seed),
+    )
 
 
-def loader(dataset, batch_size: int, num_workers: int, train: bool) -> torch.utils.data.DataLoader:
+def loader(dataset, batch_size: int, num_workers: int) -> torch.utils.data.DataLoader:
+    """An evaluation loader: every image once, in order."""
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=train,
-        drop_last=train,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
@@ -125,35 +137,10 @@ def monitor_callback(ctx: RunContext) -> OnlineKNNMonitor | None:
     d = ctx.resolved.data
     transform = eval_transform(d["image_size"], d["mean"], d["std"])
     batch = max(ctx.resolved.per_device_batch_size, 256)
-    bank = loader(TransformedDataset(bundle.train, transform), batch, ctx.recipe.data.num_workers, False)
-    val = loader(TransformedDataset(bundle.val, transform), batch, ctx.recipe.data.num_workers, False)
+    bank = loader(TransformedDataset(bundle.train, transform), batch, ctx.recipe.data.num_workers)
+    val = loader(TransformedDataset(bundle.val, transform), batch, ctx.recipe.data.num_workers)
     return OnlineKNNMonitor(bank, val, bundle.num_classes, p.monitor_every_n_epochs,
                             p.monitor_k, p.monitor_temperature)
-
-
-class SeedPerRank(pl.Callback):
-    """Each process draws its own augmentations: seed + global rank, reproducibly."""
-
-    def __init__(self, seed: int):
-        self.seed = seed
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pl.seed_everything(self.seed + trainer.global_rank, workers=True, verbose=False)
-
-
-class LastCheckpoint(pl.Callback):
-    """checkpoints/last.ckpt after every epoch, written to a temporary file and renamed, so an
-    interrupted save never replaces a good checkpoint with half of one."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        trainer.save_checkpoint(tmp)  # every rank calls it; rank 0 writes
-        if trainer.is_global_zero:
-            os.replace(tmp, self.path)
-        trainer.strategy.barrier("last_checkpoint")
 
 
 class ChannelsLast(pl.Callback):
@@ -198,7 +185,9 @@ def build_trainer(ctx: RunContext, callbacks: list[pl.Callback], loggers: list) 
     strategy = t.strategy
     if strategy == "auto" and res.world_size > 1:
         strategy = "ddp"
+    plugins = slurm_plugins(t.slurm_requeue)
     return pl.Trainer(
+        plugins=plugins or None,
         accelerator=res.accelerator,
         devices=res.devices,
         num_nodes=t.num_nodes,
@@ -218,7 +207,20 @@ def build_trainer(ctx: RunContext, callbacks: list[pl.Callback], loggers: list) 
         enable_progress_bar=not ctx.quiet and on_terminal(sys.stdout),  # bars on terminals only
         enable_model_summary=False,
         num_sanity_val_steps=0,
+        use_distributed_sampler=False,  # ResumableSampler shards the data over the processes
     )
+
+
+def slurm_plugins(requeue: bool) -> list:
+    """Lightning's SLURM environment with auto-requeue on SIGUSR1 when asked and under srun."""
+    from lightning_fabric.plugins.environments import SLURMEnvironment
+
+    if SLURMEnvironment.detect():  # Lightning would requeue by default: only when asked
+        return [SLURMEnvironment(auto_requeue=requeue)]
+    if requeue:
+        warnings.warn("trainer.slurm_requeue is set but this process was not started by SLURM's "
+                      "srun; requeueing is off", stacklevel=2)
+    return []
 
 
 @stage_registry.register("pretrain", "train the backbone with the recipe's method, then export it",
@@ -229,6 +231,7 @@ def pretrain_stage(ctx: RunContext) -> dict[str, Any]:
     backbone = build_backbone(recipe, ctx)
     method = build_method(recipe, backbone, ctx.data.num_classes, ctx.resolved.effective_lr)
     method.device_views = device_views(ctx, method)
+    method.on_nonfinite_loss = recipe.pretrain.on_nonfinite_loss
     if recipe.trainer.compile:
         method.backbone.compile()  # in place: parameter names and exports stay the same
     loader_ = train_loader(ctx, method)
@@ -241,8 +244,11 @@ def pretrain_stage(ctx: RunContext) -> dict[str, Any]:
         save_top_k=1 if monitor else 0, save_last=False, enable_version_counter=False,
     )
     progress = EpochProgress(quiet=ctx.quiet, monitor=monitor)
-    callbacks = [c for c in (monitor, checkpoint, LastCheckpoint(ckpt_dir / "last.ckpt"), progress,
-                             SeedPerRank(recipe.seed)) if c]
+    saver = TrainingCheckpoints(ckpt_dir, loader_.sampler, recipe.seed,
+                                every_n_steps=recipe.pretrain.checkpoint_every_n_steps,
+                                per_device_batch=ctx.resolved.per_device_batch_size,
+                                metrics=ctx.run_dir / "metrics.jsonl", quiet=ctx.quiet)
+    callbacks = [c for c in (monitor, checkpoint, saver, progress) if c]
     if recipe.trainer.channels_last:
         callbacks.append(ChannelsLast())
     loggers = [JSONLLogger(ctx.run_dir / "metrics.jsonl", stage="pretrain")]
@@ -251,8 +257,7 @@ def pretrain_stage(ctx: RunContext) -> dict[str, Any]:
         loggers.append(wandb)
     trainer = build_trainer(ctx, callbacks, loggers)
 
-    last = ckpt_dir / "last.ckpt"
-    resume_from = last if ctx.resuming and last.exists() else None
+    resume_from = resume_checkpoint(ckpt_dir, ctx.run_dir) if ctx.resuming else None
     start = time.time()
     try:
         trainer.fit(method, loader_, ckpt_path=resume_from)
@@ -260,6 +265,7 @@ def pretrain_stage(ctx: RunContext) -> dict[str, Any]:
         if not trainer.is_global_zero:
             return {}
         result = finish_pretrain(ctx, method, trainer, checkpoint, progress, seconds, loader_)
+        result["resumed_from_step"] = (saver.resumed_from or {}).get("global_step")
         if wandb:
             experiment = wandb.experiment
             experiment.summary.update(stage_metrics("pretrain", result, {}))
@@ -304,6 +310,8 @@ def finish_pretrain(ctx, method, trainer, checkpoint, progress, seconds, loader_
         "backbone": str(Path(ctx.run_dir) / "backbone.safetensors"),
         "max_minutes": ctx.recipe.pretrain.max_minutes,
         "stopped_by_budget": time_ran_out(trainer),
+        "skipped_nonfinite_steps": method.skipped_steps,
+        "warnings": list(method.warnings),
     }
 
 

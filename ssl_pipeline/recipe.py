@@ -139,6 +139,12 @@ class PretrainConfig(Strict):
     # Time budget of the whole stage (Lightning's max_time, counted across --resume): training
     # stops there, the backbone is exported and results record `stopped_by_budget`.
     max_minutes: float | None = Field(None, gt=0)
+    # checkpoints/last.ckpt also every N optimizer steps (it is always written at epoch ends):
+    # a killed run resumes from there, mid-epoch, with the same data order and views.
+    checkpoint_every_n_steps: int | None = Field(None, ge=1)
+    # A NaN or infinite loss: stop (exit status 1, checkpoints kept) or skip the step (counted
+    # in results and report).
+    on_nonfinite_loss: Literal["stop", "skip"] = "stop"
     # Online monitor: k-NN top-1 on the validation split every N epochs (0 = off).
     monitor_every_n_epochs: int = Field(1, ge=0)
     monitor_k: int = Field(20, ge=1)
@@ -158,6 +164,10 @@ class TrainerConfig(Strict):
     compile: bool = False  # torch.compile the backbone (slow first steps, then faster)
     accumulate_grad_batches: int = Field(1, ge=1)
     sync_batchnorm: bool = False
+    # Under SLURM (srun): on SIGUSR1 (sbatch --signal=USR1@120) save a checkpoint and requeue the
+    # job with `scontrol requeue` (Lightning's auto-requeue); the requeued job resumes. See
+    # recipes/cluster/slurm.sbatch. Ignored, with a warning, outside SLURM.
+    slurm_requeue: bool = False
     deterministic: bool = False
     log_every_n_steps: int = Field(10, ge=1)
     gradient_clip_val: float | None = Field(None, gt=0)

@@ -210,9 +210,12 @@ def _timings(results: dict, state: dict) -> list[tuple[str, str]]:
     pairs = [
         (f"pretraining {label}", _fmt(pretrain[key]))
         for key, label in (("seconds", "seconds"), ("images_per_second", "images / s"),
-                           ("steps", "steps"), ("epochs", "epochs"))
+                           ("steps", "steps"), ("epochs", "epochs"),
+                           ("resumed_from_step", "resumed from step"),
+                           ("skipped_nonfinite_steps", "steps skipped (non-finite loss)"))
         if pretrain.get(key) is not None
     ]
+    pairs += [("pretraining warning", text) for text in pretrain.get("warnings") or []]
     for stage, info in (state.get("stages") or {}).items():
         info = info if isinstance(info, dict) else {}
         seconds = "" if info.get("seconds") is None else f"{_fmt(info['seconds'])} s"

@@ -19,7 +19,13 @@ stage_registry: Registry[Callable[["RunContext"], dict[str, Any]]] = Registry("s
 
 def is_global_zero() -> bool:
     """True in the process that owns the run directory (rank 0 of a distributed run)."""
-    return all(int(os.environ.get(var, 0)) == 0 for var in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+    return all(int(os.environ.get(var, "0")) == 0
+               for var in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
+def launched_processes() -> int:
+    """Processes started by an outside launcher (torchrun, srun), each running the command."""
+    return max(int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("SLURM_NTASKS", "1")))
 
 
 def run_name(run_dir: Path) -> str:

@@ -310,6 +310,9 @@ class EpochProgress(pl.Callback):
         self.history: list[dict[str, float]] = []
         self.start = 0.0
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.start = time.time()  # an epoch resumed part-way has no on_train_epoch_start
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.start = time.time()
 

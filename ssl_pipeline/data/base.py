@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import random
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -77,8 +78,32 @@ def convert_channels(image: Image.Image, channels: int) -> Image.Image:
     return image if image.mode == mode else image.convert(mode)
 
 
+class SeededRNG:
+    """Within the block, `random`, numpy and torch (CPU) draw from `seed`; after it, each
+    continues where it was, so the process's own random streams are untouched."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def __enter__(self) -> None:
+        self._states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+        random.seed(self.seed)
+        np.random.seed(self.seed % 2**32)
+        torch.random.manual_seed(self.seed)
+
+    def __exit__(self, *exc: object) -> None:
+        python, numpy, torch_state = self._states
+        random.setstate(python)
+        np.random.set_state(numpy)
+        torch.random.set_rng_state(torch_state)
+
+
 class TransformedDataset(torch.utils.data.Dataset):
-    """Applies `transform` to the image of each `(image, label)` item of `base`."""
+    """Applies `transform` to the image of each `(image, label)` item of `base`.
+
+    Indexed with an `(index, seed)` pair (from `ResumableSampler`), the transform's random
+    draws come from `seed`: the same views whichever worker makes them, after any resume.
+    """
 
     def __init__(self, base: torch.utils.data.Dataset, transform):
         self.base = base
@@ -87,8 +112,13 @@ class TransformedDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, i: int):
-        image, label = self.base[i]
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            index, seed = key
+            image, label = self.base[index]
+            with SeededRNG(seed):
+                return self.transform(image), label
+        image, label = self.base[key]
         return self.transform(image), label
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import math
 import typing
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -34,6 +35,14 @@ if typing.TYPE_CHECKING:
 
 # Constructor arguments supplied by the pipeline, not by the recipe's method block.
 PIPELINE_ARGS = ("self", "backbone", "optim", "num_classes")
+
+
+# pretrain.on_nonfinite_loss=skip returns None from training_step on purpose.
+warnings.filterwarnings("ignore", message=".*`training_step` returned `None`.*")
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite: the run stops (exit status 1), its checkpoints kept."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +88,10 @@ class PretrainMethod(pl.LightningModule):
         # Set by the pretraining stage when the views are made on the training device. A plain
         # attribute, not a submodule: it has no state, so checkpoints do not depend on it.
         self.device_views: DeviceViews | None = None
+        # pretrain.on_nonfinite_loss: "stop" raises NonFiniteLoss, "skip" drops the step.
+        self.on_nonfinite_loss = "stop"
+        self.skipped_steps = 0  # kept in checkpoints, so a resumed run keeps counting
+        self.warnings: list[str] = []  # for the results and the report (e.g. SimSiam collapse)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """uint8 images `(B, C, H, W)` on the device -> the views `training_loss` expects."""
@@ -92,8 +105,10 @@ class PretrainMethod(pl.LightningModule):
         """Loss of one batch and extra scalars to log (without the `train/` prefix)."""
         raise NotImplementedError
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         loss, extras = self.training_loss(batch)
+        if self._any_process_nonfinite(loss):
+            return self._nonfinite_step(loss, batch_idx)
         batch_size = batch[1].shape[0]
         # sync_dist: the epoch loss is the mean over all processes, not rank 0's share
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True,
@@ -103,6 +118,31 @@ class PretrainMethod(pl.LightningModule):
             self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=batch_size,
                      sync_dist=True)
         return loss
+
+    def _any_process_nonfinite(self, loss: torch.Tensor) -> bool:
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        # Every process must take the same branch, or a DDP all-reduce would wait forever.
+        return bool(self.trainer.strategy.reduce_boolean_decision(bad, all=False))
+
+    def _nonfinite_step(self, loss: torch.Tensor, batch_idx: int) -> None:
+        trainer = self.trainer
+        where = f"step {trainer.global_step} (epoch {trainer.current_epoch + 1}, batch {batch_idx})"
+        if self.on_nonfinite_loss == "skip":
+            self.skipped_steps += 1
+            self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
+            return  # None: Lightning skips backward and the optimizer step
+        raise NonFiniteLoss(
+            f"the training loss is {loss.detach().float().mean().item()} at {where}; the "
+            "checkpoints in checkpoints/ are from before it. Lower pretrain.lr, set "
+            "trainer.gradient_clip_val, try trainer.precision=32, or set "
+            "pretrain.on_nonfinite_loss=skip to drop such steps (counted in the report)"
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["skipped_nonfinite_steps"] = self.skipped_steps
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.skipped_steps = int(checkpoint.get("skipped_nonfinite_steps", 0))
 
     # ------------------------------------------------------------------ optimizer
 
