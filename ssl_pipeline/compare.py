@@ -392,6 +392,7 @@ def _write_curves_plot(out: Path, curves: dict[str, dict]) -> list[Path]:
         return []
     fig = _new_figure(5.0 * len(keys) + 1.0, 4.2)
     axes = fig.subplots(1, len(keys), squeeze=False)[0]
+    colors = {label: f"C{i % 10}" for i, label in enumerate(curves)}  # one color per run, every panel
     for ax, key in zip(axes, keys):
         title, ylabel = _CURVES[key]
         for label, curve in curves.items():
@@ -401,10 +402,15 @@ def _write_curves_plot(out: Path, curves: dict[str, dict]) -> list[Path]:
             else:
                 x, y = _curve_points(curve, key, "epoch")
             if x:
-                ax.plot(x, y, marker="o", markersize=3, label=label)
+                ax.plot(x, y, marker="o", markersize=3, label=label, color=colors[label])
         ax.set(title=title, ylabel=ylabel, xlabel="pretraining minutes" if key == "knn_top1" else "epoch")
         ax.title.set_fontsize(9)
-    handles, labels = axes[0].get_legend_handles_labels()
+    handles, labels = [], []  # every run once, whichever panels it has lines in
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            if label not in labels:
+                handles.append(handle)
+                labels.append(label)
     fig.legend(handles, labels, loc="outside lower center", ncols=min(4, len(labels)), fontsize=8)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)

@@ -120,13 +120,16 @@ def train_loader(ctx: RunContext, method: PretrainMethod) -> torch.utils.data.Da
 
 
 def loader(dataset, batch_size: int, num_workers: int) -> torch.utils.data.DataLoader:
-    """An evaluation loader: every image once, in order."""
+    """An evaluation loader: every image once, in order. Its own generator: the first pass of
+    persistent workers would otherwise draw a seed from the global stream, at a different
+    epoch in a resumed run than in an uninterrupted one."""
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator().manual_seed(0),
     )
 
 

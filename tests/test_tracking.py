@@ -135,8 +135,9 @@ def test_stage_metrics_flattens_numbers_only():
                     "baselines/raw_pixels/knn/top1": 0.8}
 
 
-def test_resumed_stage_continues_its_wandb_run(tmp_path, monkeypatch):
+def test_resumed_stage_continues_its_wandb_run(tmp_path, monkeypatch, capfd):
     monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.setenv("WANDB_API_KEY", CANARY)
     first = ssl_pipeline.run(QUICKSTART, overrides=[*NO_TRACKING, "tracking.wandb.mode=offline"],
                              out_dir=tmp_path / "run", quiet=True)
     state_path = first.run_dir / "run_state.json"
@@ -148,6 +149,9 @@ def test_resumed_stage_continues_its_wandb_run(tmp_path, monkeypatch):
     assert len(pretrain) == 2
     assert pretrain[0].run_id == pretrain[1].run_id
     assert pretrain[0].run_id == json.loads((first.run_dir / "wandb_runs.json").read_text())["pretrain"]
+    out, err = capfd.readouterr()  # the key reaches neither the output nor any file of the run
+    assert CANARY not in out + err
+    assert not [p for p in first.run_dir.rglob("*") if p.is_file() and CANARY.encode() in p.read_bytes()]
 
 
 @pytest.mark.slow

@@ -59,7 +59,7 @@ def few_shot(
 
     Returns `{"by_shots": {"5": {"top1", "ci95", "n", "logistic": summary, "knn": summary}},
     "classifiers": [...], "seeds": n}`; a summary is `{"top1", "ci95", "std", "n", "by_seed"}`.
-    The `top1`, `ci95`, `n` directly under a shots value are the first classifier's.
+    The `top1`, `top1_std`, `ci95`, `n` directly under a shots value are the first classifier's.
     `max_minutes` is a time budget: no draw starts after it, shots values with no draw are left
     out, and `"stopped_by_budget"` says so.
     """
@@ -89,7 +89,7 @@ def few_shot(
             break
         summaries = {name: summarize(values) for name, values in top1.items()}
         first = summaries[classifiers[0]]
-        headline = {key: first[key] for key in ("top1", "ci95", "n")}
+        headline = {key: first[key] for key in ("top1", "ci95", "n")} | {"top1_std": first["std"]}
         by_shots[str(n)] = {**headline, **summaries}
     return {"by_shots": by_shots, "classifiers": list(classifiers), "seeds": seeds,
             "stopped_by_budget": out_of_time}
