@@ -34,6 +34,7 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 
+from ssl_pipeline.atomic import write_text_atomic
 from ssl_pipeline.errors import SSLPipelineError
 
 LAST, PREVIOUS = "last.ckpt", "previous.ckpt"
@@ -166,7 +167,6 @@ class TrainingCheckpoints(pl.Callback):
         try:
             self._saving = True
             trainer.save_checkpoint(tmp)  # every rank takes part; rank 0 writes
-            self._saving = False
             if trainer.is_global_zero:
                 if last.exists():
                     os.replace(last, self.directory / PREVIOUS)
@@ -286,7 +286,5 @@ def drop_records_after(metrics: Path, stage: str, step: int) -> int:
             continue
         kept.append(line)
     if dropped:
-        from ssl_pipeline.atomic import write_text_atomic
-
         write_text_atomic(metrics, "".join(line + "\n" for line in kept))
     return dropped
