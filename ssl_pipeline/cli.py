@@ -62,12 +62,23 @@ def _add_set(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def user_message(err: SSLPipelineError) -> str:
+    """The error's own message. One re-raised from a DataLoader worker carries the worker's
+    traceback before it ("Caught X in DataLoader worker process 0. Original Traceback ...");
+    its last line is `module.X: <message>`."""
+    text = str(err)
+    if "Original Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last else last
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except SSLPipelineError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {user_message(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 

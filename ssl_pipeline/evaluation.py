@@ -33,7 +33,7 @@ from ssl_pipeline.evals.knn import knn_classify
 from ssl_pipeline.evals.linear_probe import linear_probe
 from ssl_pipeline.evals.metrics import classification_metrics
 from ssl_pipeline.evals.subsets import balanced_subset
-from ssl_pipeline.features import cache_key, cached_features, weights_hash
+from ssl_pipeline.features import cache_key, cached_features, process_group, weights_hash
 from ssl_pipeline.progress import on_terminal
 from ssl_pipeline.stages import RunContext, stage_registry
 from ssl_pipeline.tracking import JSONLLogger
@@ -118,8 +118,10 @@ def transform_for(subject: Subject, ctx: RunContext):
     return eval_transform(p.input_size, p.mean, p.std)
 
 
-def features(ctx: RunContext, subject: Subject, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Cached `(features, labels)` of one split for one subject."""
+def features(ctx: RunContext, subject: Subject, split: str,
+             together: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Cached `(features, labels)` of one split for one subject; `together`: extracted by
+    every process of the process group at once (`share_features`)."""
     memo = ctx.cache.setdefault("features", {})
     if (subject.name, split) in memo:
         return memo[(subject.name, split)]
@@ -138,11 +140,34 @@ def features(ctx: RunContext, subject: Subject, split: str) -> tuple[np.ndarray,
     device = "cuda" if ctx.resolved.accelerator == "gpu" else "cpu"
     start = time.time()
     x, y, from_cache = cached_features(model.to(device), loader, Path(ctx.recipe.eval.cache_dir),
-                                       key, device, progress)
+                                       key, device, progress, together)
     if not from_cache:
         ctx.count_images(len(dataset), time.time() - start)
     memo[(subject.name, split)] = (x, y)
     return x, y
+
+
+def share_features(ctx: RunContext) -> None:
+    """Extract every backbone's features of every split together, in all processes of a
+    process group (each its shard; see features.py), before rank 0 evaluates alone.
+
+    Called by the pipeline in every process, at the first evaluation stage still to run.
+    Rank 0 chooses the subjects (it reads the exported backbone) and sends them to the
+    others, so all extract with the same weights without sharing a file system.
+    """
+    rank, world = process_group()
+    if world == 1 or not ctx.data.labeled:
+        return
+    sent = [[(s.name, s.backbone) for s in subjects(ctx) if s.backbone is not None]
+            if rank == 0 else None]
+    torch.distributed.broadcast_object_list(sent, src=0)
+    if rank == 0 and not ctx.quiet:
+        print(f"features: {world} processes extract each split together, a shard each",
+              flush=True)
+    for name, backbone in sent[0]:
+        for split in SPLITS:
+            if getattr(ctx.data, split) is not None:
+                features(ctx, Subject(name, backbone), split, together=True)
 
 
 def split_features(ctx: RunContext, subject: Subject) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -277,7 +302,8 @@ def _register_stages() -> None:
         ("few_shot", few_shot_result, "k examples per class, logistic regression and k-NN, over seeds"),
         ("finetune", finetune_result, "fine-tune the whole network on label fractions; best epoch on val"),
     ]:
-        stage_registry.register(name, description)(partial(evaluate_subjects, stage=name, evaluate=result))
+        stage_registry.register(name, description, prepare=share_features)(
+            partial(evaluate_subjects, stage=name, evaluate=result))
 
 
 # ------------------------------------------------------------------ fine-tuning

@@ -4,6 +4,12 @@ The backbone runs in eval mode (BatchNorm on its running statistics), with no au
 no gradients. The cache key hashes everything the features depend on: the backbone weights,
 the eval transform, the split's sample indices and the package version; a change to any of
 them is a new key, a re-run with the same ones reads the file.
+
+Under DDP (a process group of several processes, e.g. after Lightning's DDP pretraining),
+process r extracts the samples r, r + W, r + 2W, ... of the split (W processes; no padding,
+unlike DistributedSampler) and rank 0 gathers them back into dataset order: every sample
+once, none missing, the same array a single process would have produced. Rank 0 decides
+whether the cache holds the features and tells the others, so all take the same path.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 import ssl_pipeline
@@ -59,6 +66,13 @@ def extract_features(
     return torch.cat(features).numpy(), torch.cat(labels).numpy()
 
 
+def process_group() -> tuple[int, int]:
+    """`(rank, world size)` of the initialized process group, `(0, 1)` without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def cached_features(
     backbone: nn.Module,
     loader: torch.utils.data.DataLoader,
@@ -66,17 +80,31 @@ def cached_features(
     key: str,
     device: torch.device | str = "cpu",
     progress: str | None = None,
-) -> tuple[np.ndarray, np.ndarray, bool]:
+    together: bool = False,
+) -> tuple[np.ndarray | None, np.ndarray | None, bool]:
     """Features from `cache_dir/<key>.npz` when present, else extracted and saved there.
 
     Returns `(features, labels, from_cache)`. The file is written to a temporary name and
-    renamed, so an interrupted run never leaves a half-written cache entry.
+    renamed, so an interrupted run never leaves a half-written cache entry. `together`: every
+    process of the process group calls this at once and each extracts its shard; ranks other
+    than 0 get `(None, None, ...)`. Otherwise this process works alone.
     """
     path = Path(cache_dir) / f"{key}.npz"
-    if path.exists():
+    rank, world = process_group() if together else (0, 1)
+    cached = [path.exists()] if rank == 0 else [None]
+    if world > 1:
+        dist.broadcast_object_list(cached, src=0)
+    if cached[0]:
+        if rank != 0:
+            return None, None, True
         with np.load(path) as saved:
             return saved["features"], saved["labels"], True
-    features, labels = extract_features(backbone, loader, device, progress)
+    if world > 1:
+        features, labels = extract_sharded(backbone, loader, device, progress)
+        if rank != 0:
+            return None, None, False
+    else:
+        features, labels = extract_features(backbone, loader, device, progress)
     path.parent.mkdir(parents=True, exist_ok=True)
 
     def save(tmp: str) -> None:
@@ -85,3 +113,51 @@ def cached_features(
 
     write_atomic(path, save)
     return features, labels, False
+
+
+GATHER_ROWS = 16384  # rows of each process's shard gathered per call: bounds rank 0's buffers
+
+
+def extract_sharded(
+    backbone: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    device: torch.device | str = "cpu",
+    progress: str | None = None,
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """`extract_features` over a process group: this process's strided shard of
+    `loader.dataset`, gathered on rank 0 in dataset order (None elsewhere)."""
+    rank, world = process_group()
+    n = len(loader.dataset)
+    mine = np.arange(rank, n, world)
+    shard = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(loader.dataset, mine.tolist()), batch_size=loader.batch_size,
+        num_workers=loader.num_workers, collate_fn=loader.collate_fn,
+    )
+    if len(mine):
+        x, y = extract_features(backbone, shard, device, progress if rank == 0 else None)
+    else:  # fewer samples than processes
+        x, y = np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
+    comm = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    dim = torch.tensor([x.shape[1]], device=comm)
+    dist.all_reduce(dim, op=dist.ReduceOp.MAX)
+    dim = int(dim.item())
+    rows = -(-n // world)  # the longest shard: every process sends this many, padded
+    x_pad = torch.zeros(rows, dim, dtype=torch.float32)
+    if len(x):
+        x_pad[: len(x)] = torch.from_numpy(x)
+    y_pad = torch.zeros(rows, dtype=torch.int64)
+    y_pad[: len(y)] = torch.from_numpy(np.asarray(y, np.int64))
+    out_x = np.zeros((n, dim), np.float32) if rank == 0 else None
+    out_y = np.zeros(n, np.int64) if rank == 0 else None
+    for start in range(0, rows, GATHER_ROWS):
+        stop = min(start + GATHER_ROWS, rows)
+        for block, out in ((x_pad[start:stop], out_x), (y_pad[start:stop], out_y)):
+            block = block.to(comm)
+            received = [torch.empty_like(block) for _ in range(world)] if rank == 0 else None
+            dist.gather(block, received, dst=0)
+            if rank != 0:
+                continue
+            for r, part in enumerate(received):
+                positions = np.arange(r, n, world)[start:stop]  # padding rows have none
+                out[positions] = part[: len(positions)].cpu().numpy()
+    return out_x, out_y

@@ -20,6 +20,7 @@ from ssl_pipeline.atomic import write_text_atomic
 from ssl_pipeline.data.image_folder import decoder_facts
 from ssl_pipeline.data.transforms import fit_views
 from ssl_pipeline.errors import SSLPipelineError
+from ssl_pipeline.features import process_group
 from ssl_pipeline.methods.base import effective_lr
 from ssl_pipeline.provenance import provenance
 from ssl_pipeline.recipe import Recipe, dump_recipe, load_recipe, recipe_from_dict, read_yaml
@@ -90,9 +91,14 @@ def _run_stages(ctx: RunContext, start: float) -> RunResult:
     results = _load_results(run_dir)
     ctx.baselines = results.setdefault("baselines", {})
     done = ctx.stage_state()
+    shared = False
     for stage in recipe.stages:
-        if not stage_registry.get(stage).extra.get("distributed") and not is_global_zero():
-            continue  # only rank 0 evaluates; the other DDP processes end after training
+        if not stage_registry.get(stage).extra.get("distributed"):
+            if not shared:  # the first evaluation stage: the processes extract features together
+                _prepare_together(ctx, recipe.stages, ctx.stage_state())
+                shared = True
+            if not is_global_zero():
+                continue  # only rank 0 evaluates; the other DDP processes end here
         if done.get(stage, {}).get("status") == "done":
             _say(quiet, f"stage {stage}: already done, skipped")
             continue
@@ -115,6 +121,25 @@ def _run_stages(ctx: RunContext, start: float) -> RunResult:
     if is_global_zero():
         _write_report(ctx, results)
     return RunResult(run_dir, results, time.time() - start)
+
+
+def _prepare_together(ctx: RunContext, stages: list[str], done: dict) -> None:
+    """In a process group (after DDP pretraining), every process runs the `prepare` hooks of
+    the evaluation stages still to run (feature extraction, sharded), before rank 0 goes on
+    alone. Rank 0 says which stages those are: the others may not see its run directory."""
+    rank, world = process_group()
+    if world == 1:
+        return
+    pending = [[s for s in stages if not stage_registry.get(s).extra.get("distributed")
+                and done.get(s, {}).get("status") != "done"] if rank == 0 else None]
+    torch.distributed.broadcast_object_list(pending, src=0)
+    hooks = []
+    for stage in pending[0]:
+        hook = stage_registry.get(stage).extra.get("prepare")
+        if hook is not None and hook not in hooks:
+            hooks.append(hook)
+    for hook in hooks:
+        hook(ctx)
 
 
 def _images_per_second(ctx: RunContext, result: dict[str, Any]) -> dict[str, float]:
@@ -199,6 +224,12 @@ def resolve(recipe: Recipe) -> Resolved:
         )
     devices = t.devices if t.devices != "auto" else (torch.cuda.device_count() if accelerator == "gpu" else 1)
     world = devices * t.num_nodes
+    if t.sync_batchnorm and accelerator == "cpu" and max(world, launched_processes()) > 1:
+        raise SSLPipelineError(
+            "trainer.sync_batchnorm=true needs GPUs: torch's SyncBatchNorm has no CPU kernel. "
+            "On CPU, set trainer.sync_batchnorm=false (each process normalizes over its own "
+            "batch), or backbone.batchnorm=false"
+        )
     per_step = world * t.accumulate_grad_batches
     if p.batch_size % per_step:
         raise SSLPipelineError(
@@ -227,6 +258,7 @@ def data_facts(ctx: RunContext) -> dict[str, Any]:
         "sizes": {s: len(getattr(bundle, s)) for s in ("train", "val", "test") if getattr(bundle, s) is not None},
         "split_hashes": bundle.split_hashes,
         **decoder,
+        **({"skipped_images": bundle.skipped_images} if bundle.skipped_images else {}),
     }
 
 

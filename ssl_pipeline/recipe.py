@@ -58,6 +58,10 @@ class DataConfig(Strict):
     # that take uint8 tensors (the device-view path): torchvision.io, skipping PIL, or pil.
     # auto: torchvision where its image codecs load. Per-image (PIL) transforms always get PIL.
     decode: Literal["auto", "pil", "torchvision"] = "auto"
+    # image_folder: an image file that cannot be read (corrupt, truncated, empty) stops the run
+    # naming it (error, exit status 2), or is left out and listed in the report (skip; every
+    # file is decoded once before training, verdicts cached). See data/bad_images.py.
+    on_bad_image: Literal["error", "skip"] = "error"
     max_train_samples: int | None = Field(None, ge=2)  # seeded stratified cap, for quick runs
     fake: FakeDataConfig = FakeDataConfig()
 

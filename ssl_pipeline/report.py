@@ -90,6 +90,7 @@ def _sections(recipe: dict, results: dict, state: dict) -> dict[str, list]:
         "Recipe": _recipe_summary(recipe),
         "Results": result_rows(results),
         "Timings": _timings(results, state),
+        "Skipped images": _skipped_images(recipe),
         "Hardware": _flat_pairs(results.get("provenance", {}).get("hardware", {})),
         "Packages": _flat_pairs(results.get("provenance", {}).get("packages", {})),
         "Provenance": _provenance(results.get("provenance", {})),
@@ -131,7 +132,19 @@ def _data_summary(recipe: dict) -> str | None:
     sizes = data.get("sizes") or {}
     if sizes:
         parts.append(" / ".join(f"{split} {n}" for split, n in sizes.items()))
+    skipped = (data.get("skipped_images") or {}).get("count")
+    if skipped:
+        parts.append(f"{skipped} unreadable image file(s) skipped")
     return ", ".join(parts)
+
+
+def _skipped_images(recipe: dict) -> list[tuple[str, str]]:
+    """The files data.on_bad_image=skip left out, each with the reason."""
+    skipped = ((recipe.get("resolved") or {}).get("data") or {}).get("skipped_images") or {}
+    rows = [(item["path"], item["reason"]) for item in skipped.get("files") or []]
+    if skipped.get("count", 0) > len(rows):
+        rows.append(("…", f"and {skipped['count'] - len(rows)} more"))
+    return rows
 
 
 def result_rows(results: dict) -> list[dict[str, str]]:

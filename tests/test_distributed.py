@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -92,6 +93,67 @@ def test_ntxent_with_gathered_negatives_on_2_processes_equals_1_process_with_twi
         assert torch.equal(a, b)  # every process steps with the same gradients
 
 
+# ---------------------------------------------------------------------- features under DDP
+
+
+class Numbered(torch.utils.data.Dataset):
+    """Item i is the features (i, -i) with label i % 3: where a row lands shows which item."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        return torch.tensor([float(i), -float(i)]), i % 3
+
+
+def _extract_worker(rank: int, world: int, port: int, sizes: list, cache: str, out: dict) -> None:
+    from ssl_pipeline import features
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        features.GATHER_ROWS = 2  # several gather rounds even on tiny data
+        real = features.extract_features
+        for n in sizes:
+            calls = []
+
+            def counting(backbone, loader, *args):
+                calls.append(len(loader.dataset))
+                return real(backbone, loader, *args)
+
+            features.extract_features = counting
+            loader = torch.utils.data.DataLoader(Numbered(n), batch_size=4)
+            first = features.cached_features(nn.Identity(), loader, Path(cache), f"n{n}",
+                                             together=True)
+            second = features.cached_features(nn.Identity(), loader, Path(cache), f"n{n}",
+                                             together=True)
+            out[(rank, n)] = (first, second[2], calls)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_feature_extraction_counts_every_sample_once_in_dataset_order(tmp_path):
+    sizes = [13, 8, 1]  # uneven shards, even ones, an empty shard
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_extract_worker, args=(2, free_port(), sizes, str(tmp_path), out), nprocs=2,
+                 join=True)
+        results = dict(out)
+    for n in sizes:
+        (x, y, hit), second_hit, calls = results[(0, n)]
+        assert x.tolist() == [[float(i), -float(i)] for i in range(n)]  # none missing or twice
+        assert y.tolist() == [i % 3 for i in range(n)] and not hit
+        assert calls == [(n + 1) // 2]  # rank 0 extracted only its shard ...
+        assert results[(1, n)][2] == ([n // 2] if n // 2 else [])  # ... and rank 1 the rest
+        assert results[(1, n)][0] == (None, None, False)  # rank 0 holds the features
+        assert second_hit and results[(1, n)][1]  # rank 0 found the cache: so did rank 1
+        with np.load(tmp_path / f"n{n}.npz") as saved:
+            assert np.array_equal(saved["features"], x)
+
+
 # ---------------------------------------------------------------------- the CLI under DDP
 
 DDP = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "trainer.precision=32",
@@ -133,12 +195,14 @@ def test_two_process_ddp_runs_pretraining_and_evaluation_end_to_end(tmp_path, me
     assert results["knn"]["top1"] is not None and results["linear_probe"]["top1"] is not None
     assert json.loads((run_dir / "run_state.json").read_text())["stages"]["knn"]["status"] == "done"
     assert done.stdout.count("done in") == 1  # only rank 0 reports
+    assert "features: 2 processes extract each split together" in done.stdout
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if not p.name.startswith(".")) \
         == ["best.ckpt", "last.ckpt", "previous.ckpt"]
     assert CANARY not in done.stdout + done.stderr
     assert not [p for p in tmp_path.rglob("*") if p.is_file() and CANARY.encode() in p.read_bytes()]
     if wandb == "offline":
         assert len(list((run_dir / "wandb").glob("offline-run-*"))) >= 3  # pretrain, knn, probe
+    assert_features_as_one_process_extracts_them(run_dir, tmp_path / "cache")
 
     if method == "simclr":  # each process seeded distinctly, and reproducibly: a rerun matches
         again = cli([str(QUICKSTART), "--out", str(tmp_path / "again"), *sets(overrides)], cwd=tmp_path)
@@ -146,6 +210,32 @@ def test_two_process_ddp_runs_pretraining_and_evaluation_end_to_end(tmp_path, me
         first, second = load_file(run_dir / "backbone.safetensors"), load_file(
             tmp_path / "again" / "backbone.safetensors")
         assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def assert_features_as_one_process_extracts_them(run_dir: Path, cache: Path) -> None:
+    """The 2 processes extracted the features of each split together (a shard each, gathered
+    on rank 0): the cached arrays are what one process extracts, row for row."""
+    from ssl_pipeline.backbones import load_backbone
+    from ssl_pipeline.data import build_dataset
+    from ssl_pipeline.data.base import TransformedDataset
+    from ssl_pipeline.data.transforms import eval_transform
+    from ssl_pipeline.features import cache_key, extract_features, weights_hash
+    from ssl_pipeline.recipe import load_recipe
+
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    data = build_dataset(recipe.data)
+    backbone = load_backbone(run_dir / "backbone.safetensors")
+    p = backbone.preprocessing
+    transform = eval_transform(p.input_size, p.mean, p.std)
+    for split in ("train", "val", "test"):
+        key = cache_key(f"backbone:{weights_hash(backbone)}", transform, data.split_hashes[split])
+        with np.load(cache / f"{key}.npz") as saved:
+            x, y = saved["features"], saved["labels"]
+        loader = torch.utils.data.DataLoader(TransformedDataset(getattr(data, split), transform),
+                                             batch_size=recipe.eval.batch_size)
+        x1, y1 = extract_features(backbone, loader)
+        assert np.array_equal(y, y1) and x.shape == x1.shape
+        assert np.allclose(x, x1, atol=1e-5), np.abs(x - x1).max()
 
 
 def test_processes_started_by_torchrun_or_srun_must_share_one_out_dir(monkeypatch, tiny_overrides):

@@ -137,3 +137,11 @@ def test_out_dir_of_an_earlier_run_is_refused_not_mixed(tmp_path, tiny_overrides
     with pytest.raises(SSLPipelineError, match="already holds a run.*--resume"):
         run_tiny(tmp_path, tiny_overrides)
     assert (first.run_dir / "results.json").read_bytes() == before  # nothing lost or mixed
+
+
+def test_sync_batchnorm_on_several_cpu_processes_fails_before_writing(tmp_path, tiny_overrides):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SSLPipelineError, match="SyncBatchNorm has no CPU kernel"):
+        run_tiny(tmp_path, [*tiny_overrides, "trainer.devices=2"], "trainer.sync_batchnorm=true")
+    assert not (tmp_path / "run").exists()

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from sklearn.model_selection import train_test_split
 
+from ssl_pipeline.data.bad_images import bad_image, source_of
 from ssl_pipeline.errors import SSLPipelineError
 from ssl_pipeline.registry import Registry
 
@@ -40,6 +41,8 @@ class DataBundle:
     std: tuple[float, ...]
     source: str  # where the data was read from, for the run record
     split_hashes: dict[str, str] = field(default_factory=dict)
+    # data.on_bad_image=skip: {"count": n, "files": [{"path", "reason"}, ...]} of the left-out files
+    skipped_images: dict | None = None
 
     @property
     def labeled(self) -> bool:
@@ -120,13 +123,19 @@ class TransformedDataset(torch.utils.data.Dataset):
         return len(self.base)
 
     def __getitem__(self, key):
-        if isinstance(key, tuple):
-            index, seed = key
-            image, label = self.base[index]
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        image, label = self.base[index]
+        try:
+            if seed is None:
+                return self.transform(image), label
             with SeededRNG(seed):
                 return self.transform(image), label
-        image, label = self.base[key]
-        return self.transform(image), label
+        except (OSError, SyntaxError, EOFError) as error:
+            # Pillow decodes a lazily opened file on first pixel access, inside the transform
+            source = source_of(image)
+            if source is None:
+                raise
+            raise bad_image(source, error) from error
 
 
 def stratified_split(

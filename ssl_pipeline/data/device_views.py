@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ssl_pipeline.data.bad_images import bad_image, source_of
 from ssl_pipeline.data.image_folder import decode_rgb, encoded_bytes
 from ssl_pipeline.data.transforms import ViewSettings
 
@@ -84,7 +85,11 @@ class ToUint8Tensor:
     def __call__(self, image: Image.Image) -> torch.Tensor:
         data = encoded_bytes(image)
         if data is not None:
-            return self.from_tensor(decode_rgb(data))
+            try:
+                pixels = decode_rgb(data)
+            except RuntimeError as error:  # torchvision.io's error for bad image data
+                raise bad_image(source_of(image) or "an image file", error) from error
+            return self.from_tensor(pixels)
         s = self.size
         if image.size != (s, s):
             (new_w, new_h), (left, top) = self.resized_box(*image.size)

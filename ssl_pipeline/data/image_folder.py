@@ -37,6 +37,9 @@ import PIL
 import torch
 from PIL import Image, features
 
+from ssl_pipeline.data.bad_images import (
+    READ_ERRORS, SOURCE, bad_image, refuse_empty, scan, skipped_record,
+)
 from ssl_pipeline.data.base import UNLABELED, DataBundle, Split, carve_splits, datasets
 from ssl_pipeline.errors import SSLPipelineError
 
@@ -65,21 +68,27 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
-        if self.decode == "torchvision":
-            return open_encoded(self.paths[i].read_bytes(), True), int(self.labels[i])
-        with Image.open(self.paths[i]) as image:
-            return to_rgb(image), int(self.labels[i])
+        path = self.paths[i]
+        try:
+            if self.decode == "torchvision":
+                return open_encoded(path.read_bytes(), True, source=path), int(self.labels[i])
+            with Image.open(path) as image:
+                return to_rgb(image), int(self.labels[i])
+        except READ_ERRORS as error:
+            raise bad_image(path, error) from error
 
 
-def open_encoded(data: bytes, tensor_decode: bool) -> Image.Image:
+def open_encoded(data: bytes, tensor_decode: bool, source: object = None) -> Image.Image:
     """The 8-bit RGB PIL image of an image file's bytes.
 
     With `tensor_decode`, an 8-bit RGB JPEG, PNG or WebP stays undecoded, its bytes attached
-    for `encoded_bytes`; anything else is decoded and converted by Pillow now.
+    for `encoded_bytes` and `source` (the file's name, for errors raised when it is decoded
+    later); anything else is decoded and converted by Pillow now.
     """
     image = Image.open(io.BytesIO(data))  # reads the header only
     if tensor_decode and image.mode == "RGB" and image.format in TENSOR_FORMATS:
         setattr(image, ENCODED, data)
+        setattr(image, SOURCE, str(source) if source is not None else None)
         return image
     with image:
         return to_rgb(image)
@@ -154,10 +163,23 @@ def decoder_facts(setting: str) -> dict:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB; 16-bit gray is scaled in numpy because Pillow's convert clips it at 255."""
+    """8-bit RGB; 16-bit gray is scaled in numpy because Pillow's convert clips it at 255.
+
+    Palette images go through RGBA (their transparency is dropped with the alpha channel).
+    Float pixels, and integer ones outside 16 bits, have no fixed range to scale from: a
+    ValueError, rather than Pillow's silent clipping.
+    """
+    if image.mode == "F":
+        raise ValueError("floating-point pixels (mode F): no fixed range to scale to 8 bits; "
+                         "save the image as 8- or 16-bit")
     if image.mode in ("I", "I;16", "I;16B", "I;16L"):
-        gray = np.clip(np.asarray(image, dtype=np.float64) / 257.0, 0, 255).round()
-        image = Image.fromarray(gray.astype(np.uint8), mode="L")
+        values = np.asarray(image, dtype=np.float64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ValueError("32-bit integer pixels outside the 16-bit range: no fixed range to "
+                             "scale to 8 bits; save the image as 8- or 16-bit")
+        image = Image.fromarray((values / 257.0).round().astype(np.uint8), mode="L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
     return image.convert("RGB")
 
 
@@ -216,7 +238,8 @@ def build_image_folder(cfg) -> DataBundle:
     decode = resolve_decode(getattr(cfg, "decode", "auto"))  # stand-in configs may lack it
     split_layout = (root / "train").is_dir()
     train_dir = root / "train" if split_layout else root
-    paths, names = read_folder(train_dir)
+    screen = Screen(cfg)
+    paths, names = screen(train_dir, *read_folder(train_dir))
     classes = sorted(set(names)) if names else None  # the train folder decides the classes
     if classes is not None and len(classes) == 1:
         raise SSLPipelineError(
@@ -225,11 +248,40 @@ def build_image_folder(cfg) -> DataBundle:
         )
     train = label_images(train_dir, paths, names, classes, decode)
     given = {
-        name: label_images(root / name, *read_folder(root / name), classes, decode)
+        name: label_images(root / name, *screen(root / name, *read_folder(root / name)),
+                           classes, decode)
         for name in ("val", "test")
         if split_layout and (root / name).is_dir()
     }
-    return photo_bundle("image_folder", cfg, train, given, classes, source=str(root))
+    bundle = photo_bundle("image_folder", cfg, train, given, classes, source=str(root))
+    if screen.bad:
+        bundle.skipped_images = skipped_record(screen.bad)
+    return bundle
+
+
+class Screen:
+    """Applies `data.on_bad_image` to the files of one folder: `error` refuses empty files
+    now (the rest fail when read); `skip` leaves out every file that does not decode,
+    remembering why in `bad`."""
+
+    def __init__(self, cfg):
+        self.mode = getattr(cfg, "on_bad_image", "error")  # stand-in configs may lack it
+        self.workers = getattr(cfg, "num_workers", 0)
+        self.bad: dict[str, str] = {}
+
+    def __call__(self, folder: Path, paths: list[Path], names: list[str] | None):
+        if self.mode == "error":
+            refuse_empty(paths)
+            return paths, names
+        bad = scan(paths, self.workers)
+        self.bad.update(bad)
+        keep = [i for i, path in enumerate(paths) if str(path) not in bad]
+        if not keep:
+            raise SSLPipelineError(
+                f"none of the {len(paths)} images under {folder} can be read (e.g. "
+                f"{paths[0]}: {bad[str(paths[0])]}); check data.root"
+            )
+        return [paths[i] for i in keep], None if names is None else [names[i] for i in keep]
 
 
 def photo_bundle(name: str, cfg, train, given: dict, classes: list[str] | None,

@@ -33,6 +33,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ssl_pipeline.atomic import write_atomic
+from ssl_pipeline.data.bad_images import BadImage
 from ssl_pipeline.data.base import SPLITS, UNLABELED, DataBundle, datasets
 from ssl_pipeline.data.image_folder import open_encoded, photo_bundle, resolve_decode
 from ssl_pipeline.errors import SSLPipelineError
@@ -70,9 +71,10 @@ class TarShards(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
         data = self.read(i)
         try:
-            image = open_encoded(data, self.decode == "torchvision")
+            image = open_encoded(data, self.decode == "torchvision",
+                                 source=f"{self.shards[self.shard[i]]} sample {self.keys[i]!r}")
         except (UnidentifiedImageError, OSError) as error:  # Pillow's errors for bad image data
-            raise SSLPipelineError(
+            raise BadImage(
                 f"{self.shards[self.shard[i]]}: the image of sample {self.keys[i]!r} cannot be "
                 f"decoded ({error}); replace the sample or re-create the shard"
             ) from error
@@ -319,6 +321,12 @@ def label_samples(name: str, shards: list[Path], index: dict, classes: list[int]
 
 @datasets.register("webdataset", "WebDataset tar shards (.tar): images with optional .cls labels")
 def build_webdataset(cfg) -> DataBundle:
+    if getattr(cfg, "on_bad_image", "error") == "skip":
+        raise SSLPipelineError(
+            "data.on_bad_image=skip works on image folders; with webdataset shards a sample that "
+            "cannot be decoded stops the run, naming its shard and key. Set data.on_bad_image="
+            "error, and remove bad samples by re-creating their shard"
+        )
     groups = split_shards(find_shards(cfg.root))
     decode = resolve_decode(getattr(cfg, "decode", "auto"))
     indexes = {name: read_shards(shards) for name, shards in groups.items()}
