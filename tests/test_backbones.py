@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import shlex
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -318,3 +319,19 @@ def test_registry_lists_sources_and_modifiers():
     assert {"timm", "torchvision", "small_stem", "in_chans"} <= set(names)
     for entry in backbones:
         assert len(entry.description) > 30  # a useful one-liner, shown by `list backbones`
+
+
+@pytest.mark.filterwarnings("ignore:.*pickle-based")
+def test_the_cli_refuses_a_weights_file_that_runs_code_with_status_2(tmp_path, capsys, tiny_overrides):
+    from ssl_pipeline.cli import main
+
+    marker = tmp_path / "marker"
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"fc.weight": torch.zeros(1)}, "payload": _RunsCodeWhenUnpickled(marker)},
+               path)
+    recipe = Path(__file__).parents[1] / "recipes" / "quickstart.yaml"
+    sets = [a for o in [*tiny_overrides, "backbone.name=timm:resnet18"] for a in ("--set", o)]
+    status = main(["evaluate", str(recipe), "--backbone", str(path), "--quiet",
+                   "--out", str(tmp_path / "run"), *sets])
+    assert status == 2 and "pickled code" in capsys.readouterr().err
+    assert not marker.exists()
