@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
+from pathlib import Path
 
 from ssl_pipeline.errors import SSLPipelineError
 
@@ -37,6 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", metavar="DIR")
     evaluate.add_argument("--quiet", action="store_true")
     _add_set(evaluate)
+
+    estimate = sub.add_parser(
+        "estimate", help="time a few training steps here and project the pretraining stage's duration")
+    estimate.add_argument("recipe")
+    estimate.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
+    estimate.add_argument("--warmup", type=int, default=3, help="untimed first steps (default 3)")
+    estimate.add_argument("--json", metavar="FILE", help="also write the figures to FILE")
+    _add_set(estimate)
 
     embed = sub.add_parser("embed", help="embeddings of a folder of images, with their paths")
     embed.add_argument("--backbone", required=True, metavar="PATH")
@@ -115,8 +124,6 @@ def cmd_run_suite(args: argparse.Namespace) -> int:
 
 
 def _is_suite(recipe: str | None, resume: str | None) -> bool:
-    from pathlib import Path
-
     from ssl_pipeline.suite import SUITE_FILE, is_suite_file
 
     if resume:
@@ -133,6 +140,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         update={"backbone": args.backbone})})
     args.recipe, args.overrides, args.resume = recipe, [], None
     return cmd_run(args)
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    import json
+
+    from ssl_pipeline.atomic import write_text_atomic
+    from ssl_pipeline.estimate import describe, estimate
+    from ssl_pipeline.stages import is_global_zero
+
+    figures = estimate(args.recipe, args.overrides, steps=args.steps, warmup=args.warmup,
+                       quiet=not is_global_zero())
+    if is_global_zero():  # under DDP every process runs the command; rank 0 reports
+        print(describe(figures))
+        if args.json:
+            write_text_atomic(Path(args.json), json.dumps(figures, indent=2))
+    return EXIT_OK
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
@@ -183,7 +206,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "evaluate": cmd_evaluate, "embed": cmd_embed,
+COMMANDS = {"run": cmd_run, "evaluate": cmd_evaluate, "estimate": cmd_estimate, "embed": cmd_embed,
             "validate": cmd_validate, "compare": cmd_compare, "list": cmd_list}
 
 if __name__ == "__main__":

@@ -38,6 +38,16 @@ class FakeDataConfig(Strict):
     channels: int = Field(3, ge=1)
 
 
+class ImageNetDataConfig(Strict):
+    """`data.name: imagenet` (see data/imagenet.py)."""
+
+    # Keep only these classes: "imagenet100" (CMC's ImageNet-100) or a file of wnids.
+    class_list: str | None = None
+    # Labels of a flat val/ folder: the devkit folder or .tar.gz, its ground-truth .txt, or
+    # Kaggle's LOC_val_solution.csv. None: looked for in data.root and the two folders above.
+    val_labels: str | None = None
+
+
 class DataConfig(Strict):
     name: str = "digits"
     root: str | None = None
@@ -64,6 +74,7 @@ class DataConfig(Strict):
     on_bad_image: Literal["error", "skip"] = "error"
     max_train_samples: int | None = Field(None, ge=2)  # seeded stratified cap, for quick runs
     fake: FakeDataConfig = FakeDataConfig()
+    imagenet: ImageNetDataConfig = ImageNetDataConfig()
 
     @field_validator("name")
     @classmethod

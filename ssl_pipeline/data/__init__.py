@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 
 # imported for their side effect: each module registers its builders in `datasets`
-from ssl_pipeline.data import cifar, digits, fake, fashion_mnist, image_folder, webdataset  # noqa: F401
+from ssl_pipeline.data import (  # noqa: F401  (registers the datasets)
+    cifar, digits, fake, fashion_mnist, image_folder, imagenet, webdataset,
+)
 from ssl_pipeline.data.base import (
     SPLITS,
     UNLABELED,

@@ -158,7 +158,8 @@ class PretrainMethod(pl.LightningModule):
         groups = [g for g in self.param_groups() if g["params"]]
         optimizer = build_optimizer(groups, self.optim)
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(total_steps * self.optim.warmup_epochs / self.optim.epochs)
+        # at most the whole run (a smoke run shorter than the recipe's warm-up is all warm-up)
+        warmup = min(total_steps, int(total_steps * self.optim.warmup_epochs / self.optim.epochs))
         schedule = partial(lr_factor, total=total_steps, warmup=warmup, optim=self.optim)
         # Groups marked `fixed_lr` (SimSiam's predictor) keep their lr: no warm-up, no decay.
         lambdas = [(lambda _: 1.0) if g.get("fixed_lr") else schedule for g in groups]
