@@ -56,7 +56,12 @@ def estimate(recipe_path: str, overrides: list[str] = (), steps: int = 20, warmu
     from ssl_pipeline.data.transforms import fit_views
     from ssl_pipeline.pipeline import _quiet_lightning, data_facts, resolve
     from ssl_pipeline.pretrain import (
-        ChannelsLast, build_backbone, build_method, build_trainer, device_views, monitor_callback,
+        ChannelsLast,
+        build_backbone,
+        build_method,
+        build_trainer,
+        device_views,
+        monitor_callback,
         train_loader,
     )
     from ssl_pipeline.recipe import load_recipe

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ssl_pipeline import evaluation as _evaluation  # noqa: F401  (registers the eval stages)
-from ssl_pipeline import pretrain as _pretrain  # noqa: F401  (registers the "pretrain" stage)
+from ssl_pipeline import pretrain as _pretrain
 from ssl_pipeline.atomic import write_text_atomic
 from ssl_pipeline.data.image_folder import decoder_facts
 from ssl_pipeline.data.transforms import fit_views
@@ -23,11 +23,23 @@ from ssl_pipeline.errors import SSLPipelineError
 from ssl_pipeline.features import process_group
 from ssl_pipeline.methods.base import effective_lr
 from ssl_pipeline.provenance import provenance
-from ssl_pipeline.recipe import Recipe, dump_recipe, load_recipe, recipe_from_dict, read_yaml
-from ssl_pipeline.stages import Resolved, RunContext, is_global_zero, launched_processes, stage_registry
+from ssl_pipeline.recipe import (
+    Recipe,
+    dump_recipe,
+    load_recipe,
+    read_yaml,
+    recipe_from_dict,
+)
+from ssl_pipeline.stages import (
+    Resolved,
+    RunContext,
+    is_global_zero,
+    launched_processes,
+    stage_registry,
+)
 from ssl_pipeline.tracking import record_stage, stage_history
 
-__all__ = ["run", "RunResult", "stage_registry"]
+__all__ = ["RunResult", "run", "stage_registry"]
 
 # Rank 0 picks the run directory and hands it to the processes Lightning's DDP launcher starts.
 RUN_DIR_ENV = "SSL_PIPELINE_RUN_DIR"

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from mini_imagenet import NAMES, WNIDS, make_mini_imagenet
+
 from ssl_pipeline.data import build_dataset
 from ssl_pipeline.data.imagenet import IMAGENET100
 from ssl_pipeline.errors import SSLPipelineError

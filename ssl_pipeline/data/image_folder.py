@@ -38,7 +38,12 @@ import torch
 from PIL import Image, features
 
 from ssl_pipeline.data.bad_images import (
-    READ_ERRORS, SOURCE, bad_image, refuse_empty, scan, skipped_record,
+    READ_ERRORS,
+    SOURCE,
+    bad_image,
+    refuse_empty,
+    scan,
+    skipped_record,
 )
 from ssl_pipeline.data.base import UNLABELED, DataBundle, Split, carve_splits, datasets
 from ssl_pipeline.errors import SSLPipelineError
