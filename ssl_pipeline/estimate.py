@@ -150,8 +150,7 @@ def _project(recipe, resolved, timer: StepTimer, warmup: int, batches_per_epoch:
     capped = budget is not None and seconds > budget
     images_per_step = resolved.per_device_batch_size * world * t.accumulate_grad_batches
     bound = "data loading" if wait > DATA_BOUND * step else "compute"
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    workers_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     return {
         "measured_steps": n,
         "warmup_steps": warmup,
@@ -172,7 +171,6 @@ def _project(recipe, resolved, timer: StepTimer, warmup: int, batches_per_epoch:
         "projected_seconds": round(min(seconds, budget) if capped else seconds, 1),
         "stopped_by_budget": capped,
         "peak_memory_mb": round(rss_mb, 1),
-        "peak_worker_memory_mb": round(workers_mb, 1),
         "peak_gpu_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)
         if torch.cuda.is_available() else None,
         "device": resolved.accelerator,
@@ -190,8 +188,7 @@ def describe(e: dict[str, Any]) -> str:
         f"{e['data_wait_per_step']:.3f} s waiting for data and {e['compute_per_step']:.3f} s computing",
         f"  bound by: {e['bound_by']}"
         + ("  (raise data.num_workers, or views.augment_on: device)" if e["bound_by"] == "data loading" else ""),
-        f"  peak memory: {e['peak_memory_mb']:.0f} MB in this process, "
-        f"{e['peak_worker_memory_mb']:.0f} MB in a data worker"
+        f"  peak memory: {e['peak_memory_mb']:.0f} MB in the training process (data workers not counted)"
         + (f", {e['peak_gpu_memory_mb']:.0f} MB on the GPU" if e["peak_gpu_memory_mb"] else ""),
         f"projected: {_duration(e['seconds_per_epoch'])} per epoch ({e['steps_per_epoch']} steps); "
         f"pretraining stage {_duration(e['projected_seconds'])} ({e['total_steps']} steps, "

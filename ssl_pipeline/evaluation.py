@@ -12,6 +12,7 @@ import hashlib
 import json
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -32,7 +33,7 @@ from ssl_pipeline.evals.finetune import FinetuneSettings, finetune
 from ssl_pipeline.evals.knn import knn_classify
 from ssl_pipeline.evals.linear_probe import linear_probe
 from ssl_pipeline.evals.metrics import classification_metrics
-from ssl_pipeline.evals.subsets import balanced_subset
+from ssl_pipeline.evals.subsets import balanced_subset, listed_subset
 from ssl_pipeline.features import cache_key, cached_features, process_group, weights_hash
 from ssl_pipeline.progress import on_terminal
 from ssl_pipeline.stages import RunContext, stage_registry
@@ -183,6 +184,28 @@ def bar(ctx: RunContext, step: str, subject: Subject) -> str | None:
     return None if ctx.quiet else f"{step} {subject.name}"
 
 
+def preprocessing(ctx: RunContext, backbone: Backbone) -> dict[str, Any]:
+    """What the evaluation fed the backbone (its own resolution and normalization) beside the
+    data's own; warns once per run when they differ, e.g. an ImageNet backbone on 28-px
+    medical images."""
+    p, d = backbone.preprocessing, ctx.resolved.data
+    used = {"image_size": p.input_size, "mean": [round(m, 4) for m in p.mean],
+            "std": [round(v, 4) for v in p.std]}
+    native = {"image_size": d["image_size"], "mean": [round(m, 4) for m in d["mean"]],
+              "std": [round(v, 4) for v in d["std"]]}
+    differs = used != native
+    if differs and not ctx.cache.get("preprocessing_warned"):
+        ctx.cache["preprocessing_warned"] = True
+        message = (f"evaluation preprocessing differs from the data's: the backbone gets "
+                   f"{used['image_size']} px with its normalization (mean {used['mean']}, std "
+                   f"{used['std']}); {ctx.data.name} is {native['image_size']} px, mean "
+                   f"{native['mean']}, std {native['std']}. Both are recorded in results.json")
+        warnings.warn(message, UserWarning, stacklevel=2)
+        if not ctx.quiet:
+            print(f"warning: {message}", flush=True)
+    return {"evaluation": used, "data": native, "differs": differs}
+
+
 def require_labels(ctx: RunContext, stage: str) -> None:
     if not ctx.data.labeled or ctx.data.test is None or ctx.data.val is None:
         raise SSLPipelineError(
@@ -204,7 +227,7 @@ def evaluate_subjects(ctx: RunContext, stage: str, evaluate) -> dict[str, Any]:
         if result is None:
             continue
         if subject.name == "backbone":
-            main = result
+            main = {**result, "preprocessing": preprocessing(ctx, subject.backbone)}
             map_embeddings(ctx, subject)
         else:
             ctx.baselines.setdefault(subject.name, {})[stage] = result
@@ -301,6 +324,8 @@ def _register_stages() -> None:
         ("linear_probe", probe_result, "linear probe on cached features, tuned on validation"),
         ("few_shot", few_shot_result, "k examples per class, logistic regression and k-NN, over seeds"),
         ("finetune", finetune_result, "fine-tune the whole network on label fractions; best epoch on val"),
+        ("linear_probe_classic", classic_probe_result,
+         "the papers' linear probe: frozen backbone on augmented images, LARS, best epoch on val"),
     ]:
         stage_registry.register(name, description, prepare=share_features)(
             partial(evaluate_subjects, stage=name, evaluate=result))
@@ -320,7 +345,8 @@ def finetune_result(ctx: RunContext, subject: Subject) -> dict[str, Any] | None:
         top1 = [r["top1"] for r in runs]
         by_fraction[str(fraction)] = {
             "top1": float(np.mean(top1)), "top1_std": float(np.std(top1, ddof=1)) if len(top1) > 1 else 0.0,
-            "seeds": len(runs), "train_samples": runs[0]["train_samples"], "by_seed": runs,
+            "seeds": len(runs), "train_samples": runs[0]["train_samples"],
+            "subset": runs[0]["subset"], "by_seed": runs,
             "stopped_by_budget": any(r["stopped_by_budget"] for r in runs),
         }
     headline = by_fraction[str(max(cfg.label_fractions))]
@@ -328,28 +354,63 @@ def finetune_result(ctx: RunContext, subject: Subject) -> dict[str, Any] | None:
             "stopped_by_budget": any(f["stopped_by_budget"] for f in by_fraction.values())}
 
 
-def finetune_once(ctx: RunContext, subject: Subject, fraction: float, seed: int) -> dict[str, Any]:
+def classic_probe_result(ctx: RunContext, subject: Subject) -> dict[str, Any] | None:
+    """SimSiam's / MoCo's linear probe protocol, for numbers comparable with the papers'."""
+    if subject.backbone is None:
+        return None  # raw pixels have no backbone to freeze
+    cfg = ctx.recipe.eval.linear_probe_classic
+    runs = [finetune_once(ctx, subject, 1.0, seed, classic=True) for seed in range(cfg.seeds)]
+    top1 = [r["top1"] for r in runs]
+    return {
+        "top1": float(np.mean(top1)), "top1_std": float(np.std(top1, ddof=1)) if len(top1) > 1 else 0.0,
+        "seeds": len(runs), "by_seed": runs, "lr": runs[0]["lr"], "batch_size": runs[0]["batch_size"],
+        "protocol": (f"frozen backbone in eval mode, random resized crops + flips, {cfg.optimizer}, "
+                     f"lr {runs[0]['lr']:g}, batch {runs[0]['batch_size']}, {cfg.epochs} epochs, "
+                     f"eval resize {cfg.crop_pct:g} + center crop; epoch chosen on val"),
+        "stopped_by_budget": any(r["stopped_by_budget"] for r in runs),
+    }
+
+
+def finetune_once(ctx: RunContext, subject: Subject, fraction: float, seed: int,
+                  classic: bool = False) -> dict[str, Any]:
+    """One fine-tuning run; `classic`: the classic linear probe instead (frozen backbone)."""
     cfg, bundle = ctx.recipe.eval.finetune, ctx.data
+    probe = ctx.recipe.eval.linear_probe_classic
     torch.manual_seed(ctx.recipe.seed + seed)
     backbone = copy.deepcopy(subject.backbone).train()
     p = backbone.preprocessing
     train = bundle.train
-    if fraction < 1.0:
+    subset = "all"
+    if fraction < 1.0 and fraction in cfg.subset_files:
+        positions, subset = listed_subset(bundle.train, cfg.subset_files[fraction])
+        train = torch.utils.data.Subset(train, positions)
+    elif fraction < 1.0:
         train = torch.utils.data.Subset(train, balanced_subset(bundle.train.labels, fraction=fraction, seed=seed))
-    views = fit_views(p.input_size, p.in_chans, {})
+        subset = "class-balanced, seeded"
+    views = fit_views(p.input_size, p.in_chans, {"crop_min_scale": 0.08} if classic else {})
     augment = supervised_train_transform(views, p.input_size, p.mean, p.std)
-    plain = transform_for(subject, ctx)
+    plain = transform_for(subject, ctx)  # (also checks the channels)
+    if classic:  # the papers' evaluation crop: resize 256, center crop 224
+        plain = eval_transform(p.input_size, p.mean, p.std, probe.crop_pct)
     workers = ctx.recipe.data.num_workers
-    batch = min(cfg.batch_size, len(train))
+    batch = min(probe.batch_size if classic else cfg.batch_size, len(train))
     loaders = [
         torch.utils.data.DataLoader(TransformedDataset(train, augment), batch_size=batch,
                                     shuffle=True, drop_last=len(train) > batch, num_workers=workers),
         *(torch.utils.data.DataLoader(TransformedDataset(split, plain), batch_size=ctx.recipe.eval.batch_size,
                                       num_workers=workers) for split in (bundle.val, bundle.test)),
     ]
-    settings = FinetuneSettings(cfg.epochs, cfg.optimizer, cfg.lr, cfg.backbone_lr_ratio,
-                                cfg.weight_decay, cfg.max_minutes)
-    logger = JSONLLogger(ctx.run_dir / "metrics.jsonl", stage=f"finetune/{subject.name}/{fraction}/seed{seed}")
+    if classic:
+        lr = probe.lr * batch / probe.lr_reference_batch
+        settings = FinetuneSettings(probe.epochs, probe.optimizer, lr, 0.0, probe.weight_decay,
+                                    probe.max_minutes, frozen=True)
+        name = f"linear_probe_classic/{subject.name}/seed{seed}"
+    else:
+        lr = cfg.lr
+        settings = FinetuneSettings(cfg.epochs, cfg.optimizer, cfg.lr, cfg.backbone_lr_ratio,
+                                    cfg.weight_decay, cfg.max_minutes)
+        name = f"finetune/{subject.name}/{fraction}/seed{seed}"
+    logger = JSONLLogger(ctx.run_dir / "metrics.jsonl", stage=name)
     trainer_kwargs = dict(accelerator=ctx.resolved.accelerator, devices=1,
                           precision=ctx.resolved.precision, logger=[logger],
                           enable_progress_bar=not ctx.quiet and on_terminal(sys.stdout),
@@ -358,7 +419,8 @@ def finetune_once(ctx: RunContext, subject: Subject, fraction: float, seed: int)
     result = finetune(backbone, bundle.num_classes, *loaders, settings, trainer_kwargs,
                       bundle.class_names)
     ctx.count_images(len(train) * result["epochs_run"], result["seconds"])  # training images
-    return {"seed": seed, "train_samples": len(train), **result}
+    return {"seed": seed, "train_samples": len(train), "subset": subset, "lr": lr,
+            "batch_size": batch, **result}
 
 
 _register_stages()

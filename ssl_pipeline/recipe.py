@@ -48,6 +48,15 @@ class ImageNetDataConfig(Strict):
     val_labels: str | None = None
 
 
+class MedMNISTDataConfig(Strict):
+    """`data.name: medmnist` (see data/medmnist.py)."""
+
+    subset: Literal["pathmnist", "chestmnist", "dermamnist", "octmnist", "pneumoniamnist",
+                    "retinamnist", "breastmnist", "bloodmnist", "tissuemnist", "organamnist",
+                    "organcmnist", "organsmnist"] = "pathmnist"
+    size: Literal[28, 64, 128, 224] = 28
+
+
 class DataConfig(Strict):
     name: str = "digits"
     root: str | None = None
@@ -62,7 +71,7 @@ class DataConfig(Strict):
     num_classes: int | None = Field(None, ge=2)
     mean: list[float] | None = None
     std: list[float] | None = None
-    download: bool = False  # cifar only; needs internet
+    download: bool = False  # cifar and medmnist; needs internet
     num_workers: int = Field(0, ge=0)
     # image_folder and webdataset: who decodes 8-bit RGB JPEG/PNG/WebP files for the consumers
     # that take uint8 tensors (the device-view path): torchvision.io, skipping PIL, or pil.
@@ -75,6 +84,7 @@ class DataConfig(Strict):
     max_train_samples: int | None = Field(None, ge=2)  # seeded stratified cap, for quick runs
     fake: FakeDataConfig = FakeDataConfig()
     imagenet: ImageNetDataConfig = ImageNetDataConfig()
+    medmnist: MedMNISTDataConfig = MedMNISTDataConfig()
 
     @field_validator("name")
     @classmethod
@@ -220,6 +230,27 @@ class FinetuneConfig(Strict):
     backbone_lr_ratio: float = Field(0.1, ge=0)  # backbone lr = lr x ratio (lower: keep features)
     weight_decay: float = Field(1e-4, ge=0)
     max_minutes: float | None = Field(None, gt=0)  # per fine-tuning run
+    # A fraction's images from a list file instead of a class-balanced seeded draw, e.g.
+    # SimCLR's ImageNet lists: {0.01: 1percent.txt, 0.1: 10percent.txt} (one file name per line).
+    subset_files: dict[float, str] = Field(default_factory=dict)
+
+
+class ClassicProbeConfig(Strict):
+    """`linear_probe_classic`: the papers' probe, for numbers comparable with theirs. The frozen
+    backbone (eval mode) runs on every augmented image of every epoch; only a linear head
+    trains. Defaults: SimSiam's main_lincls.py (LARS, batch 4096, lr 0.1 x batch/256, no weight
+    decay, cosine, 90 epochs, random resized crops and flips; Resize 256 / CenterCrop 224 for
+    evaluation). The epoch is chosen on validation, reported on test."""
+
+    epochs: int = Field(90, ge=1)
+    batch_size: int = Field(4096, ge=1)  # capped at the training set's size
+    optimizer: Literal["lars", "sgd"] = "lars"
+    lr: float = Field(0.1, gt=0)  # at lr_reference_batch; scaled linearly with the batch
+    lr_reference_batch: int = Field(256, ge=1)
+    weight_decay: float = Field(0.0, ge=0)
+    crop_pct: float = Field(0.875, gt=0, le=1)  # evaluation: resize to size / crop_pct, crop size
+    seeds: int = Field(1, ge=1)
+    max_minutes: float | None = Field(None, gt=0)  # per probe run
 
 
 class FewShotConfig(Strict):
@@ -248,6 +279,7 @@ class EvalConfig(Strict):
     knn: KNNConfig = KNNConfig()
     linear_probe: LinearProbeConfig = LinearProbeConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+    linear_probe_classic: ClassicProbeConfig = ClassicProbeConfig()
     few_shot: FewShotConfig = FewShotConfig()
 
 

@@ -279,3 +279,12 @@ def test_the_cli_prints_a_worker_error_without_the_worker_traceback(tmp_path, ca
     assert main(["list", "datasets"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {path}: cannot read this image") and "Traceback" not in err
+
+
+def test_the_scan_in_worker_processes_finds_the_same_files(tmp_path):
+    write_folder(tmp_path / "many", per_class=150)  # above the size scanned in-process
+    (tmp_path / "many" / "ants" / "bad.png").write_bytes(b"garbage")
+    (tmp_path / "many" / "bees" / "cut.png").write_bytes(png_bytes(3)[:100])
+    bundle = build_dataset(folder_cfg(tmp_path / "many", on_bad_image="skip", num_workers=2))
+    assert bundle.skipped_images["count"] == 2
+    assert sum(len(s) for s in (bundle.train, bundle.val, bundle.test)) == 300

@@ -9,7 +9,10 @@ from PIL import Image
 
 from ssl_pipeline.data import UNLABELED, build_dataset, datasets
 from ssl_pipeline.recipe import DataConfig
+from mini_imagenet import make_mini_imagenet
+from test_csv_images import write_images as write_scans
 from test_data import write_cifar, write_fashion, write_image_folder
+from test_medmnist import write_medmnist
 from test_webdataset import write_images, write_shards
 
 
@@ -27,6 +30,15 @@ def fixture_root(name: str, tmp_path: Path) -> str | None:
         paths = write_images(tmp_path / "images", {"cat": 12, "dog": 12, "owl": 12})
         write_shards(paths, tmp_path / "shards", per_shard=12, classes=["cat", "dog", "owl"])
         return str(tmp_path / "shards")
+    elif name == "imagenet":
+        return str(make_mini_imagenet(tmp_path, "devkit"))
+    elif name == "medmnist":
+        write_medmnist(tmp_path, "pathmnist", counts=(36, 18, 18))
+    elif name == "csv":
+        names = write_scans(tmp_path / "scans", 24)
+        lines = ["path,label"] + [f"{n},{'abc'[i % 3]}" for i, n in enumerate(names)]
+        (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+        return str(tmp_path / "labels.csv")
     else:
         pytest.fail(f"dataset {name!r} is registered but has no fixture in {__file__}; add one")
     return str(tmp_path)

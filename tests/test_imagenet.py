@@ -104,6 +104,21 @@ def test_imagenet100_is_cmcs_hundred_classes(tmp_path):
         build_dataset(imagenet_cfg(mini100, imagenet={"class_list": "imagenet100"}))
 
 
+def test_a_label_subset_can_come_from_an_image_list(tmp_path):
+    from ssl_pipeline.evals.subsets import listed_subset
+
+    bundle = build_dataset(imagenet_cfg(make_mini_imagenet(tmp_path, "folders")))
+    train_names = [bundle.train.source.paths[i].name for i in bundle.train.indices]
+    val_name = bundle.val.source.paths[bundle.val.indices[0]].name
+    listing = tmp_path / "1percent.txt"
+    listing.write_text(f"{train_names[5]}\n{WNIDS[0]}/{train_names[0]}\n{val_name}\n\n")
+    positions, note = listed_subset(bundle.train, str(listing))
+    assert positions.tolist() == [0, 5] and "2 of 3 images" in note and "validation" in note
+    listing.write_text("n09999999_1.JPEG\n")
+    with pytest.raises(SSLPipelineError, match="none of the 1 images"):
+        listed_subset(bundle.train, str(listing))
+
+
 @pytest.mark.parametrize("problem", ["no_root", "no_val", "one_class", "mixed_val", "bad_list"])
 def test_unusable_imagenet_folders_are_clear_errors(tmp_path, problem):
     data_root = make_mini_imagenet(tmp_path, "folders")
@@ -152,6 +167,8 @@ def test_the_recipes_carry_the_published_settings():
         assert recipe.data.name == "imagenet" and recipe.trainer.devices > 1
         header = "".join(line for line in path.read_text().splitlines() if line.startswith("#"))
         assert re.search(r"\[(google-research/simclr|facebookresearch/simsiam)", header)  # sources
+    for path in ROOT.glob("recipes/imagenet_*.yaml"):  # the papers' probe, beside ours
+        assert {"linear_probe", "linear_probe_classic"} <= set(load_recipe(path).stages)
     for path in ROOT.glob("recipes/imagenet100_*.yaml"):
         assert load_recipe(path).data.imagenet.class_list == "imagenet100"
 
@@ -164,6 +181,7 @@ def smoke_overrides(data_root: Path, tmp_path: Path) -> list[str]:
             "trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32",
             "trainer.sync_batchnorm=false", "eval.seeds=1", "eval.batch_size=32",
             "eval.linear_probe.epochs=3", "eval.finetune.epochs=1", "eval.finetune.batch_size=8",
+            "eval.linear_probe_classic.epochs=1", "eval.linear_probe_classic.batch_size=16",
             f"eval.cache_dir={tmp_path / 'cache'}", "tracking.wandb.mode=disabled"]
 
 
@@ -182,6 +200,10 @@ def test_each_imagenet_recipe_runs_end_to_end_on_a_miniature_ilsvrc_folder(tmp_p
     overrides = smoke_overrides(data_root, tmp_path)
     # the recipes hold out 1-2% of ImageNet's train set; of a miniature one, a class-balanced share
     overrides.append(f"data.val_fraction={0.34 if hundred else 0.25}")
+    listed = "simclr_resnet50" in path.name  # SimCLR's 1% list, as users supply it
+    if listed:
+        (tmp_path / "1percent.txt").write_text("".join(f"{w}_0.JPEG\n{w}_1.JPEG\n" for w in WNIDS))
+        overrides.append(f"eval.finetune.subset_files={{0.01: {tmp_path / '1percent.txt'}}}")
     status = main(["run", str(path), "--quiet", "--out", str(out),
                    *[a for o in overrides for a in ("--set", o)]])
     assert status == 0
@@ -189,7 +211,14 @@ def test_each_imagenet_recipe_runs_end_to_end_on_a_miniature_ilsvrc_folder(tmp_p
     classes = 100 if hundred else 4
     for metrics in (results["knn"], results["linear_probe"]["test_metrics"]):
         assert 0 <= metrics["top1"] <= 1 and len(metrics["per_class_accuracy"]) == classes
-    assert set(results["finetune"]["by_fraction"]) == {"0.01", "0.1"}
+    by_fraction = results["finetune"]["by_fraction"]
+    assert set(by_fraction) == {"0.01", "0.1"} and by_fraction["0.1"]["subset"] == "class-balanced, seeded"
+    if listed:
+        assert by_fraction["0.01"]["subset"].startswith("listed in 1percent.txt")
+        assert 1 <= by_fraction["0.01"]["train_samples"] <= 8
+        assert "1% labels (listed in 1percent.txt" in (out / "report.md").read_text()
+    if "linear_probe_classic" in load_recipe(path).stages:  # the ResNet-50 recipes
+        assert 0 <= results["linear_probe_classic"]["top1"] <= 1
     assert "random_init" in results["baselines"]
     data = yaml.safe_load((out / "recipe.yaml").read_text())["resolved"]["data"]
     assert data["name"] == "imagenet" and data["num_classes"] == classes

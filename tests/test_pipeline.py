@@ -14,9 +14,10 @@ from ssl_pipeline.errors import SSLPipelineError
 from ssl_pipeline.methods import methods
 from ssl_pipeline.suite import is_suite_file
 
-# suite files are recipes of recipes: tests/test_suite.py validates and runs those
+# suite files are recipes of recipes: tests/test_suite.py validates and runs those; transfer
+# recipes evaluate a given backbone: tests/test_medmnist.py runs those
 RECIPES = sorted(p for p in Path(__file__).parents[1].joinpath("recipes").glob("*.yaml")
-                 if not is_suite_file(p))
+                 if not is_suite_file(p) and not p.name.startswith("transfer_"))
 
 
 def run_tiny(tmp_path, tiny_overrides, *extra, recipe="recipes/quickstart.yaml"):
@@ -27,7 +28,11 @@ def run_tiny(tmp_path, tiny_overrides, *extra, recipe="recipes/quickstart.yaml")
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
 def test_every_recipe_runs_end_to_end_on_tiny_fake_data(tmp_path, tiny_overrides, path):
-    result = run_tiny(tmp_path, tiny_overrides, recipe=path)
+    # the recipe's own evaluation, shortened: one seed, one epoch of each trained evaluation
+    # (and no worker processes: the ImageNet recipes ask for 10 per GPU)
+    short_eval = ["eval.seeds=1", "eval.finetune.epochs=1", "eval.linear_probe_classic.epochs=1",
+                  "eval.linear_probe.epochs=5", "data.num_workers=0"]
+    result = run_tiny(tmp_path, [*tiny_overrides, *short_eval], recipe=path)
     assert (result.run_dir / "backbone.safetensors").is_file()
     assert result.results["pretrain"]["steps"] > 0
 

@@ -6,7 +6,7 @@ import dataclasses
 
 # imported for their side effect: each module registers its builders in `datasets`
 from ssl_pipeline.data import (  # noqa: F401  (registers the datasets)
-    cifar, digits, fake, fashion_mnist, image_folder, imagenet, webdataset,
+    cifar, csv_images, digits, fake, fashion_mnist, image_folder, imagenet, medmnist, webdataset,
 )
 from ssl_pipeline.data.base import (
     SPLITS,

@@ -1,6 +1,10 @@
 """Fine-tuning: the whole network from an initialization, a fresh linear head, a lower
 backbone learning rate. The epoch is selected on validation top-1 and reported once on test.
 
+With `frozen`, the same loop is the papers' classic linear probe: the backbone stays frozen in
+eval mode (BatchNorm on its running statistics) while only the head trains, on augmented
+images (SimSiam's and MoCo's protocol: LARS, 90 epochs, random resized crops and flips).
+
 The best weights are kept as a copy (not a reference: MedMNIST's reference script kept a
 reference to its "best" model and so saved the last epoch).
 """
@@ -18,7 +22,7 @@ from torch import nn
 
 from ssl_pipeline.budget import time_ran_out
 from ssl_pipeline.evals.metrics import classification_metrics
-from ssl_pipeline.methods.base import lr_factor, OptimSettings
+from ssl_pipeline.methods.base import OptimSettings, build_optimizer, lr_factor
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,7 @@ class FinetuneSettings:
     backbone_lr_ratio: float = 0.1
     weight_decay: float = 1e-4
     max_minutes: float | None = None
+    frozen: bool = False  # only the head trains; the backbone stays in eval mode
 
 
 class FineTuner(pl.LightningModule):
@@ -39,8 +44,17 @@ class FineTuner(pl.LightningModule):
         self.settings = settings
         self.criterion = nn.CrossEntropyLoss()
         self.val_correct: list[torch.Tensor] = []
+        if settings.frozen:
+            self.backbone.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.settings.frozen:
+            # BatchNorm on its running statistics, whatever mode Lightning left the modules
+            # in (it saves and restores each submodule's mode around validation)
+            self.backbone.eval()
+            with torch.no_grad():
+                features = self.backbone(x)
+            return self.head(features.float())
         return self.head(self.backbone(x))  # (B, num_classes)
 
     def training_step(self, batch, batch_idx):
@@ -60,14 +74,14 @@ class FineTuner(pl.LightningModule):
 
     def configure_optimizers(self):
         s = self.settings
-        groups = [
-            {"params": self.backbone.parameters(), "lr": s.lr * s.backbone_lr_ratio},
-            {"params": self.head.parameters(), "lr": s.lr},
-        ]
-        if s.optimizer == "sgd":
-            optimizer = torch.optim.SGD(groups, momentum=0.9, weight_decay=s.weight_decay)
-        else:
+        groups = [{"params": self.head.parameters(), "lr": s.lr}]
+        if not s.frozen:
+            groups.insert(0, {"params": self.backbone.parameters(), "lr": s.lr * s.backbone_lr_ratio})
+        if s.optimizer == "adamw":
             optimizer = torch.optim.AdamW(groups, weight_decay=s.weight_decay)
+        else:  # sgd or lars, momentum 0.9
+            optimizer = build_optimizer(groups, OptimSettings(optimizer=s.optimizer, lr=s.lr,
+                                                              weight_decay=s.weight_decay))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         schedule = OptimSettings(epochs=s.epochs)
         scheduler = torch.optim.lr_scheduler.LambdaLR(

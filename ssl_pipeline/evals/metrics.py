@@ -22,8 +22,8 @@ def classification_metrics(
     Returns `top1`, `top5` (only when C >= 10; with fewer it says little), `balanced_accuracy`
     (mean recall over the classes present in `labels`), `macro_f1` (over classes present in
     `labels` or predictions), `per_class_accuracy` (recall per class, None for a class
-    without examples), `confusion_matrix` (rows: true class, columns: predicted), `num_samples`
-    and, when given, `class_names`.
+    without examples), `confusion_matrix` (rows: true class, columns: predicted), `auc`
+    (MedMNIST's definition, see `auc`), `num_samples` and, when given, `class_names`.
 
     >>> scores = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
     >>> m = classification_metrics(scores, np.array([0, 1, 1]))
@@ -43,6 +43,7 @@ def classification_metrics(
         "macro_f1": float(f1_score(labels, predictions, average="macro", zero_division=0)),
         "per_class_accuracy": per_class,
         "confusion_matrix": matrix.tolist(),
+        "auc": auc(scores, labels),
     }
     if num_classes >= 10:
         top5 = top_k_accuracy_score(labels, scores, k=5, labels=np.arange(num_classes))
@@ -50,6 +51,37 @@ def classification_metrics(
     if class_names is not None:
         metrics["class_names"] = [str(name) for name in class_names]
     return metrics
+
+
+def probabilities(scores: np.ndarray) -> np.ndarray:
+    """Scores as class probabilities: logits (any negative value) through a softmax,
+    non-negative scores such as k-NN votes divided by their row sum."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if (scores < 0).any():
+        shifted = np.exp(scores - scores.max(1, keepdims=True))
+        return shifted / shifted.sum(1, keepdims=True)
+    sums = scores.sum(1, keepdims=True)
+    return np.where(sums > 0, scores / np.where(sums > 0, sums, 1), 1.0 / scores.shape[1])
+
+
+def auc(scores: np.ndarray, labels: np.ndarray) -> float | None:
+    """Area under the ROC curve as MedMNIST's evaluator computes it: two classes, the AUC of
+    the second class's probability; more, the mean one-vs-rest AUC over the classes (those
+    present in `labels`, and absent from none). None with fewer than two classes present.
+
+    >>> auc(np.array([[0.9, 0.1], [0.4, 0.6], [0.3, 0.7]]), np.array([0, 1, 0]))
+    0.5
+    """
+    from sklearn.metrics import roc_auc_score
+
+    p, labels = probabilities(scores), np.asarray(labels)
+    if len(np.unique(labels)) < 2:
+        return None
+    if p.shape[1] == 2:
+        return float(roc_auc_score(labels == 1, p[:, 1]))
+    per_class = [roc_auc_score(labels == c, p[:, c]) for c in range(p.shape[1])
+                 if 0 < (labels == c).sum() < len(labels)]
+    return float(np.mean(per_class))
 
 
 def _checked(scores, labels, class_names) -> tuple[np.ndarray, np.ndarray]:

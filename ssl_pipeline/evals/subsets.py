@@ -46,3 +46,31 @@ def balanced_subset(
             )
         chosen.append(rng.choice(members, size, replace=False))
     return np.sort(np.concatenate(chosen))
+
+
+def listed_subset(split, list_file: str) -> tuple[np.ndarray, str]:
+    """Positions in `split` (a `Split` of image files) of the images named in `list_file`: one
+    file name per line, as SimCLR's ImageNet `1percent.txt` / `10percent.txt`
+    (`n01440764_10026.JPEG`); a path is matched by its last part. Listed images our validation
+    split took from train are left out, and counted in the returned note."""
+    from pathlib import Path
+
+    path = Path(list_file)
+    if not path.is_file():
+        raise SSLPipelineError(f"eval.finetune.subset_files: {list_file} does not exist")
+    names = {Path(line.strip()).name for line in path.read_text().splitlines() if line.strip()}
+    paths = getattr(split.source, "paths", None)
+    if paths is None:
+        raise SSLPipelineError(
+            "eval.finetune.subset_files names image files; this dataset has none (use label "
+            "fractions without a file)")
+    positions = np.array([i for i, index in enumerate(split.indices) if paths[index].name in names],
+                         dtype=np.int64)
+    if not len(positions):
+        raise SSLPipelineError(
+            f"none of the {len(names)} images listed in {path} is in the train split; does the "
+            "list belong to this dataset?")
+    note = f"listed in {path.name}: {len(positions)} of {len(names)} images"
+    if len(positions) < len(names):
+        note += " (the rest are in the validation split carved from train, or absent)"
+    return positions, note

@@ -1,0 +1,107 @@
+"""Labelled (or unlabelled) image files listed in a CSV file: `data.name: csv`, `data.root:
+path/to/labels.csv`.
+
+The CSV has a header row. The image column is `path` (also accepted: `image`, `file`,
+`filename`), relative to the CSV's folder unless absolute; the optional `label` column holds
+class names (any text; classes are sorted); an optional `split` column (`train`, `val`,
+`test`) fixes the splits, otherwise they are carved from the rows as for image_folder. Rows
+without a label make the dataset unlabelled (all or none must have one). Images are read as
+image_folder's: gray, palette, CMYK, RGBA and 16-bit files converted, unreadable ones handled
+by `data.on_bad_image`. Multi-label rows (labels joined by `|`) are refused for now.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from ssl_pipeline.data.bad_images import skipped_record
+from ssl_pipeline.data.base import UNLABELED, DataBundle, datasets
+from ssl_pipeline.data.image_folder import ImageFiles, Screen, photo_bundle, resolve_decode
+from ssl_pipeline.errors import SSLPipelineError
+
+PATH_COLUMNS = ("path", "image", "file", "filename")
+SPLITS = ("train", "val", "test")
+
+
+@datasets.register("csv", "image files listed in a CSV: path, optional label and split columns")
+def build_csv(cfg) -> DataBundle:
+    table = Path(cfg.root) if cfg.root else None
+    if table is None or not table.is_file():
+        raise SSLPipelineError(
+            f"csv needs data.root set to a CSV file with a header row (path,label[,split]); "
+            f"got {cfg.root!r}"
+        )
+    rows = read_rows(table)
+    labeled = _labeled(rows, table)
+    classes = sorted({row["label"] for row in rows}) if labeled else None
+    if classes is not None and len(classes) < 2:
+        raise SSLPipelineError(f"{table}: labelled data needs two or more classes, found {classes}")
+    index = {name: i for i, name in enumerate(classes or [])}
+    decode = resolve_decode(cfg.decode)
+    screen = Screen(cfg)
+    groups = {}
+    for split in SPLITS:
+        chosen = [row for row in rows if row.get("split", "train") == split]
+        if not chosen:
+            continue
+        paths = [row["file"] for row in chosen]
+        names = [row["label"] for row in chosen] if labeled else None
+        paths, names = screen(table, paths, names)
+        labels = np.array([index[n] for n in names]) if labeled else np.full(len(paths), UNLABELED)
+        groups[split] = ImageFiles(paths, labels, decode)
+    if "train" not in groups:
+        raise SSLPipelineError(f"{table}: no rows of the train split")
+    train = groups.pop("train")
+    bundle = photo_bundle("csv", cfg, train, groups, classes, source=str(table))
+    if screen.bad:
+        bundle.skipped_images = skipped_record(screen.bad)
+    return bundle
+
+
+def read_rows(table: Path) -> list[dict[str, str]]:
+    """The CSV's rows with `file` (a Path), `label` and `split` where given; checked."""
+    with open(table, newline="") as handle:
+        reader = csv.DictReader(handle)
+        columns = [c.strip().lower() for c in reader.fieldnames or []]
+        column = next((c for c in PATH_COLUMNS if c in columns), None)
+        if column is None:
+            raise SSLPipelineError(
+                f"{table}: no image column; the header needs one of {', '.join(PATH_COLUMNS)} "
+                f"(found {columns or 'no header'})"
+            )
+        raw = [{k.strip().lower(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    if not raw:
+        raise SSLPipelineError(f"{table} lists no images")
+    rows = []
+    for line, row in enumerate(raw, start=2):
+        file = Path(row[column])
+        row["file"] = file if file.is_absolute() else table.parent / file
+        split = row.get("split")
+        if "split" in row and split not in SPLITS:
+            raise SSLPipelineError(f"{table}, line {line}: split {split!r} is not one of {SPLITS}")
+        if "|" in row.get("label", ""):
+            raise SSLPipelineError(
+                f"{table}, line {line}: {row['label']!r} is multi-label; multi-label CSVs are "
+                "not supported yet (one label per row)"
+            )
+        rows.append(row)
+    missing = [str(r["file"]) for r in rows if not r["file"].is_file()]
+    if missing:
+        raise SSLPipelineError(
+            f"{table}: {len(missing)} listed image(s) do not exist, e.g. {missing[0]}; paths are "
+            "relative to the CSV's folder unless absolute"
+        )
+    return rows
+
+
+def _labeled(rows: list[dict[str, str]], table: Path) -> bool:
+    with_label = sum(bool(row.get("label")) for row in rows)
+    if with_label not in (0, len(rows)):
+        raise SSLPipelineError(
+            f"{table}: {len(rows) - with_label} of {len(rows)} rows have no label; label all "
+            "rows, or none for unlabelled data"
+        )
+    return with_label > 0

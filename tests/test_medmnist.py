@@ -1,0 +1,133 @@
+"""MedMNIST: the .npz format exactly as MedMNIST ships it, AUC as its evaluator computes it,
+and the transfer recipe end to end with a backbone pretrained by one of our recipes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from ssl_pipeline.data import build_dataset
+from ssl_pipeline.errors import SSLPipelineError
+from ssl_pipeline.evals.metrics import auc, probabilities
+from ssl_pipeline.recipe import DataConfig
+
+ROOT = Path(__file__).parents[1]
+
+
+def write_medmnist(folder: Path, subset: str = "pathmnist", size: int = 28, rgb: bool = True,
+                   classes: int = 9, counts=(60, 20, 30), seed: int = 0) -> Path:
+    """A MedMNIST file: uint8 (N, H, W[, 3]) images whose brightness follows the label,
+    integer labels (N, 1)."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, n in zip(("train", "val", "test"), counts):
+        labels = (np.arange(n) % classes).reshape(n, 1).astype(np.uint8)
+        shape = (n, size, size, 3) if rgb else (n, size, size)
+        base = (labels.reshape((n,) + (1,) * (len(shape) - 1)) * (200 // classes)).astype(np.int64)
+        arrays[f"{split}_images"] = np.clip(base + rng.integers(0, 40, shape), 0, 255).astype(np.uint8)
+        arrays[f"{split}_labels"] = labels
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / (f"{subset}.npz" if size == 28 else f"{subset}_{size}.npz")
+    np.savez_compressed(path, **arrays)
+    return path
+
+
+def cfg(root: Path, **medmnist) -> DataConfig:
+    return DataConfig(name="medmnist", root=str(root), medmnist=medmnist)
+
+
+def test_an_rgb_subset_loads_with_its_own_splits(tmp_path):
+    write_medmnist(tmp_path)
+    bundle = build_dataset(cfg(tmp_path, subset="pathmnist"))
+    assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (60, 20, 30)
+    assert bundle.num_classes == 9 and bundle.channels == 3 and bundle.image_size == 28
+    image, label = bundle.test[4]
+    assert image.mode == "RGB" and image.size == (28, 28) and label == 4
+    assert bundle.train.labels.tolist() == [i % 9 for i in range(60)]
+    assert len(bundle.mean) == 3 and all(0 < m < 1 for m in bundle.mean)
+
+
+def test_a_gray_subset_at_64_px_reads_its_own_file_and_converts_on_request(tmp_path):
+    write_medmnist(tmp_path, "pneumoniamnist", size=64, rgb=False, classes=2)
+    write_medmnist(tmp_path, "pneumoniamnist", size=28, rgb=False, classes=2, counts=(4, 2, 2))
+    bundle = build_dataset(cfg(tmp_path, subset="pneumoniamnist", size=64))
+    assert bundle.channels == 1 and bundle.image_size == 64 and len(bundle.train) == 60
+    assert bundle.test[0][0].mode == "L"
+    rgb = build_dataset(DataConfig(name="medmnist", root=str(tmp_path), channels=3,
+                                   medmnist={"subset": "pneumoniamnist", "size": 64}))
+    assert rgb.test[0][0].mode == "RGB" and len(rgb.mean) == 3
+
+
+def test_a_missing_file_says_which_file_goes_where(tmp_path):
+    with pytest.raises(SSLPipelineError, match=r"dermamnist_128\.npz.*" + str(tmp_path)):
+        build_dataset(cfg(tmp_path, subset="dermamnist", size=128))
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("labels_out_of_range", "classes"),
+    ("labels_flat", r"\(N, 1\)"),
+    ("float_images", "uint8"),
+    ("missing_key", "lacks"),
+])
+def test_malformed_files_are_clear_errors(tmp_path, problem, message):
+    path = write_medmnist(tmp_path, "bloodmnist", classes=8)
+    with np.load(path) as data:
+        arrays = dict(data)
+    if problem == "labels_out_of_range":
+        arrays["test_labels"][0] = 8
+    if problem == "labels_flat":
+        arrays["val_labels"] = arrays["val_labels"].reshape(-1)
+    if problem == "float_images":
+        arrays["train_images"] = arrays["train_images"].astype(np.float32)
+    if problem == "missing_key":
+        del arrays["val_images"]
+    np.savez(path, **arrays)
+    with pytest.raises(SSLPipelineError, match=message):
+        build_dataset(cfg(tmp_path, subset="bloodmnist"))
+
+
+def test_multi_label_chestmnist_is_refused_clearly(tmp_path):
+    with pytest.raises(SSLPipelineError, match="multi-label"):
+        build_dataset(cfg(tmp_path, subset="chestmnist"))
+
+
+def test_auc_is_medmnists_definition():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, 300)
+    logits = rng.normal(size=(300, 5)) + np.eye(5)[labels]
+    p = probabilities(logits)
+    assert np.allclose(p.sum(1), 1)
+    ovr = np.mean([roc_auc_score(labels == c, p[:, c]) for c in range(5)])
+    assert auc(logits, labels) == pytest.approx(ovr)
+    assert auc(logits, labels) == pytest.approx(roc_auc_score(labels, p, multi_class="ovr"))
+    binary = rng.integers(0, 2, 100)
+    votes = np.abs(rng.normal(size=(100, 2))) + np.eye(2)[binary]  # non-negative: row-normalized
+    assert auc(votes, binary) == pytest.approx(roc_auc_score(binary, votes[:, 1] / votes.sum(1)))
+
+
+@pytest.mark.slow
+def test_the_transfer_recipe_evaluates_a_backbone_we_pretrained(tmp_path, tiny_overrides):
+    from ssl_pipeline.cli import main
+
+    sets = lambda overrides: [a for o in overrides for a in ("--set", o)]  # noqa: E731
+    pretrained = tmp_path / "pretrained"
+    assert main(["run", str(ROOT / "recipes" / "quickstart.yaml"), "--quiet", "--out", str(pretrained),
+                 *sets([*tiny_overrides, "stages=[pretrain]"])]) == 0
+    write_medmnist(tmp_path / "medmnist", "dermamnist", classes=7, counts=(70, 21, 35))
+    out = tmp_path / "transfer"
+    overrides = [f"data.root={tmp_path / 'medmnist'}", "data.medmnist.subset=dermamnist",
+                 "eval.seeds=1", "eval.linear_probe.epochs=10", "eval.finetune.epochs=1",
+                 "eval.finetune.label_fractions=[0.1,1.0]", "eval.few_shot.seeds=2",
+                 "eval.few_shot.shots=[1,5]", f"eval.cache_dir={tmp_path / 'cache'}",
+                 "tracking.wandb.mode=disabled", "trainer.accelerator=cpu", "trainer.precision=32"]
+    assert main(["evaluate", str(ROOT / "recipes" / "transfer_medmnist.yaml"), "--backbone",
+                 str(pretrained), "--quiet", "--out", str(out), *sets(overrides)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    for stage in ("knn", "linear_probe", "finetune", "few_shot"):
+        assert stage in results and stage in results["baselines"]["random_init"]
+    assert 0 <= results["knn"]["auc"] <= 1 and 0 <= results["linear_probe"]["test_metrics"]["auc"] <= 1
+    assert results["knn"]["top1"] > 0.5  # brightness follows the label: easy to separate
