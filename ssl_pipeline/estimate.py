@@ -186,16 +186,18 @@ def describe(e: dict[str, Any]) -> str:
         f"{e['world_size']} {e['device']} process(es), precision {e['precision']}",
         f"  {e['images_per_second']} images/s; {e['seconds_per_step']:.3f} s per step, of which "
         f"{e['data_wait_per_step']:.3f} s waiting for data and {e['compute_per_step']:.3f} s computing",
-        f"  bound by: {e['bound_by']}"
-        + ("  (raise data.num_workers, or views.augment_on: device)" if e["bound_by"] == "data loading" else ""),
-        f"  peak memory: {e['peak_memory_mb']:.0f} MB in the training process (data workers not counted)"
-        + (f", {e['peak_gpu_memory_mb']:.0f} MB on the GPU" if e["peak_gpu_memory_mb"] else ""),
-        f"projected: {_duration(e['seconds_per_epoch'])} per epoch ({e['steps_per_epoch']} steps); "
-        f"pretraining stage {_duration(e['projected_seconds'])} ({e['total_steps']} steps, "
-        f"{e['checkpoint_saves']} checkpoint saves of {e['checkpoint_save_seconds']:.2f} s, "
-        f"{e['monitor_passes']} monitor passes of {e['monitor_pass_seconds']:.1f} s, startup "
-        f"{e['startup_seconds']:.1f} s)"
-        + (" - capped by pretrain.max_minutes" if e["stopped_by_budget"] else ""),
+        (f"  bound by: {e['bound_by']}"
+         + ("  (raise data.num_workers, or views.augment_on: device)"
+            if e["bound_by"] == "data loading" else "")),
+        (f"  peak memory: {e['peak_memory_mb']:.0f} MB in the training process (data workers "
+         "not counted)"
+         + (f", {e['peak_gpu_memory_mb']:.0f} MB on the GPU" if e["peak_gpu_memory_mb"] else "")),
+        (f"projected: {_duration(e['seconds_per_epoch'])} per epoch ({e['steps_per_epoch']} steps); "
+         f"pretraining stage {_duration(e['projected_seconds'])} ({e['total_steps']} steps, "
+         f"{e['checkpoint_saves']} checkpoint saves of {e['checkpoint_save_seconds']:.2f} s, "
+         f"{e['monitor_passes']} monitor passes of {e['monitor_pass_seconds']:.1f} s, startup "
+         f"{e['startup_seconds']:.1f} s)"
+         + (" - capped by pretrain.max_minutes" if e["stopped_by_budget"] else "")),
     ]
     return "\n".join(lines)
 

@@ -19,7 +19,12 @@ import numpy as np
 
 from ssl_pipeline.data.bad_images import skipped_record
 from ssl_pipeline.data.base import UNLABELED, DataBundle, datasets
-from ssl_pipeline.data.image_folder import ImageFiles, Screen, photo_bundle, resolve_decode
+from ssl_pipeline.data.image_folder import (
+    ImageFiles,
+    Screen,
+    photo_bundle,
+    resolve_decode,
+)
 from ssl_pipeline.errors import SSLPipelineError
 
 PATH_COLUMNS = ("path", "image", "file", "filename")

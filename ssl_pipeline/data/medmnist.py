@@ -20,7 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ssl_pipeline.data.base import ArrayDataset, DataBundle, Split, datasets, pixel_stats
+from ssl_pipeline.data.base import (
+    ArrayDataset,
+    DataBundle,
+    Split,
+    datasets,
+    pixel_stats,
+)
 from ssl_pipeline.errors import SSLPipelineError
 
 # subset -> number of classes (MedMNIST v2, Yang et al. 2023, Table 1)
@@ -108,7 +114,7 @@ def fetch(subset: str, size: int, folder: Path) -> Path:
     dataset_class = getattr(medmnist, info["python_class"])
     try:
         dataset_class(split="test", download=True, root=str(folder), size=size)
-    except Exception as error:  # noqa: BLE001  (network errors of every kind)
+    except Exception as error:
         raise SSLPipelineError(
             f"downloading {file_name(subset, size)} failed ({type(error).__name__}: {error}); "
             f"put the file in {folder} by hand"
