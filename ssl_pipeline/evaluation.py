@@ -344,7 +344,7 @@ def finetune_result(ctx: RunContext, subject: Subject) -> dict[str, Any] | None:
                 for seed in range(seeds if fraction < 1.0 else 1)]
         top1 = [r["top1"] for r in runs]
         by_fraction[str(fraction)] = {
-            "top1": float(np.mean(top1)), "top1_std": float(np.std(top1, ddof=1)) if len(top1) > 1 else 0.0,
+            **mean_and_std(top1),
             "seeds": len(runs), "train_samples": runs[0]["train_samples"],
             "subset": runs[0]["subset"], "by_seed": runs,
             "stopped_by_budget": any(r["stopped_by_budget"] for r in runs),
@@ -352,6 +352,12 @@ def finetune_result(ctx: RunContext, subject: Subject) -> dict[str, Any] | None:
     headline = by_fraction[str(max(cfg.label_fractions))]
     return {"top1": headline["top1"], "top1_std": headline["top1_std"], "by_fraction": by_fraction,
             "stopped_by_budget": any(f["stopped_by_budget"] for f in by_fraction.values())}
+
+
+def mean_and_std(top1: list[float]) -> dict[str, float]:
+    """`top1` (mean) and `top1_std` (sample standard deviation; 0 for one run) over runs."""
+    return {"top1": float(np.mean(top1)),
+            "top1_std": float(np.std(top1, ddof=1)) if len(top1) > 1 else 0.0}
 
 
 def classic_probe_result(ctx: RunContext, subject: Subject) -> dict[str, Any] | None:
@@ -362,7 +368,7 @@ def classic_probe_result(ctx: RunContext, subject: Subject) -> dict[str, Any] | 
     runs = [finetune_once(ctx, subject, 1.0, seed, classic=True) for seed in range(cfg.seeds)]
     top1 = [r["top1"] for r in runs]
     return {
-        "top1": float(np.mean(top1)), "top1_std": float(np.std(top1, ddof=1)) if len(top1) > 1 else 0.0,
+        **mean_and_std(top1),
         "seeds": len(runs), "by_seed": runs, "lr": runs[0]["lr"], "batch_size": runs[0]["batch_size"],
         "protocol": (f"frozen backbone in eval mode, random resized crops + flips, {cfg.optimizer}, "
                      f"lr {runs[0]['lr']:g}, batch {runs[0]['batch_size']}, {cfg.epochs} epochs, "

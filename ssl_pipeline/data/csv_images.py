@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ssl_pipeline.data.bad_images import skipped_record
 from ssl_pipeline.data.base import UNLABELED, DataBundle, datasets
 from ssl_pipeline.data.image_folder import (
     ImageFiles,
@@ -60,10 +59,7 @@ def build_csv(cfg) -> DataBundle:
     if "train" not in groups:
         raise SSLPipelineError(f"{table}: no rows of the train split")
     train = groups.pop("train")
-    bundle = photo_bundle("csv", cfg, train, groups, classes, source=str(table))
-    if screen.bad:
-        bundle.skipped_images = skipped_record(screen.bad)
-    return bundle
+    return photo_bundle("csv", cfg, train, groups, classes, source=str(table), skipped=screen.bad)
 
 
 def read_rows(table: Path) -> list[dict[str, str]]:

@@ -258,10 +258,8 @@ def build_image_folder(cfg) -> DataBundle:
         for name in ("val", "test")
         if split_layout and (root / name).is_dir()
     }
-    bundle = photo_bundle("image_folder", cfg, train, given, classes, source=str(root))
-    if screen.bad:
-        bundle.skipped_images = skipped_record(screen.bad)
-    return bundle
+    return photo_bundle("image_folder", cfg, train, given, classes, source=str(root),
+                        skipped=screen.bad)
 
 
 class Screen:
@@ -290,8 +288,9 @@ class Screen:
 
 
 def photo_bundle(name: str, cfg, train, given: dict, classes: list[str] | None,
-                 source: str) -> DataBundle:
-    """A bundle of RGB photos from a `train` source and the `given` val/test sources.
+                 source: str, skipped: dict[str, str] | None = None) -> DataBundle:
+    """A bundle of RGB photos from a `train` source and the `given` val/test sources;
+    `skipped`: the unreadable files `data.on_bad_image=skip` left out (`Screen.bad`).
 
     Carves what is not given: val always, test only when there are labels to test.
     """
@@ -316,4 +315,5 @@ def photo_bundle(name: str, cfg, train, given: dict, classes: list[str] | None,
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         source=source,
+        skipped_images=skipped_record(skipped) if skipped else None,
     )

@@ -80,12 +80,8 @@ def build_imagenet(cfg) -> DataBundle:
     test = ImageFiles(val_paths, np.array([index[w] for w in val_wnids]), decode)
 
     names = class_names(root, classes)
-    bundle = photo_bundle("imagenet", cfg, train, {"test": test}, names, source=str(root))
-    if screen.bad:
-        from ssl_pipeline.data.bad_images import skipped_record
-
-        bundle.skipped_images = skipped_record(screen.bad)
-    return bundle
+    return photo_bundle("imagenet", cfg, train, {"test": test}, names, source=str(root),
+                        skipped=screen.bad)
 
 
 def class_list(setting: str | None) -> set[str] | None:
