@@ -52,10 +52,10 @@ models with the default stem, and like this for torchvision:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -87,7 +87,7 @@ INPUT_CONV_RULES = {
 }
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Preprocessing:
     """What images must look like on the way in: square side, channels, normalization."""
 
@@ -112,7 +112,7 @@ class Preprocessing:
         }
 
 
-@dataclass
+@dataclasses.dataclass
 class HeadlessModel:
     """What a source builder hands to `create_backbone`: the model and its defaults."""
 
@@ -411,6 +411,63 @@ def replace_input_conv(model: nn.Module, in_chans: int, *, adapt_weights: bool) 
                 new_conv.bias.copy_(conv.bias)
     _set_submodule(model, conv_name, new_conv)
     return _conv_rule(in_chans, adapt_weights)
+
+
+def fit_input_channels(backbone: Backbone, channels: int, data_mean=None, data_std=None) -> str:
+    """Adapt a loaded backbone to images with `channels` channels, in place; returns the rule.
+
+    For evaluating weights on data with another channel count (a gray-pretrained backbone on
+    RGB, RGB weights on 13 bands). The first convolution's filters W (out, I, k, k) become:
+
+    - 1 channel from I: their sum over the I inputs (a gray image repeated into I channels
+      gives the same response as before);
+    - C channels from 1: W repeated C times, divided by C (an image whose C channels are equal
+      gives the same response);
+    - C > 3 channels from RGB: the RGB filters repeated cyclically (R, G, B, R, ...), times
+      3/C (timm's adapt_input_conv).
+
+    Normalization: gray and RGB take the backbone's statistics averaged or repeated; other
+    channel counts take the data's own per-channel statistics (the backbone's describe other
+    bands). Any other pairing (13 bands to RGB weights' 1...) is an error.
+    """
+    p = backbone.preprocessing
+    source = p.in_chans
+    if source == channels:
+        return "none"
+    conv_name, conv = next(
+        (n, m) for n, m in backbone.model.named_modules() if isinstance(m, nn.Conv2d))
+    weight = conv.weight.detach()
+    if channels == 1:
+        new_weight, rule = weight.sum(dim=1, keepdim=True), f"{source}->1: filters summed"
+    elif source == 1:
+        new_weight = weight.repeat(1, channels, 1, 1) / channels
+        rule = f"1->{channels}: filters repeated, divided by {channels}"
+    elif source == 3:
+        new_weight = adapt_input_conv(channels, weight)
+        rule = f"3->{channels}: RGB filters repeated cyclically, times 3/{channels}"
+    else:
+        raise SSLPipelineError(
+            f"the backbone takes {source}-channel images and the data has {channels}; there is "
+            "no rule to adapt between them. Evaluate on data with the backbone's bands (for "
+            "EuroSAT: data.eurosat.bands), or pretrain on this data"
+        )
+    new_conv = nn.Conv2d(channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                         padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                         bias=conv.bias is not None, padding_mode=conv.padding_mode)
+    with torch.no_grad():
+        new_conv.weight.copy_(new_weight)
+        if conv.bias is not None:
+            new_conv.bias.copy_(conv.bias)
+    _set_submodule(backbone.model, conv_name, new_conv.to(weight.device))
+    if channels in (1, 3) or data_mean is None:
+        mean, std = broadcast_stats(p.mean, channels), broadcast_stats(p.std, channels)
+        rule += "; normalization: the backbone's, " + ("averaged" if channels == 1 else "repeated")
+    else:
+        mean, std = tuple(data_mean), tuple(data_std)
+        rule += "; normalization: the data's per-channel statistics"
+    backbone.preprocessing = dataclasses.replace(p, in_chans=channels, mean=mean, std=std)
+    backbone.input_conv_rule = f"{backbone.input_conv_rule}, then at evaluation {rule}"
+    return rule
 
 
 def _conv_rule(in_chans: int, pretrained: bool) -> str:

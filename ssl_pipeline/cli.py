@@ -55,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--batch-size", type=int, default=256)
     embed.add_argument("--quiet", action="store_true")
 
+    transfer = sub.add_parser(
+        "transfer-report",
+        help="transfer runs side by side: AUC / ACC per stage and target, random-init and "
+             "published reference rows")
+    transfer.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
+    transfer.add_argument("--out", metavar="DIR", help="default reports/transfer/<timestamp>/")
     compare = sub.add_parser("compare", help="runs side by side: one table and one plot")
     compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
     compare.add_argument("--out", metavar="DIR", help="default reports/compare/<timestamp>/")
@@ -196,6 +202,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_transfer_report(args: argparse.Namespace) -> int:
+    from ssl_pipeline.transfer_report import write_transfer_report
+
+    for path in write_transfer_report(args.run_dirs, args.out).values():
+        print(f"wrote {path}")
+    return EXIT_OK
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     import ssl_pipeline
 
@@ -207,7 +221,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "evaluate": cmd_evaluate, "estimate": cmd_estimate, "embed": cmd_embed,
-            "validate": cmd_validate, "compare": cmd_compare, "list": cmd_list}
+            "validate": cmd_validate, "compare": cmd_compare, "list": cmd_list,
+            "transfer-report": cmd_transfer_report}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -25,7 +25,7 @@ import yaml
 from ssl_pipeline.atomic import write_bytes_atomic
 
 from .errors import SSLPipelineError
-from .report import _CSS, _eval_stages, _fmt, _html_image, _new_figure, _read_json, _read_yaml
+from .report import CSS, eval_stages, fmt, html_image, new_figure, read_json, read_yaml
 
 _STAGE_LABELS = {"knn": "k-NN", "linear_probe": "linear probe", "finetune": "fine-tune",
                  "few_shot": "few-shot"}
@@ -120,13 +120,13 @@ def _load_run(path: Path, failure: str | None = None) -> Run:
     is_run = (path / "recipe.yaml").is_file() or (path / "results.json").is_file()
     if failure is not None and not is_run:
         return Run(path, {}, {}, "failed", failure)
-    run = _read_run(path)
+    run = read_run(path)
     if failure is not None:
         run.status, run.error = "failed", failure
     return run
 
 
-def _read_run(path: Path) -> Run:
+def read_run(path: Path) -> Run:
     hint = "pass run directories written by `ssl-pipeline run`, e.g. reports/quickstart/<timestamp>"
     if not path.is_dir():
         raise SSLPipelineError(f"run directory {str(path)!r} does not exist; {hint}")
@@ -135,9 +135,9 @@ def _read_run(path: Path) -> Run:
             f"{str(path)!r} is not a run directory (no recipe.yaml and no results.json); {hint}"
         )
     problems: list[str] = []
-    recipe = _read_part(_read_yaml, path / "recipe.yaml", problems)
-    results = _read_part(_read_json, path / "results.json", problems)
-    state = _read_part(_read_json, path / "run_state.json", problems)
+    recipe = _read_part(read_yaml, path / "recipe.yaml", problems)
+    results = _read_part(read_json, path / "results.json", problems)
+    state = _read_part(read_json, path / "run_state.json", problems)
     stages = _stage_states(state)
     failed = [f"stage {stage} failed: {info.get('error') or 'no error recorded'}"
               for stage, info in stages.items() if info.get("status") == "failed"]
@@ -224,7 +224,7 @@ def _baseline_rows(runs: list[Run]) -> list[dict]:
     for run in runs:
         baselines = run.results.get("baselines")
         for name, stages in (baselines if isinstance(baselines, dict) else {}).items():
-            if not isinstance(stages, dict) or not _eval_stages(stages):
+            if not isinstance(stages, dict) or not eval_stages(stages):
                 continue
             key = (name, _data_key(run), json.dumps(_accuracies(stages), sort_keys=True))
             row = rows.setdefault(key, _row(f"{name} baseline", "baseline", "", "", [], stages))
@@ -261,7 +261,7 @@ def _data_key(run: Run) -> str:
 
 def _columns(all_results: list[dict]) -> list[Column]:
     """Every column any of these results could fill, in the literature's order."""
-    stages = dict.fromkeys(stage for results in all_results for stage, _ in _eval_stages(results))
+    stages = dict.fromkeys(stage for results in all_results for stage, _ in eval_stages(results))
     ordered = [s for s in _STAGE_ORDER if s in stages]
     ordered += [s for s in stages if s not in _STAGE_ORDER]
     columns = []
@@ -346,7 +346,7 @@ def _write_plot(out: Path, table: dict) -> list[Path]:
     if not rows:
         return []
     width = 0.8 / len(rows)
-    fig = _new_figure(min(16.0, 2.0 + len(columns) * (0.4 * len(rows) + 0.8)), 4.5)
+    fig = new_figure(min(16.0, 2.0 + len(columns) * (0.4 * len(rows) + 0.8)), 4.5)
     ax = fig.subplots()
     for i, row in enumerate(rows):
         points = [(j + (i - (len(rows) - 1) / 2) * width, *row["cells"][c.key])
@@ -390,7 +390,7 @@ def _write_curves_plot(out: Path, curves: dict[str, dict]) -> list[Path]:
     keys = [k for k in _CURVES if any(_curve_points(c, k, "epoch")[0] for c in curves.values())]
     if not keys:
         return []
-    fig = _new_figure(5.0 * len(keys) + 1.0, 4.2)
+    fig = new_figure(5.0 * len(keys) + 1.0, 4.2)
     axes = fig.subplots(1, len(keys), squeeze=False)[0]
     colors = {label: f"C{i % 10}" for i, label in enumerate(curves)}  # one color per run, every panel
     for ax, key in zip(axes, keys):
@@ -439,7 +439,7 @@ def curve_tables(curves: dict[str, dict]) -> list[tuple[str, list[str], list[lis
             cells = []
             for e in epochs:
                 value = values.get(e)
-                text = _fmt(value)
+                text = fmt(value)
                 if key == "knn_top1" and value is not None and minutes.get(e) is not None:
                     text += f" ({minutes[e] / 60:.1f} min)"
                 cells.append(text)
@@ -462,7 +462,7 @@ _LEGEND = ("Test accuracies as fractions; ± is the standard deviation over seed
 def _cell_text(cell: tuple) -> str:
     value, std = cell
     # std rounded first: the std of equal floats can come out as 1e-16 instead of 0
-    return _fmt(value) + ("" if std is None else f" ± {_fmt(round(std, 6))}")
+    return fmt(value) + ("" if std is None else f" ± {fmt(round(std, 6))}")
 
 
 def _status_text(row: dict) -> str:
@@ -506,14 +506,14 @@ def _render_html(table: dict, plots: list[Path]) -> str:
                      f"<td>{html.escape(str(row['run_dirs'][0]))}</td></tr>"
                      for row in _run_rows(table))
     parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-             f"<title>{title}</title><style>{_CSS}</style></head><body>", f"<h1>{title}</h1>",
+             f"<title>{title}</title><style>{CSS}</style></head><body>", f"<h1>{title}</h1>",
              f"<p>{html.escape(_LEGEND)}</p>",
              f'<table id="comparison">\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n'
              "</tbody></table>",
              *_html_curve_tables(table.get("curves") or {}),
              f"<h2>Run directories</h2>\n<table>\n{dirs}\n</table>"]
     if plots:
-        parts.append("<h2>Plots</h2>\n" + "\n".join(_html_image(p) for p in plots))
+        parts.append("<h2>Plots</h2>\n" + "\n".join(html_image(p) for p in plots))
     parts.append("</body></html>\n")
     return "\n".join(parts)
 

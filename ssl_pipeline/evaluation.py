@@ -23,12 +23,12 @@ import torch
 
 import ssl_pipeline
 from ssl_pipeline.atomic import write_text_atomic
-from ssl_pipeline.backbones import Backbone, create_backbone, load_backbone
+from ssl_pipeline.backbones import Backbone, create_backbone, fit_input_channels, load_backbone
 from ssl_pipeline.data import TransformedDataset
 from ssl_pipeline.data.transforms import eval_transform, fit_views, supervised_train_transform
 from ssl_pipeline.embedding_map import FILE as EMBEDDING_MAP, write_embedding_map
 from ssl_pipeline.errors import SSLPipelineError
-from ssl_pipeline.evals.few_shot import few_shot
+from ssl_pipeline.evals.few_shot import few_shot, vtab_1k
 from ssl_pipeline.evals.finetune import FinetuneSettings, finetune
 from ssl_pipeline.evals.knn import knn_classify
 from ssl_pipeline.evals.linear_probe import linear_probe
@@ -63,7 +63,16 @@ def evaluated_backbone(ctx: RunContext) -> Backbone:
                 "nothing to evaluate: list 'pretrain' before the evaluation stages, or give a "
                 "backbone (eval.backbone in the recipe, or ssl-pipeline evaluate --backbone PATH)"
             )
-        ctx.cache["backbone"] = load_backbone(path, name=ctx.recipe.backbone.name)
+        backbone = load_backbone(path, name=ctx.recipe.backbone.name)
+        if backbone.preprocessing.in_chans != ctx.data.channels:
+            source = backbone.preprocessing.in_chans
+            rule = fit_input_channels(backbone, ctx.data.channels, ctx.data.mean, ctx.data.std)
+            ctx.cache["input_channels"] = {"backbone": source, "data": ctx.data.channels,
+                                           "rule": rule}
+            if not ctx.quiet:
+                print(f"evaluate: the backbone takes {source}-channel images, {ctx.data.name} "
+                      f"has {ctx.data.channels}: first convolution adapted ({rule})", flush=True)
+        ctx.cache["backbone"] = backbone
     return ctx.cache["backbone"]
 
 
@@ -111,10 +120,10 @@ def transform_for(subject: Subject, ctx: RunContext):
         d = ctx.resolved.data
         return eval_transform(d["image_size"], d["mean"], d["std"])
     p = subject.backbone.preprocessing
-    if p.in_chans != ctx.data.channels:
+    if p.in_chans != ctx.data.channels:  # (evaluated_backbone adapts the run's backbone)
         raise SSLPipelineError(
             f"the backbone takes {p.in_chans}-channel images but {ctx.data.name} has "
-            f"{ctx.data.channels}; set --set data.channels={p.in_chans}"
+            f"{ctx.data.channels}"
         )
     return eval_transform(p.input_size, p.mean, p.std)
 
@@ -203,7 +212,8 @@ def preprocessing(ctx: RunContext, backbone: Backbone) -> dict[str, Any]:
         warnings.warn(message, UserWarning, stacklevel=2)
         if not ctx.quiet:
             print(f"warning: {message}", flush=True)
-    return {"evaluation": used, "data": native, "differs": differs}
+    adapted = {"input_channels": ctx.cache["input_channels"]} if "input_channels" in ctx.cache else {}
+    return {"evaluation": used, "data": native, "differs": differs, **adapted}
 
 
 def require_labels(ctx: RunContext, stage: str) -> None:
@@ -312,9 +322,13 @@ def probe_result(ctx: RunContext, subject: Subject) -> dict[str, Any]:
 def few_shot_result(ctx: RunContext, subject: Subject) -> dict[str, Any]:
     f = split_features(ctx, subject)
     cfg = ctx.recipe.eval.few_shot
-    return few_shot(*f["train"], *f["test"], ctx.data.num_classes, shots=tuple(cfg.shots),
-                    seeds=cfg.seeds, progress=bar(ctx, "few-shot", subject),
-                    max_minutes=cfg.max_minutes)
+    result = few_shot(*f["train"], *f["test"], ctx.data.num_classes, shots=tuple(cfg.shots),
+                      seeds=cfg.seeds, progress=bar(ctx, "few-shot", subject),
+                      max_minutes=cfg.max_minutes)
+    if cfg.vtab_1k:
+        result["vtab_1k"] = vtab_1k(*f["train"], *f["val"], *f["test"], seeds=cfg.seeds,
+                                    progress=bar(ctx, "few-shot", subject))
+    return result
 
 
 def _register_stages() -> None:
@@ -343,14 +357,17 @@ def finetune_result(ctx: RunContext, subject: Subject) -> dict[str, Any] | None:
         runs = [finetune_once(ctx, subject, fraction, seed)
                 for seed in range(seeds if fraction < 1.0 else 1)]
         top1 = [r["top1"] for r in runs]
+        aucs = [r.get("auc") for r in runs]
         by_fraction[str(fraction)] = {
             **mean_and_std(top1),
+            "auc": None if None in aucs else float(np.mean(aucs)),
             "seeds": len(runs), "train_samples": runs[0]["train_samples"],
             "subset": runs[0]["subset"], "by_seed": runs,
             "stopped_by_budget": any(r["stopped_by_budget"] for r in runs),
         }
     headline = by_fraction[str(max(cfg.label_fractions))]
-    return {"top1": headline["top1"], "top1_std": headline["top1_std"], "by_fraction": by_fraction,
+    return {"top1": headline["top1"], "top1_std": headline["top1_std"], "auc": headline["auc"],
+            "by_fraction": by_fraction,
             "stopped_by_budget": any(f["stopped_by_budget"] for f in by_fraction.values())}
 
 

@@ -271,6 +271,7 @@ def data_facts(ctx: RunContext) -> dict[str, Any]:
         "split_hashes": bundle.split_hashes,
         **decoder,
         **({"skipped_images": bundle.skipped_images} if bundle.skipped_images else {}),
+        **({"bands": bundle.bands} if bundle.bands else {}),
     }
 
 

@@ -57,6 +57,15 @@ class MedMNISTDataConfig(Strict):
     size: Literal[28, 64, 128, 224] = 28
 
 
+class EuroSATDataConfig(Strict):
+    """`data.name: eurosat` (see data/eurosat.py)."""
+
+    # rgb: the JPEG release; ms: all 13 bands of the GeoTIFF release; or a list of band names
+    bands: Literal["rgb", "ms"] | list[str] = "rgb"
+    # the order of the 13 bands the backbone sees: wavelength (B8A after B08) or stored (B8A last)
+    band_order: Literal["wavelength", "stored"] = "wavelength"
+
+
 class DataConfig(Strict):
     name: str = "digits"
     root: str | None = None
@@ -71,7 +80,7 @@ class DataConfig(Strict):
     num_classes: int | None = Field(None, ge=2)
     mean: list[float] | None = None
     std: list[float] | None = None
-    download: bool = False  # cifar and medmnist; needs internet
+    download: bool = False  # cifar, medmnist and eurosat (RGB); needs internet
     num_workers: int = Field(0, ge=0)
     # image_folder and webdataset: who decodes 8-bit RGB JPEG/PNG/WebP files for the consumers
     # that take uint8 tensors (the device-view path): torchvision.io, skipping PIL, or pil.
@@ -85,6 +94,7 @@ class DataConfig(Strict):
     fake: FakeDataConfig = FakeDataConfig()
     imagenet: ImageNetDataConfig = ImageNetDataConfig()
     medmnist: MedMNISTDataConfig = MedMNISTDataConfig()
+    eurosat: EuroSATDataConfig = EuroSATDataConfig()
 
     @field_validator("name")
     @classmethod
@@ -256,6 +266,8 @@ class ClassicProbeConfig(Strict):
 class FewShotConfig(Strict):
     shots: list[int] = Field(default_factory=lambda: [1, 5, 10])
     seeds: int = Field(5, ge=1)
+    # VTAB-1k as well: 800 train + 200 val examples, C chosen on the 200, refitted on all 1000
+    vtab_1k: bool = False
     # Per evaluated backbone or baseline: no new draws after it; records `stopped_by_budget`.
     max_minutes: float | None = Field(None, gt=0)
 

@@ -29,7 +29,7 @@ from ssl_pipeline.tracking import read_jsonl
 _NOT_STAGES = ("pretrain", "baselines", "provenance", "schema_version")
 # Stages whose confusion matrix may be plotted, where they keep their test metrics.
 _CONFUSION_STAGES = {"knn": None, "linear_probe": "test_metrics"}
-_CSS = (
+CSS = (
     "body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em;color:#222}"
     "table{border-collapse:collapse;margin:1em 0}"
     "th,td{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}"
@@ -48,9 +48,9 @@ def write_report(run_dir: str | Path) -> dict[str, Any]:
             f"run directory {str(run)!r} does not exist; pass the --out directory of a finished "
             "`ssl-pipeline run`"
         )
-    recipe = _read_yaml(run / "recipe.yaml")
-    results = _read_json(run / "results.json")
-    state = _read_json(run / "run_state.json")
+    recipe = read_yaml(run / "recipe.yaml")
+    results = read_json(run / "results.json")
+    state = read_json(run / "run_state.json")
     plots = _write_plots(run, read_jsonl(run / "metrics.jsonl"), results, recipe)
     sections = _sections(recipe, results, state)
     md_path, html_path = run / "report.md", run / "report.html"
@@ -62,7 +62,7 @@ def write_report(run_dir: str | Path) -> dict[str, Any]:
 # ---------------------------------------------------------------- reading the run's files
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
@@ -72,7 +72,7 @@ def _read_json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml(path: Path) -> dict:
     if not path.is_file():
         return {}
     data = yaml.safe_load(path.read_text())
@@ -86,9 +86,12 @@ def _read_yaml(path: Path) -> dict:
 
 def _sections(recipe: dict, results: dict, state: dict) -> dict[str, list]:
     """Section title -> rows; the results rows are dicts, the others (label, value) pairs."""
+    from ssl_pipeline.transfer_report import rows_for_report  # (it reads reports like this one)
+
     return {
         "Recipe": _recipe_summary(recipe),
         "Results": result_rows(results),
+        "Published reference": rows_for_report(recipe),
         "Timings": _timings(results, state),
         "Skipped images": _skipped_images(recipe),
         "Hardware": _flat_pairs(results.get("provenance", {}).get("hardware", {})),
@@ -117,7 +120,7 @@ def _recipe_summary(recipe: dict) -> list[tuple[str, str]]:
         ("world size", world),
         ("seed", recipe.get("seed")),
     ]
-    return [(label, _fmt(value)) for label, value in pairs if value is not None]
+    return [(label, fmt(value)) for label, value in pairs if value is not None]
 
 
 def _data_summary(recipe: dict) -> str | None:
@@ -149,13 +152,13 @@ def _skipped_images(recipe: dict) -> list[tuple[str, str]]:
 
 def result_rows(results: dict) -> list[dict[str, str]]:
     """One row per evaluation stage of the backbone, then one per (baseline, stage)."""
-    rows = [_row("backbone", stage, res) for stage, res in _eval_stages(results)]
+    rows = [_row("backbone", stage, res) for stage, res in eval_stages(results)]
     for baseline, stages in (results.get("baselines") or {}).items():
-        rows += [_row(baseline, stage, res) for stage, res in _eval_stages(stages)]
+        rows += [_row(baseline, stage, res) for stage, res in eval_stages(stages)]
     return rows
 
 
-def _eval_stages(results: dict) -> list[tuple[str, dict]]:
+def eval_stages(results: dict) -> list[tuple[str, dict]]:
     return [
         (key, value)
         for key, value in results.items()
@@ -177,27 +180,34 @@ def _row(subject: str, stage: str, res: dict) -> dict[str, str]:
     return {
         "subject": subject,
         "stage": stage,
-        "top1": _fmt(top1),
-        "std": "" if std is None else f"± {_fmt(round(std, 6))}",
+        "top1": fmt(top1),
+        "std": "" if std is None else f"± {fmt(round(std, 6))}",
         "details": "; ".join(details),
     }
 
 
 def _details(res: dict) -> list[str]:
     metrics = {**(res.get("test_metrics") or {}), **res}
-    out = [f"{key} {_fmt(metrics[key])}" for key in ("top5", "balanced_accuracy", "macro_f1")
+    out = [f"{key} {fmt(metrics[key])}" for key in ("top5", "balanced_accuracy", "macro_f1")
            if metrics.get(key) is not None]
     if "k" in res:
         out.append(f"k {res['k']}")
     if res.get("by_k"):
-        by_k = (f"{k}: {_fmt(v.get('top1'))}" for k, v in res["by_k"].items())
+        by_k = (f"{k}: {fmt(v.get('top1'))}" for k, v in res["by_k"].items())
         out.append("by k: " + ", ".join(by_k))
     if res.get("seeds") is not None:
         out.append(f"{res['seeds']} seeds")
     if res.get("chosen"):
-        out.append("chosen " + ", ".join(f"{k}={_fmt(v)}" for k, v in res["chosen"].items()))
+        out.append("chosen " + ", ".join(f"{k}={fmt(v)}" for k, v in res["chosen"].items()))
     out += _fraction_details(res.get("by_fraction") or {})
     out += _shot_details(res.get("by_shots") or {})
+    vtab = res.get("vtab_1k")
+    if vtab:
+        ci = vtab.get("ci95")
+        size = "" if (vtab.get("train"), vtab.get("val")) == (800, 200) else \
+            f" ({vtab.get('train')} train + {vtab.get('val')} val)"
+        out.append(f"VTAB-1k{size}: {fmt(vtab.get('top1'))}"
+                   + (f" [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else ""))
     return out
 
 
@@ -206,8 +216,8 @@ def _fraction_details(by_fraction: dict) -> list[str]:
     return [
         f"{float(frac):.0%} labels"
         + (f" ({v['subset']})" if v.get("subset") not in (None, "all") else "")
-        + f": {_fmt(v.get('top1'))}"
-        + (f" ± {_fmt(round(v['top1_std'], 6))}" if v.get("top1_std") is not None else "")
+        + f": {fmt(v.get('top1'))}"
+        + (f" ± {fmt(round(v['top1_std'], 6))}" if v.get("top1_std") is not None else "")
         for frac, v in by_fraction.items()
     ]
 
@@ -216,15 +226,15 @@ def _shot_details(by_shots: dict) -> list[str]:
     out = []
     for shots, v in sorted(by_shots.items(), key=lambda item: float(item[0])):
         ci = v.get("ci95")
-        ci_text = f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci and len(ci) == 2 else ""
-        out.append(f"{shots}-shot: {_fmt(v.get('top1'))}{ci_text}")
+        ci_text = f" [{fmt(ci[0])}, {fmt(ci[1])}]" if ci and len(ci) == 2 else ""
+        out.append(f"{shots}-shot: {fmt(v.get('top1'))}{ci_text}")
     return out
 
 
 def _timings(results: dict, state: dict) -> list[tuple[str, str]]:
     pretrain = results.get("pretrain") or {}
     pairs = [
-        (f"pretraining {label}", _fmt(pretrain[key]))
+        (f"pretraining {label}", fmt(pretrain[key]))
         for key, label in (("seconds", "seconds"), ("images_per_second", "images / s"),
                            ("steps", "steps"), ("epochs", "epochs"),
                            ("resumed_from_step", "resumed from step"),
@@ -234,9 +244,9 @@ def _timings(results: dict, state: dict) -> list[tuple[str, str]]:
     pairs += [("pretraining warning", text) for text in pretrain.get("warnings") or []]
     for stage, info in (state.get("stages") or {}).items():
         info = info if isinstance(info, dict) else {}
-        seconds = "" if info.get("seconds") is None else f"{_fmt(info['seconds'])} s"
+        seconds = "" if info.get("seconds") is None else f"{fmt(info['seconds'])} s"
         speed = info.get("images_per_second")
-        speed = "" if speed is None else f"({_fmt(speed)} images / s)"
+        speed = "" if speed is None else f"({fmt(speed)} images / s)"
         pairs.append((f"stage {stage}", " ".join(filter(None, [info.get("status"), seconds, speed]))))
     return pairs
 
@@ -247,16 +257,16 @@ def _provenance(provenance: dict) -> list[tuple[str, str]]:
 
 
 def _flat_pairs(mapping: dict) -> list[tuple[str, str]]:
-    return [(str(key), _fmt(value)) for key, value in mapping.items()]
+    return [(str(key), fmt(value)) for key, value in mapping.items()]
 
 
-def _fmt(value: Any) -> str:
+def fmt(value: Any) -> str:
     if value is None:
         return "—"
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, (list, tuple)):
-        return ", ".join(_fmt(v) for v in value) or "none"
+        return ", ".join(fmt(v) for v in value) or "none"
     return str(value)
 
 
@@ -282,7 +292,7 @@ def _write_plots(run: Path, metrics: list[dict], results: dict, recipe: dict) ->
     return paths
 
 
-def _new_figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
     # A bare Figure on an Agg canvas: no pyplot global state, no display needed.
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
@@ -299,7 +309,7 @@ def _loss_lr_figure(metrics: list[dict]) -> Figure | None:
     loss, lr = _series(metrics, "train/loss_step"), _series(metrics, "train/lr")
     if not loss[0] and not lr[0]:
         return None
-    fig = _new_figure(7, 5)
+    fig = new_figure(7, 5)
     ax_loss, ax_lr = fig.subplots(2, 1, sharex=True)
     ax_loss.plot(*loss, marker="." if len(loss[0]) < 50 else None)
     ax_loss.set(ylabel="pretraining loss", title="Pretraining")
@@ -322,7 +332,7 @@ def _monitor_figure(metrics: list[dict], results: dict) -> Figure | None:
     collapse = _monitor_by_epoch(metrics, "train/collapse_std")
     if not knn and not collapse:
         return None
-    fig = _new_figure(7, 3.5)
+    fig = new_figure(7, 3.5)
     ax = fig.subplots()
     if knn:
         ax.plot(list(knn), list(knn.values()), marker="o", label="val k-NN top-1")
@@ -364,7 +374,7 @@ def _confusion_figure(results: dict, recipe: dict) -> Figure | None:
         row[i] / sum(row) if sum(row) else 0.0 for i, row in enumerate(matrix)
     ]
     names = _class_names(metrics, results, recipe, len(matrix))
-    fig = _new_figure(10, max(3.5, 0.3 * len(names) + 1.5))
+    fig = new_figure(10, max(3.5, 0.3 * len(names) + 1.5))
     ax_cm, ax_acc = fig.subplots(1, 2, width_ratios=[1.2, 1])
     image = ax_cm.imshow(matrix, cmap="Blues")
     fig.colorbar(image, ax=ax_cm, shrink=0.8)
@@ -388,7 +398,7 @@ def _embedding_figure(saved, results: dict, recipe: dict) -> Figure | None:
     coords, labels, method = saved
     classes = sorted(set(labels.tolist()))
     names = _class_names({}, results, recipe, max(classes) + 1 if classes else 0)
-    fig = _new_figure(7, 6)
+    fig = new_figure(7, 6)
     ax = fig.subplots()
     cmap = "tab10" if len(classes) <= 10 else "tab20"
     for i, c in enumerate(classes):
@@ -456,7 +466,7 @@ def _md_table(title: str, rows: list) -> list[str]:
 def _render_html(recipe: dict, sections: dict, plots: list[Path]) -> str:
     title = html.escape(f"Run report: {recipe.get('name') or 'run'}")
     parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-             f"<title>{title}</title><style>{_CSS}</style></head><body>", f"<h1>{title}</h1>"]
+             f"<title>{title}</title><style>{CSS}</style></head><body>", f"<h1>{title}</h1>"]
     for name, rows in sections.items():
         if rows:
             table = _html_results(rows) if name == "Results" else _html_pairs(rows)
@@ -464,7 +474,7 @@ def _render_html(recipe: dict, sections: dict, plots: list[Path]) -> str:
         elif name == "Results":
             parts.append(f"<h2>Results</h2>\n<p>{html.escape(_NO_RESULTS)}</p>")
         if name == "Results" and plots:
-            parts.append("<h2>Plots</h2>\n" + "\n".join(_html_image(p) for p in plots))
+            parts.append("<h2>Plots</h2>\n" + "\n".join(html_image(p) for p in plots))
     parts.append("</body></html>\n")
     return "\n".join(parts)
 
@@ -488,7 +498,7 @@ def _html_pairs(pairs: list[tuple[str, str]]) -> str:
     return f"<table>\n{body}\n</table>"
 
 
-def _html_image(path: Path) -> str:
+def html_image(path: Path) -> str:
     # Embedded so the report is one self-contained file that can be mailed or attached.
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     alt = html.escape(path.stem)

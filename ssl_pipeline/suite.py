@@ -265,7 +265,7 @@ def _suite_and_dir(suite, overrides, out_dir, resume) -> tuple[Suite, Path, str]
 
 
 def _stages_done(run_dir: Path, stages: list[str]) -> bool:
-    stages_state = _read_json(run_dir / "run_state.json").get("stages", {})
+    stages_state = read_json(run_dir / "run_state.json").get("stages", {})
     return all((stages_state.get(s) or {}).get("status") == "done" for s in stages)
 
 
@@ -296,8 +296,8 @@ _DROP = object()
 
 def variant_summary(recipe: Recipe, run_dir: Path, outcome: dict[str, Any] | None) -> dict[str, Any]:
     """One variant in suite_results.json, from its run directory and how this invocation went."""
-    state = _read_json(run_dir / "run_state.json").get("stages", {})
-    results = _read_json(run_dir / "results.json")
+    state = read_json(run_dir / "run_state.json").get("stages", {})
+    results = read_json(run_dir / "results.json")
     outcome = outcome or {}
     status = outcome.get("status") or ("done" if _stages_done(run_dir, recipe.stages) else "not run")
     stages = {}
@@ -354,7 +354,7 @@ def _write_comparison(out: Path, suite: Suite, recipes: dict[str, Recipe],
                      failed=failed, title=title)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text()) if path.is_file() else {}
     except (OSError, json.JSONDecodeError):

@@ -12,6 +12,7 @@ from ssl_pipeline.recipe import DataConfig
 from mini_imagenet import make_mini_imagenet
 from test_csv_images import write_images as write_scans
 from test_data import write_cifar, write_fashion, write_image_folder
+from test_eurosat import write_eurosat_rgb
 from test_medmnist import write_medmnist
 from test_webdataset import write_images, write_shards
 
@@ -34,6 +35,8 @@ def fixture_root(name: str, tmp_path: Path) -> str | None:
         return str(make_mini_imagenet(tmp_path, "devkit"))
     elif name == "medmnist":
         write_medmnist(tmp_path, "pathmnist", counts=(36, 18, 18))
+    elif name == "eurosat":
+        write_eurosat_rgb(tmp_path / "EuroSAT_RGB", per_class=12)
     elif name == "csv":
         names = write_scans(tmp_path / "scans", 24)
         lines = ["path,label"] + [f"{n},{'abc'[i % 3]}" for i, n in enumerate(names)]

@@ -6,7 +6,8 @@ import dataclasses
 
 # imported for their side effect: each module registers its builders in `datasets`
 from ssl_pipeline.data import (  # noqa: F401  (registers the datasets)
-    cifar, csv_images, digits, fake, fashion_mnist, image_folder, imagenet, medmnist, webdataset,
+    cifar, csv_images, digits, eurosat, fake, fashion_mnist, image_folder, imagenet, medmnist,
+    webdataset,
 )
 from ssl_pipeline.data.base import (
     SPLITS,
@@ -34,9 +35,15 @@ def build_dataset(cfg) -> DataBundle:
     normalization statistics to match), applies `mean`/`std` overrides and `image_size`, and
     records a hash of each split's sample indices.
     """
-    if cfg.channels not in (None, 1, 3):
-        raise SSLPipelineError(f"data.channels={cfg.channels} is not supported; use 1 or 3")
     bundle = datasets.get(cfg.name).obj(cfg)
+    if cfg.channels not in (None, bundle.channels) and (
+            cfg.channels not in (1, 3) or bundle.channels not in (1, 3)):
+        raise SSLPipelineError(
+            f"data.channels={cfg.channels}, but {cfg.name} has {bundle.channels}-channel images "
+            "and only gray and RGB convert into each other; use 1 or 3 for those, or leave "
+            "data.channels unset" + (" (choose bands with data.eurosat.bands)"
+                                     if bundle.bands else "")
+        )
     if cfg.num_classes is not None and cfg.num_classes != bundle.num_classes:
         raise SSLPipelineError(
             f"data.num_classes={cfg.num_classes} but {cfg.name} has {bundle.num_classes} "

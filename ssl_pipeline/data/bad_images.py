@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -91,11 +92,13 @@ def refuse_empty(paths: list[Path]) -> None:
         )
 
 
-def scan(paths: list[Path], workers: int = 0, quiet: bool = False) -> dict[str, str]:
+def scan(paths: list[Path], workers: int = 0, quiet: bool = False,
+         check: Callable[[str], str | None] = check_file) -> dict[str, str]:
     """`{path: reason}` of the unreadable files among `paths`, from the cache when the same
-    files (paths, sizes, modification times) were scanned before."""
+    files (paths, sizes, modification times) were scanned before by the same `check` (a
+    module-level function: it runs in worker processes)."""
     stats = [path.stat() for path in paths]
-    digest = hashlib.sha256(f"v{SCAN_VERSION}".encode())
+    digest = hashlib.sha256(f"v{SCAN_VERSION}|{check.__module__}.{check.__qualname__}".encode())
     for path, stat in zip(paths, stats):
         digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
     cache = SCAN_CACHE / f"{digest.hexdigest()[:24]}.json"
@@ -110,9 +113,9 @@ def scan(paths: list[Path], workers: int = 0, quiet: bool = False) -> dict[str, 
     names = [str(path) for path in paths]
     if workers > 0 and len(names) > 256:
         with ProcessPoolExecutor(workers) as pool:
-            reasons = list(pool.map(check_file, names, chunksize=64))
+            reasons = list(pool.map(check, names, chunksize=64))
     else:
-        reasons = [check_file(name) for name in names]
+        reasons = [check(name) for name in names]
     bad = {name: reason for name, reason in zip(names, reasons) if reason is not None}
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)

@@ -25,8 +25,9 @@ UNLABELED = -1
 class DataBundle:
     """The splits of one dataset and the facts the rest of the pipeline needs about them.
 
-    Each split is a torch Dataset whose items are `(PIL.Image, int label)`; the label is
-    `UNLABELED` (-1) for unlabeled data. Transforms are applied later (`TransformedDataset`).
+    Each split is a torch Dataset whose items are `(PIL.Image, int label)` (multispectral
+    data: a float32 tensor `(C, H, W)` of reflectance); the label is `UNLABELED` (-1) for
+    unlabeled data. Transforms are applied later (`TransformedDataset`).
     """
 
     name: str
@@ -43,6 +44,8 @@ class DataBundle:
     split_hashes: dict[str, str] = field(default_factory=dict)
     # data.on_bad_image=skip: {"count": n, "files": [{"path", "reason"}, ...]} of the left-out files
     skipped_images: dict | None = None
+    # multispectral data: the band names, in the order the channels hold them
+    bands: list[str] | None = None
 
     @property
     def labeled(self) -> bool:

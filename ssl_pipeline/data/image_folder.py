@@ -41,6 +41,7 @@ from ssl_pipeline.data.bad_images import (
     READ_ERRORS,
     SOURCE,
     bad_image,
+    check_file,
     refuse_empty,
     scan,
     skipped_record,
@@ -267,16 +268,17 @@ class Screen:
     now (the rest fail when read); `skip` leaves out every file that does not decode,
     remembering why in `bad`."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, check=check_file):
         self.mode = getattr(cfg, "on_bad_image", "error")  # stand-in configs may lack it
         self.workers = getattr(cfg, "num_workers", 0)
+        self.check = check  # path -> None, or why the file cannot be used
         self.bad: dict[str, str] = {}
 
     def __call__(self, folder: Path, paths: list[Path], names: list[str] | None):
         if self.mode == "error":
             refuse_empty(paths)
             return paths, names
-        bad = scan(paths, self.workers)
+        bad = scan(paths, self.workers, check=self.check)
         self.bad.update(bad)
         keep = [i for i, path in enumerate(paths) if str(path) not in bad]
         if not keep:

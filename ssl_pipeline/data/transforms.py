@@ -10,6 +10,7 @@ instead (data/device_views.py); these per-image transforms are then not used for
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from lightly.transforms.gaussian_blur import GaussianBlur
@@ -61,7 +62,7 @@ def fit_views(image_size: int, channels: int, overrides: dict) -> ViewSettings:
         # nothing and there is no color to remove. Brightness/contrast jitter alone is left off
         # by default: in scans on a fixed background (digits, Fashion-MNIST) the intensity is
         # the signal. Set color_jitter_prob to get brightness/contrast jitter on gray images.
-        color_jitter_prob=0.8 if rgb else 0.0,
+        color_jitter_prob=0.8 if rgb else 0.0,  # (multispectral: no color steps at all)
         # SimCLR: strength 1.0 on ImageNet, 0.5 on CIFAR-size images (as lightly's docs advise)
         color_jitter_strength=1.0 if image_size >= 96 else 0.5,
         grayscale_prob=0.2 if rgb else 0.0,
@@ -78,11 +79,28 @@ def fit_views(image_size: int, channels: int, overrides: dict) -> ViewSettings:
                 f"unknown view setting {key!r}" + (f"; did you mean {hint!r}?" if hint else "")
                 + f" Known: {', '.join(fields)}"
             )
-    return dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+    fitted = dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+    if channels in (1, 3):
+        return fitted
+    # multispectral tensors: color steps are defined on RGB; views are made in the workers
+    colored = {k: getattr(fitted, k) for k in ("color_jitter_prob", "grayscale_prob",
+                                               "solarize_prob") if getattr(fitted, k) > 0}
+    if colored:
+        raise SSLPipelineError(
+            f"views {', '.join(f'{k}={v}' for k, v in colored.items())} act on RGB colors, but "
+            f"the images have {channels} bands; set them to 0 (crops, flips, rotations and "
+            "blur work on any number of bands)"
+        )
+    return dataclasses.replace(fitted, augment_on="workers")
 
 
 def view_transform(views: ViewSettings, image_size: int, mean, std) -> T.Compose:
-    """One random view: PIL image (any size, L or RGB) -> tensor `(C, image_size, image_size)`."""
+    """One random view: PIL image (any size, L or RGB) -> tensor `(C, image_size, image_size)`.
+
+    Multispectral float tensors `(C, H, W)` (C not 1 or 3) go through the same crop, flips and
+    rotation (torchvision's transforms take tensors) and a tensor gaussian blur; their color
+    steps are 0 (`fit_views`).
+    """
     jitter = T.ColorJitter(
         brightness=0.8 * views.color_jitter_strength,
         contrast=0.8 * views.color_jitter_strength,
@@ -96,12 +114,24 @@ def view_transform(views: ViewSettings, image_size: int, mean, std) -> T.Compose
         random_rotation_transform(rr_prob=views.rotation_prob, rr_degrees=None),
         T.RandomApply([jitter], p=views.color_jitter_prob),
         T.RandomGrayscale(p=views.grayscale_prob),
-        GaussianBlur(sigmas=views.blur_sigmas, prob=views.blur_prob),
+        GaussianBlur(sigmas=views.blur_sigmas, prob=views.blur_prob) if len(mean) in (1, 3)
+        else T.RandomApply([T.GaussianBlur(blur_kernel(views.blur_sigmas[1], image_size),
+                                           sigma=views.blur_sigmas)], p=views.blur_prob),
     ]
     # only when used: without it the views match lightly's SimCLRViewTransform draw for draw
     if views.solarize_prob > 0:
         steps.append(RandomSolarization(prob=views.solarize_prob))
     return T.Compose(steps + [T.ToTensor(), T.Normalize(mean=list(mean), std=list(std))])
+
+
+def blur_kernel(max_sigma: float, image_size: int) -> int:
+    """Odd kernel side covering 3 sigma each way, at most the image side.
+
+    >>> blur_kernel(2.0, 64), blur_kernel(2.0, 8)
+    (13, 7)
+    """
+    side = 2 * math.ceil(3 * max_sigma) + 1
+    return min(side, image_size - 1 + image_size % 2)
 
 
 def ssl_views_transform(views: ViewSettings, image_size: int, mean, std) -> MultiViewTransform:
