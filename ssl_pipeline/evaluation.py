@@ -286,7 +286,7 @@ def baseline_key(ctx: RunContext, stage: str, subject: Subject) -> str:
 def map_embeddings(ctx: RunContext, subject: Subject) -> None:
     """The 2-D map of the backbone's test embeddings for the report, made once per invocation
     (so it always shows the backbone this invocation evaluated)."""
-    if ctx.cache.get(EMBEDDING_MAP):
+    if ctx.cache.get(EMBEDDING_MAP) or ctx.data.multi_label:  # (colored by one class per point)
         return
     x, y = features(ctx, subject, "test")
     ctx.cache[EMBEDDING_MAP] = write_embedding_map(ctx.run_dir, x, y, seed=ctx.recipe.seed)
@@ -303,10 +303,12 @@ def knn_result(ctx: RunContext, subject: Subject) -> dict[str, Any]:
                           temperature=dict(settings), progress=bar(ctx, "knn", subject))
     by_k = {}
     for k in ks:
-        metrics = classification_metrics(scores[k], f["test"][1])
-        by_k[str(k)] = {m: metrics[m] for m in ("top1", "top5") if m in metrics}
+        metrics = classification_metrics(scores[k], f["test"][1],
+                                         multi_label_scores="probabilities")
+        by_k[str(k)] = {m: metrics[m] for m in ("top1", "top5", "auc") if m in metrics}
         by_k[str(k)]["temperature"] = dict(settings)[k]
-    headline = classification_metrics(scores[ks[0]], f["test"][1], ctx.data.class_names)
+    headline = classification_metrics(scores[ks[0]], f["test"][1], ctx.data.class_names,
+                                      multi_label_scores="probabilities")
     return {**headline, "k": ks[0], "temperature": settings[0][1], "by_k": by_k}
 
 
@@ -409,7 +411,7 @@ def finetune_once(ctx: RunContext, subject: Subject, fraction: float, seed: int,
         train = torch.utils.data.Subset(train, positions)
     elif fraction < 1.0:
         train = torch.utils.data.Subset(train, balanced_subset(bundle.train.labels, fraction=fraction, seed=seed))
-        subset = "class-balanced, seeded"
+        subset = "random, seeded (multi-label)" if bundle.multi_label else "class-balanced, seeded"
     views = fit_views(p.input_size, p.in_chans, {"crop_min_scale": 0.08} if classic else {})
     augment = supervised_train_transform(views, p.input_size, p.mean, p.std)
     plain = transform_for(subject, ctx)  # (also checks the channels)
@@ -440,7 +442,7 @@ def finetune_once(ctx: RunContext, subject: Subject, fraction: float, seed: int,
                           enable_model_summary=False,
                           enable_checkpointing=False, log_every_n_steps=1)
     result = finetune(backbone, bundle.num_classes, *loaders, settings, trainer_kwargs,
-                      bundle.class_names)
+                      bundle.class_names, multi_label=bundle.multi_label)
     ctx.count_images(len(train) * result["epochs_run"], result["seconds"])  # training images
     return {"seed": seed, "train_samples": len(train), "subset": subset, "lr": lr,
             "batch_size": batch, **result}

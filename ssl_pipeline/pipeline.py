@@ -272,6 +272,7 @@ def data_facts(ctx: RunContext) -> dict[str, Any]:
         **decoder,
         **({"skipped_images": bundle.skipped_images} if bundle.skipped_images else {}),
         **({"bands": bundle.bands} if bundle.bands else {}),
+        **({"multi_label": True} if bundle.multi_label else {}),
     }
 
 

@@ -137,6 +137,11 @@ def monitor_callback(ctx: RunContext) -> OnlineKNNMonitor | None:
     p, bundle = ctx.recipe.pretrain, ctx.data
     if not p.monitor_every_n_epochs or not bundle.labeled or bundle.val is None:
         return None
+    if bundle.multi_label:
+        if not ctx.quiet:
+            print("monitor: the online k-NN top-1 is single-label; off for this multi-label "
+                  "data (the evaluation stages score each label)", flush=True)
+        return None
     d = ctx.resolved.data
     transform = eval_transform(d["image_size"], d["mean"], d["std"])
     batch = max(ctx.resolved.per_device_batch_size, 256)
@@ -232,6 +237,11 @@ def pretrain_stage(ctx: RunContext) -> dict[str, Any]:
     recipe = ctx.recipe
     pl.seed_everything(recipe.seed, verbose=False)  # identical initial weights on every rank
     backbone = build_backbone(recipe, ctx)
+    if ctx.data.multi_label and recipe.method.name == "supervised":
+        raise SSLPipelineError(
+            f"method supervised trains a single-label classifier, but {ctx.data.name} is "
+            "multi-label; pretrain with simclr or simsiam, then fine-tune (the finetune stage "
+            "trains one binary classifier per label)")
     method = build_method(recipe, backbone, ctx.data.num_classes, ctx.resolved.effective_lr)
     method.device_views = device_views(ctx, method)
     method.on_nonfinite_loss = recipe.pretrain.on_nonfinite_loss

@@ -129,7 +129,10 @@ def _data_summary(recipe: dict) -> str | None:
         return None
     parts = [str(data["name"])]
     if data.get("num_classes"):
-        parts.append(f"{data['num_classes']} classes")
+        parts.append(f"{data['num_classes']} labels (multi-label)" if data.get("multi_label")
+                     else f"{data['num_classes']} classes")
+    if data.get("bands"):
+        parts.append("bands " + ", ".join(data["bands"]))
     if data.get("image_size"):
         parts.append(f"{data['image_size']} px")
     sizes = data.get("sizes") or {}
@@ -188,8 +191,10 @@ def _row(subject: str, stage: str, res: dict) -> dict[str, str]:
 
 def _details(res: dict) -> list[str]:
     metrics = {**(res.get("test_metrics") or {}), **res}
-    out = [f"{key} {fmt(metrics[key])}" for key in ("top5", "balanced_accuracy", "macro_f1")
-           if metrics.get(key) is not None]
+    out = ["multi-label: top-1 is MedMNIST's ACC (p > 0.5 per label)"] \
+        if metrics.get("multi_label") else []
+    out += [f"{key} {fmt(metrics[key])}" for key in ("auc", "top5", "balanced_accuracy", "macro_f1")
+            if metrics.get(key) is not None]
     if "k" in res:
         out.append(f"k {res['k']}")
     if res.get("by_k"):

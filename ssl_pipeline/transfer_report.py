@@ -147,8 +147,9 @@ def _cells(table: dict, row: dict) -> list[str]:
                                        for c in table["columns"]]
 
 
-LEGEND = ("Cells: AUC / ACC (MedMNIST's definitions: mean one-vs-rest AUC, argmax accuracy) on "
-          "the test split; top-1 accuracy alone where a stage has no AUC. Fine-tuning at the "
+LEGEND = ("Cells: AUC / ACC (MedMNIST's definitions: mean one-vs-rest AUC, argmax accuracy; "
+          "multi-label: mean per-label AUC, per-label accuracy at p > 0.5) on the test split; "
+          "top-1 accuracy alone where a stage has no AUC. Fine-tuning at the "
           "largest label fraction, few-shot at the most shots (logistic regression). Rows "
           "marked \"published\" are quoted from the papers, not run here.")
 

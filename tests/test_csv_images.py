@@ -58,7 +58,7 @@ def test_no_label_column_means_unlabelled(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("name,label\nx.png,a\n", "no image column"),
     ("path,label\nmissing.png,a\nalso.png,b\n", "do not exist"),
-    ("path,label\nimgs/0.png,a|b\nimgs/1.png,b\n", "multi-label"),
+    ("path,label\nimgs/0.png,a| \nimgs/1.png,|\n", "names no class"),
     ("path,label\nimgs/0.png,a\nimgs/1.png,\n", "have no label"),
     ("path,label,split\nimgs/0.png,a,train\nimgs/1.png,b,holdout\n", "holdout"),
     ("path,label\nimgs/0.png,a\nimgs/1.png,a\n", "two or more classes"),
@@ -68,3 +68,20 @@ def test_bad_tables_are_clear_errors(tmp_path, text, message):
     (tmp_path / "t.csv").write_text(text)
     with pytest.raises(SSLPipelineError, match=message):
         build_dataset(cfg(tmp_path / "t.csv"))
+
+
+def test_labels_joined_by_a_bar_make_a_multi_label_dataset(tmp_path):
+    names = write_images(tmp_path / "xrays", 12)
+    findings = ["effusion|mass", "no finding", "mass", "effusion"]
+    lines = ["path,label,split"] + [
+        f"{n},{findings[i % 4]},{(['train'] * 6 + ['val'] * 3 + ['test'] * 3)[i]}"
+        for i, n in enumerate(names)]
+    (tmp_path / "findings.csv").write_text("\n".join(lines) + "\n")
+    bundle = build_dataset(cfg(tmp_path / "findings.csv"))
+    assert bundle.multi_label and bundle.num_classes == 3
+    assert bundle.class_names == ["effusion", "mass", "no finding"]
+    assert bundle.train.labels.shape == (6, 3) and len(bundle.test) == 3
+    image, label = bundle.train[0]
+    assert label.tolist() == [1, 1, 0] and image.mode == "RGB"
+    assert bundle.train[1][1].tolist() == [0, 0, 1]
+    assert bundle.val.labels.sum(0).tolist() == [2, 2, 0]

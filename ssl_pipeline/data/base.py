@@ -46,6 +46,9 @@ class DataBundle:
     skipped_images: dict | None = None
     # multispectral data: the band names, in the order the channels hold them
     bands: list[str] | None = None
+    # multi-label data: each label is a 0/1 vector over the `num_classes` labels (an array
+    # `(num_classes,)` per item; `Split.labels` is `(N, num_classes)`)
+    multi_label: bool = False
 
     @property
     def labeled(self) -> bool:
@@ -71,7 +74,12 @@ class ArrayDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
         image = Image.fromarray(self.images[i], mode="L" if self._native == 1 else "RGB")
-        return convert_channels(image, self.channels), int(self.labels[i])
+        return convert_channels(image, self.channels), item_label(self.labels, i)
+
+
+def item_label(labels: np.ndarray, i: int):
+    """Item i's label: an int, or for multi-label `labels (N, L)` a uint8 vector `(L,)`."""
+    return int(labels[i]) if labels.ndim == 1 else labels[i].astype(np.uint8)
 
 
 def convert_channels(image: Image.Image, channels: int) -> Image.Image:
@@ -155,7 +163,8 @@ def stratified_split(
     if not 0.0 < fraction < 1.0:
         raise SSLPipelineError(f"a split fraction must be between 0 and 1, got {fraction}")
     labeled = labels >= 0
-    stratify = labels if labeled.all() and len(np.unique(labels)) > 1 else None
+    # multi-label (N, L): label sets are too many to stratify by; a plain seeded split
+    stratify = labels if labels.ndim == 1 and labeled.all() and len(np.unique(labels)) > 1 else None
     keep, held = train_test_split(
         indices, test_size=fraction, random_state=seed, stratify=stratify
     )
@@ -252,7 +261,7 @@ def stratified_subsample(labels: np.ndarray, size: int, seed: int) -> np.ndarray
     labels = np.asarray(labels)
     if size >= len(labels):
         return np.arange(len(labels))
-    stratify = labels if (labels >= 0).all() else None
+    stratify = labels if labels.ndim == 1 and (labels >= 0).all() else None
     try:
         keep, _ = train_test_split(
             np.arange(len(labels)), train_size=size, random_state=seed, stratify=stratify

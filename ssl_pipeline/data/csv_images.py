@@ -7,12 +7,18 @@ class names (any text; classes are sorted); an optional `split` column (`train`,
 `test`) fixes the splits, otherwise they are carved from the rows as for image_folder. Rows
 without a label make the dataset unlabelled (all or none must have one). Images are read as
 image_folder's: gray, palette, CMYK, RGBA and 16-bit files converted, unreadable ones handled
-by `data.on_bad_image`. Multi-label rows (labels joined by `|`) are refused for now.
+by `data.on_bad_image`.
+
+Multi-label: labels joined by `|` (`effusion|mass`, as NIH ChestX-ray14's CSV writes them) make
+the dataset multi-label when any row has two or more: every name is a label, each image a 0/1
+vector over them, and the evaluation stages score each label (MedMNIST's multi-label AUC and
+ACC). Every row still needs a label: name the negative case (e.g. `no finding`).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +33,7 @@ from ssl_pipeline.data.image_folder import (
 from ssl_pipeline.errors import SSLPipelineError
 
 PATH_COLUMNS = ("path", "image", "file", "filename")
+SEPARATOR = "|"  # between the labels of a multi-label row
 SPLITS = ("train", "val", "test")
 
 
@@ -40,7 +47,9 @@ def build_csv(cfg) -> DataBundle:
         )
     rows = read_rows(table)
     labeled = _labeled(rows, table)
-    classes = sorted({row["label"] for row in rows}) if labeled else None
+    multi = labeled and any(SEPARATOR in row["label"] for row in rows)
+    classes = sorted({name for row in rows for name in label_names(row["label"])}) \
+        if labeled else None
     if classes is not None and len(classes) < 2:
         raise SSLPipelineError(f"{table}: labelled data needs two or more classes, found {classes}")
     index = {name: i for i, name in enumerate(classes or [])}
@@ -54,12 +63,30 @@ def build_csv(cfg) -> DataBundle:
         paths = [row["file"] for row in chosen]
         names = [row["label"] for row in chosen] if labeled else None
         paths, names = screen(table, paths, names)
-        labels = np.array([index[n] for n in names]) if labeled else np.full(len(paths), UNLABELED)
+        if not labeled:
+            labels = np.full(len(paths), UNLABELED)
+        elif multi:  # (N, L) of 0/1
+            labels = np.zeros((len(paths), len(classes)), np.int64)
+            for i, text in enumerate(names):
+                labels[i, [index[n] for n in label_names(text)]] = 1
+        else:
+            labels = np.array([index[n] for n in names])
         groups[split] = ImageFiles(paths, labels, decode)
     if "train" not in groups:
         raise SSLPipelineError(f"{table}: no rows of the train split")
     train = groups.pop("train")
-    return photo_bundle("csv", cfg, train, groups, classes, source=str(table), skipped=screen.bad)
+    bundle = photo_bundle("csv", cfg, train, groups, classes, source=str(table),
+                          skipped=screen.bad)
+    return dataclasses.replace(bundle, multi_label=multi)
+
+
+def label_names(text: str) -> list[str]:
+    """`"effusion|mass"` -> `["effusion", "mass"]` (one name: a single-label row).
+
+    >>> label_names("effusion | mass|effusion")
+    ['effusion', 'mass']
+    """
+    return sorted({name.strip() for name in text.split(SEPARATOR) if name.strip()})
 
 
 def read_rows(table: Path) -> list[dict[str, str]]:
@@ -83,11 +110,8 @@ def read_rows(table: Path) -> list[dict[str, str]]:
         split = row.get("split")
         if "split" in row and split not in SPLITS:
             raise SSLPipelineError(f"{table}, line {line}: split {split!r} is not one of {SPLITS}")
-        if "|" in row.get("label", ""):
-            raise SSLPipelineError(
-                f"{table}, line {line}: {row['label']!r} is multi-label; multi-label CSVs are "
-                "not supported yet (one label per row)"
-            )
+        if "label" in row and row["label"] and not label_names(row["label"]):
+            raise SSLPipelineError(f"{table}, line {line}: label {row['label']!r} names no class")
         rows.append(row)
     missing = [str(r["file"]) for r in rows if not r["file"].is_file()]
     if missing:

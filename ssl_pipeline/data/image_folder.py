@@ -46,7 +46,14 @@ from ssl_pipeline.data.bad_images import (
     scan,
     skipped_record,
 )
-from ssl_pipeline.data.base import UNLABELED, DataBundle, Split, carve_splits, datasets
+from ssl_pipeline.data.base import (
+    UNLABELED,
+    DataBundle,
+    Split,
+    carve_splits,
+    datasets,
+    item_label,
+)
 from ssl_pipeline.errors import SSLPipelineError
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -77,9 +84,9 @@ class ImageFiles(torch.utils.data.Dataset):
         path = self.paths[i]
         try:
             if self.decode == "torchvision":
-                return open_encoded(path.read_bytes(), True, source=path), int(self.labels[i])
+                return open_encoded(path.read_bytes(), True, source=path), item_label(self.labels, i)
             with Image.open(path) as image:
-                return to_rgb(image), int(self.labels[i])
+                return to_rgb(image), item_label(self.labels, i)
         except READ_ERRORS as error:
             raise bad_image(path, error) from error
 

@@ -4,14 +4,16 @@
 `data.medmnist.size` its resolution (28, 64, 128 or 224). The file is `{subset}.npz` at 28 px
 and `{subset}_{size}.npz` otherwise, with `train_images`, `train_labels`, `val_images`,
 `val_labels`, `test_images`, `test_labels`: uint8 images `(N, H, W)` (gray) or `(N, H, W, 3)`
-(RGB), integer labels `(N, 1)`. MedMNIST's own train / val / test splits are used as they are.
+(RGB), integer labels `(N, 1)`; ChestMNIST's are `(N, 14)` 0/1, one per finding (multi-label).
+MedMNIST's own train / val / test splits are used as they are.
 
 The file is looked for in `data.root`, else `data/cache/medmnist/`, else `~/.medmnist/` (the
 `medmnist` package's default). With `data.download: true` the `medmnist` package fetches it
 (it needs internet); otherwise a missing file is an error saying which file to put where.
 
-ChestMNIST is multi-label (`(N, 14)` binary labels): its files are recognised, but the
-evaluation stages are single-label so far, so it is refused with a clear error.
+ChestMNIST is multi-label: the evaluation stages then score each finding (binary cross-entropy
+per label in the probe and fine-tuning, similarity-weighted label votes in k-NN) and report
+MedMNIST's multi-label AUC and ACC (evals/metrics.py `multi_label_metrics`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ SUBSETS = {
     "organcmnist": 11, "organsmnist": 11,
 }
 MULTI_LABEL = {"chestmnist"}
+# ChestMNIST's 14 findings (NIH ChestX-ray14), in its label order
+CHEST_FINDINGS = ("atelectasis", "cardiomegaly", "effusion", "infiltration", "mass", "nodule",
+                  "pneumonia", "pneumothorax", "consolidation", "edema", "emphysema", "fibrosis",
+                  "pleural", "hernia")
 # MedMNIST v2's ResNet-18 at 28 px trained from scratch on all labels: test (AUC, ACC)
 # [Yang et al., Sci Data 2023, Table 3]. The reference rows of the transfer report.
 PUBLISHED_RESNET18_28 = {
@@ -57,20 +63,18 @@ def file_name(subset: str, size: int) -> str:
 @datasets.register("medmnist", "MedMNIST v2 .npz files: data.medmnist.subset at data.medmnist.size px")
 def build_medmnist(cfg) -> DataBundle:
     subset, size = cfg.medmnist.subset, cfg.medmnist.size
-    if subset in MULTI_LABEL:
-        raise SSLPipelineError(
-            f"{subset} is multi-label (14 binary findings per image); the evaluation stages are "
-            "single-label so far. Choose one of: "
-            + ", ".join(s for s in SUBSETS if s not in MULTI_LABEL)
-        )
+    multi = subset in MULTI_LABEL
     path = find_file(cfg.root, subset, size, download=cfg.download)
     arrays = read_npz(path, subset)
     images = {split: arrays[f"{split}_images"] for split in ("train", "val", "test")}
-    labels = {split: arrays[f"{split}_labels"].reshape(-1).astype(np.int64)
+    labels = {split: arrays[f"{split}_labels"].astype(np.int64) if multi
+              else arrays[f"{split}_labels"].reshape(-1).astype(np.int64)
               for split in ("train", "val", "test")}
     num_classes = SUBSETS[subset]
     for split, y in labels.items():
-        if len(y) and (y.min() < 0 or y.max() >= num_classes):
+        if multi and not np.isin(y, (0, 1)).all():
+            raise SSLPipelineError(f"{path}: {split}_labels of {subset} must be 0 or 1 per finding")
+        if not multi and len(y) and (y.min() < 0 or y.max() >= num_classes):
             raise SSLPipelineError(
                 f"{path}: {split}_labels lie in [{y.min()}, {y.max()}], but {subset} has "
                 f"{num_classes} classes; is the file {subset}'s?"
@@ -90,6 +94,7 @@ def build_medmnist(cfg) -> DataBundle:
         mean=mean,
         std=std,
         source=str(path),
+        multi_label=multi,
     )
 
 
@@ -147,10 +152,11 @@ def read_npz(path: Path, subset: str) -> dict[str, np.ndarray]:
             raise SSLPipelineError(
                 f"{path}: {split}_images is {x.dtype} {x.shape}; MedMNIST images are uint8 "
                 "(N, H, W) or (N, H, W, 3)")
-        if len(y) != len(x) or y.ndim != 2 or y.shape[1] != 1:
+        width = SUBSETS[subset] if subset in MULTI_LABEL else 1
+        if len(y) != len(x) or y.ndim != 2 or y.shape[1] != width:
             raise SSLPipelineError(
                 f"{path}: {split}_labels is {y.shape} for {len(x)} images; {subset} labels are "
-                "(N, 1)")
+                f"(N, {width})")
     return arrays
 
 
@@ -162,4 +168,6 @@ def class_names(subset: str) -> list[str]:
         names = medmnist.INFO[subset]["label"]
         return [names[str(i)] for i in range(SUBSETS[subset])]
     except (ImportError, KeyError):
+        if subset == "chestmnist":
+            return list(CHEST_FINDINGS)
         return [f"class {i}" for i in range(SUBSETS[subset])]

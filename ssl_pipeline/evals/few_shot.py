@@ -15,6 +15,11 @@ class-balanced: VTAB draws them at random); logistic regression's C is chosen on
 `VTAB_C_GRID`, then refitted on all 1000 and scored on the whole test split, over the seeds.
 With fewer than 800 train or 200 val examples, all there are are used and the result says so.
 
+Multi-label labels `(N, L)`: each draw takes `shots` examples having each label
+(`balanced_subset`); logistic regression is one binary classifier per label and k-NN scores each
+label by its neighbours' similarity-weighted votes; top-1 is then MedMNIST's ACC (p > 0.5 per
+label) and the mean AUC is reported beside it (VTAB-1k then chooses C on the val AUC).
+
 Each classifier reports the mean top-1 over seeds, the sample std, and a 95% Student-t
 interval, mean +- t(0.975, n-1) x std / sqrt(n), clipped to [0, 1]; with n = 5 seeds the
 normal 1.96 would be too narrow (t = 2.78). The interval is None for a single seed.
@@ -31,6 +36,7 @@ from sklearn.linear_model import LogisticRegression
 from ssl_pipeline.budget import Deadline
 from ssl_pipeline.errors import SSLPipelineError
 from ssl_pipeline.evals.knn import knn_classify, l2_normalized
+from ssl_pipeline.evals.metrics import is_multi_label, multi_label_metrics
 from ssl_pipeline.evals.subsets import balanced_subset
 from ssl_pipeline.progress import progress_bar
 
@@ -44,6 +50,26 @@ def fit_predict_knn(x, y, queries, num_classes) -> np.ndarray:
 
 
 CLASSIFIERS = {"logistic": fit_predict_logistic, "knn": fit_predict_knn}
+
+
+def label_probabilities_logistic(x, y, queries, num_labels, c: float = 1.0) -> np.ndarray:
+    """Multi-label: one binary logistic regression per label -> `(len(queries), L)` P(label);
+    a label constant in `y` gets that constant."""
+    out = np.empty((len(queries), y.shape[1]))
+    for j in range(y.shape[1]):
+        column = y[:, j]
+        if column.min() == column.max():
+            out[:, j] = float(column[0])
+        else:
+            out[:, j] = LogisticRegression(C=c, max_iter=1000).fit(x, column).predict_proba(queries)[:, 1]
+    return out
+
+
+def label_probabilities_knn(x, y, queries, num_labels) -> np.ndarray:
+    return knn_classify(x, y, queries, num_labels, (20,), 0.07)[20]
+
+
+MULTI_LABEL_CLASSIFIERS = {"logistic": label_probabilities_logistic, "knn": label_probabilities_knn}
 
 
 def few_shot(
@@ -75,24 +101,38 @@ def few_shot(
         raise SSLPipelineError(f"few_shot: seeds must be at least 1, got {seeds}")
     train_x, test_x = l2_normalized(train_x), l2_normalized(test_x)
     train_y, test_y = np.asarray(train_y), np.asarray(test_y)
+    multi = is_multi_label(train_y)  # multi-label: ACC as top-1, and the AUC beside it
     by_shots = {}
     deadline = Deadline(max_minutes)
     out_of_time = False
     for n in shots:
         top1 = {name: [] for name in classifiers}
+        aucs = {name: [] for name in classifiers}
         for seed in progress_bar(range(seeds), progress and f"{progress} {n}-shot"):
             out_of_time = deadline.passed
             if out_of_time:
                 break
             idx = balanced_subset(train_y, per_class=n, seed=seed)
             for name in classifiers:
+                if multi:
+                    p = MULTI_LABEL_CLASSIFIERS[name](train_x[idx], train_y[idx], test_x,
+                                                      num_classes)
+                    metrics = multi_label_metrics(p, test_y, kind="probabilities")
+                    top1[name].append(metrics["acc"])
+                    aucs[name].append(metrics["auc"])
+                    continue
                 predictions = CLASSIFIERS[name](train_x[idx], train_y[idx], test_x, num_classes)
                 top1[name].append(float((predictions == test_y).mean()))
         if not top1[classifiers[0]]:
             break
         summaries = {name: summarize(values) for name, values in top1.items()}
+        if multi:
+            for name, values in aucs.items():
+                known = [v for v in values if v is not None]
+                summaries[name]["auc"] = float(np.mean(known)) if known else None
         first = summaries[classifiers[0]]
-        headline = {key: first[key] for key in ("top1", "ci95", "n")} | {"top1_std": first["std"]}
+        headline = {key: first[key] for key in ("top1", "ci95", "n", "auc") if key in first} \
+            | {"top1_std": first["std"]}
         by_shots[str(n)] = {**headline, **summaries}
     return {"by_shots": by_shots, "classifiers": list(classifiers), "seeds": seeds,
             "stopped_by_budget": out_of_time}
@@ -122,15 +162,23 @@ def vtab_1k(
         rng = np.random.default_rng(seed)
         t = rng.choice(len(train_y), n_train, replace=False)
         v = rng.choice(len(val_y), n_val, replace=False)
-        scores = [
-            float((_logistic(c, train_x[t], train_y[t]).predict(val_x[v]) == val_y[v]).mean())
-            for c in VTAB_C_GRID
-        ]
+        scores = [_vtab_score(c, train_x[t], train_y[t], val_x[v], val_y[v])[0]
+                  for c in VTAB_C_GRID]
         c = VTAB_C_GRID[int(np.argmax(scores))]  # ties: the smallest C (strongest regularization)
         x, y = np.concatenate([train_x[t], val_x[v]]), np.concatenate([train_y[t], val_y[v]])
-        top1.append(float((_logistic(c, x, y).predict(test_x) == test_y).mean()))
+        top1.append(_vtab_score(c, x, y, test_x, test_y)[1])
         chosen.append(c)
     return {**summarize(top1), "chosen_C": chosen, "train": int(n_train), "val": int(n_val)}
+
+
+def _vtab_score(c: float, x, y, queries, truth) -> tuple[float, float]:
+    """(selection score, top-1): accuracy twice; multi-label: (AUC, MedMNIST's ACC)."""
+    if is_multi_label(y):
+        p = label_probabilities_logistic(x, y, queries, y.shape[1], c)
+        metrics = multi_label_metrics(p, truth, kind="probabilities")
+        return metrics["auc"] or 0.0, metrics["acc"]
+    accuracy = float((_logistic(c, x, y).predict(queries) == truth).mean())
+    return accuracy, accuracy
 
 
 class _Constant:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ssl_pipeline.budget import time_ran_out
-from ssl_pipeline.evals.metrics import classification_metrics
+from ssl_pipeline.evals.metrics import classification_metrics, multi_label_metrics
 from ssl_pipeline.methods.base import OptimSettings, build_optimizer, lr_factor
 
 
@@ -37,13 +37,17 @@ class FinetuneSettings:
 
 
 class FineTuner(pl.LightningModule):
-    def __init__(self, backbone: nn.Module, num_classes: int, settings: FinetuneSettings):
+    def __init__(self, backbone: nn.Module, num_classes: int, settings: FinetuneSettings,
+                 multi_label: bool = False):
         super().__init__()
         self.backbone = backbone
         self.head = nn.Linear(backbone.feature_dim, num_classes)
         self.settings = settings
-        self.criterion = nn.CrossEntropyLoss()
+        # multi-label: one binary cross-entropy per label; the epoch is chosen on val AUC
+        self.multi_label = multi_label
+        self.criterion = nn.BCEWithLogitsLoss() if multi_label else nn.CrossEntropyLoss()
         self.val_correct: list[torch.Tensor] = []
+        self.val_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
         if settings.frozen:
             self.backbone.requires_grad_(False)
 
@@ -59,15 +63,24 @@ class FineTuner(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        loss = self.criterion(self(x), y)
+        loss = self.criterion(self(x), y.float() if self.multi_label else y)
         self.log("finetune/loss", loss, on_step=True, on_epoch=True, batch_size=len(y))
         return loss
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
-        self.val_correct.append((self(x).argmax(1) == y).float())
+        if self.multi_label:
+            self.val_outputs.append((self(x).float().cpu(), y.cpu()))
+        else:
+            self.val_correct.append((self(x).argmax(1) == y).float())
 
     def on_validation_epoch_end(self):
+        if self.multi_label:  # the selection score is the val AUC (logged under val_top1)
+            scores, labels = (torch.cat(t).numpy() for t in zip(*self.val_outputs))
+            auc = multi_label_metrics(scores, labels)["auc"] if len(labels) else None
+            self.log("finetune/val_top1", float(auc or 0.0))
+            self.val_outputs.clear()
+            return
         correct = torch.cat(self.val_correct) if self.val_correct else torch.zeros(1)
         self.log("finetune/val_top1", correct.mean())
         self.val_correct.clear()
@@ -116,9 +129,10 @@ def finetune(
     settings: FinetuneSettings,
     trainer_kwargs: dict,
     class_names: list[str] | None = None,
+    multi_label: bool = False,
 ) -> dict:
     """Fine-tune `backbone` (modified in place) and report test metrics of the best epoch."""
-    model = FineTuner(backbone, num_classes, settings)
+    model = FineTuner(backbone, num_classes, settings, multi_label)
     keep = KeepBest()
     max_time = None if settings.max_minutes is None else {"minutes": settings.max_minutes}
     trainer = pl.Trainer(max_epochs=settings.epochs, max_time=max_time, callbacks=[keep],

@@ -63,6 +63,10 @@ def knn_classify(
 ) -> dict[int, np.ndarray]:
     """Class scores `(num_queries, num_classes)` float64 for each k in `ks`, from one search.
 
+    Multi-label `bank_labels (N, L)` of 0/1 (L = num_classes): each label's score is the
+    similarity-weighted vote of the neighbours' label vectors, sum_j w_j y_j / sum_j w_j, a
+    probability-like share in [0, 1] (0.5 is a weighted majority).
+
     `temperature` is one T for every k, or one per k: `ks=tuple(PROTOCOLS),
     temperature=PROTOCOLS` gives DINO's and InstDisc's protocols from one search. A k above the
     bank size uses the whole bank. Top-1 is `scores.argmax(1)`; the ranking that lightly's
@@ -83,6 +87,10 @@ def knn_classify(
             kk = min(k, k_max)
             # float64 so exp(sim / T) cannot overflow for small T (float32 does below T = 0.0113)
             votes = np.exp(sims[:, :kk].astype(np.float64) / t)
+            if bank_labels.ndim == 2:  # multi-label: each label's similarity-weighted vote share
+                shares = np.einsum("qk,qkl->ql", votes, labels[:, :kk]) / votes.sum(1, keepdims=True)
+                scores[k][start : start + len(idx)] = shares
+                continue
             scores[k][start : start + len(idx)] = _class_sums(labels[:, :kk], votes, num_classes)
     return scores
 
@@ -118,7 +126,7 @@ def _temperatures(ks: Sequence[int], temperature: float | Mapping[int, float]) -
 
 
 def _checked_labels(bank, bank_labels, queries, num_classes) -> np.ndarray:
-    bank_labels = np.asarray(bank_labels, dtype=np.int64)
+    bank_labels = np.asarray(bank_labels)
     if bank.shape[1] != queries.shape[1] or len(bank_labels) != len(bank):
         raise SSLPipelineError(
             f"k-NN: bank {bank.shape} with {len(bank_labels)} labels and queries {queries.shape} "
@@ -126,6 +134,13 @@ def _checked_labels(bank, bank_labels, queries, num_classes) -> np.ndarray:
         )
     if len(bank_labels) == 0:
         raise SSLPipelineError("k-NN: the bank is empty; it needs at least one labelled feature")
+    if bank_labels.ndim == 2:
+        if bank_labels.shape[1] != num_classes or not np.isin(bank_labels, (0, 1)).all():
+            raise SSLPipelineError(
+                f"k-NN: multi-label bank labels must be (N, {num_classes}) of 0/1; got "
+                f"{bank_labels.shape}")
+        return bank_labels.astype(np.float64)
+    bank_labels = bank_labels.astype(np.int64)
     if bank_labels.min() < 0 or bank_labels.max() >= num_classes:
         raise SSLPipelineError(f"k-NN: bank labels must lie in [0, {num_classes}) (num_classes)")
     return bank_labels

@@ -36,7 +36,11 @@ from torch import Tensor
 
 from ssl_pipeline.budget import Deadline
 from ssl_pipeline.errors import SSLPipelineError
-from ssl_pipeline.evals.metrics import classification_metrics
+from ssl_pipeline.evals.metrics import (
+    classification_metrics,
+    is_multi_label,
+    multi_label_metrics,
+)
 from ssl_pipeline.progress import progress_bar
 
 DEFAULT_GRID = {"lr": (1e-3, 1e-2, 1e-1), "weight_decay": (0.0, 0.1, 1.0)}
@@ -69,15 +73,19 @@ def linear_probe(
     _check(train_x, train_y, val_x, val_y, test_x, test_y, num_classes, grid, seeds)
     settings = [(float(lr), float(wd)) for lr in grid["lr"] for wd in grid["weight_decay"]]
     standardize = standardizer(np.asarray(train_x))
+    multi = is_multi_label(train_y)  # one binary classifier per label, BCE, chosen on val AUC
     train, val, test = (
-        (torch.from_numpy(standardize(x)).to(device), torch.as_tensor(y).long().to(device))
+        (torch.from_numpy(standardize(x)).to(device),
+         torch.as_tensor(np.asarray(y)).to(device).float() if multi
+         else torch.as_tensor(y).long().to(device))
         for x, y in ((train_x, train_y), (val_x, val_y), (test_x, test_y))
     )
+    choose = val_auc if multi else top1
     deadline = Deadline(max_minutes)
     fit = partial(fit_linear, *train, num_classes, epochs=epochs, batch_size=batch_size,
                   deadline=deadline)
     heads = fit(settings, 0, progress=progress and f"{progress} grid")
-    grid_top1 = [top1(head, *val) for head in heads]  # the only accuracies that choose anything
+    grid_top1 = [choose(head, *val) for head in heads]  # the only scores that choose anything
     best = int(np.argmax(grid_top1))
     heads = [heads[best]]
     for seed in range(1, seeds):
@@ -99,6 +107,7 @@ def linear_probe(
         "by_seed": by_seed,
         "test_metrics": classification_metrics(scores(heads[0], test[0]), np.asarray(test_y)),
         "stopped_by_budget": deadline.passed,
+        **({"selected_by": "val AUC (multi-label; val_top1 holds it)"} if multi else {}),
     }
 
 
@@ -124,9 +133,14 @@ def fit_linear(
         for idx in torch.randperm(n, generator=generator).to(x.device).split(batch_size):
             batch = x.index_select(0, idx)  # index_select: 5x faster than x[idx] on CPU
             logits = F.linear(batch, torch.cat(weights), torch.cat(biases))  # (B, G*C)
-            targets = y.index_select(0, idx).repeat_interleave(len(settings))  # (B*G,)
-            # x G turns the mean over B*G rows into the sum of each head's own mean loss
-            loss = F.cross_entropy(logits.view(-1, num_classes), targets) * len(settings)
+            if y.ndim == 2:  # multi-label: a binary cross-entropy per label and head
+                targets = y.index_select(0, idx).repeat_interleave(len(settings), dim=0)
+                loss = F.binary_cross_entropy_with_logits(
+                    logits.view(-1, num_classes), targets) * len(settings)
+            else:
+                targets = y.index_select(0, idx).repeat_interleave(len(settings))  # (B*G,)
+                # x G turns the mean over B*G rows into the sum of each head's own mean loss
+                loss = F.cross_entropy(logits.view(-1, num_classes), targets) * len(settings)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -140,7 +154,16 @@ def scores(head: Head, x: Tensor) -> np.ndarray:
 
 
 def top1(head: Head, x: Tensor, y: Tensor) -> float:
+    """Top-1 accuracy; multi-label: MedMNIST's ACC (mean per-label accuracy at p > 0.5)."""
+    if y.ndim == 2:
+        return float(((scores(head, x) > 0) == (y.cpu().numpy() > 0.5)).mean())
     return float((scores(head, x).argmax(1) == y.cpu().numpy()).mean())
+
+
+def val_auc(head: Head, x: Tensor, y: Tensor) -> float:
+    """Multi-label: mean per-label AUC (0 when no label has both classes)."""
+    auc = multi_label_metrics(scores(head, x), y.cpu().numpy().astype(np.int64))["auc"]
+    return 0.0 if auc is None else auc
 
 
 def standardizer(train_x: np.ndarray):
@@ -154,7 +177,8 @@ def _check(train_x, train_y, val_x, val_y, test_x, test_y, num_classes, grid, se
     splits = {"train": (train_x, train_y), "val": (val_x, val_y), "test": (test_x, test_y)}
     for name, (x, y) in splits.items():
         y, same_dim = np.asarray(y), np.shape(x)[-1] == np.shape(train_x)[-1]
-        if np.ndim(x) != 2 or len(x) == 0 or y.shape != (len(x),) or not same_dim:
+        shape = (len(x), num_classes) if is_multi_label(train_y) else (len(x),)
+        if np.ndim(x) != 2 or len(x) == 0 or y.shape != shape or not same_dim:
             raise SSLPipelineError(
                 f"linear probe: {name} features must be (N, D) with N > 0, the same D in every "
                 f"split and one label per row; got {np.shape(x)} and labels {y.shape}"

@@ -1,5 +1,8 @@
 """Seeded, class-balanced subsets of a labelled split: few-shot draws and label fractions.
 
+Multi-label labels `(N, L)` cannot be balanced by class: a fraction is drawn at random, and
+`per_class=k` takes k examples having each label (`_multi_label_subset`).
+
 `per_class=k` takes exactly k examples of every class (few-shot). `fraction=f` takes f x n_c
 examples of each class c, rounded half up and at least one, so class proportions are kept: the
 stand-in for SimCLR v2's fixed 1% / 10% ImageNet lists when those lists are absent (ANCHORS.md,
@@ -32,6 +35,8 @@ def balanced_subset(
         raise SSLPipelineError(f"balanced_subset: fraction must lie in (0, 1], got {fraction}")
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
+    if labels.ndim == 2:
+        return _multi_label_subset(labels, per_class, fraction, rng)
     chosen = []
     for c in np.unique(labels):  # sorted, so the draws do not depend on the order of the labels
         members = np.flatnonzero(labels == c)
@@ -46,6 +51,25 @@ def balanced_subset(
             )
         chosen.append(rng.choice(members, size, replace=False))
     return np.sort(np.concatenate(chosen))
+
+
+def _multi_label_subset(labels: np.ndarray, per_class: int | None, fraction: float | None,
+                        rng: np.random.Generator) -> np.ndarray:
+    """Multi-label `(N, L)`: `fraction` of the examples at random (label sets cannot be
+    balanced); `per_class=k`: k examples having each label (fewer when a label has fewer), one
+    label after another, an example drawn for one label counting for all its labels."""
+    n = len(labels)
+    if fraction is not None:
+        return np.sort(rng.choice(n, max(1, math.floor(fraction * n + 0.5)), replace=False))
+    chosen: set[int] = set()
+    for j in range(labels.shape[1]):
+        have = sum(1 for i in chosen if labels[i, j])
+        members = np.setdiff1d(np.flatnonzero(labels[:, j]), list(chosen))
+        take = min(max(0, per_class - have), len(members))
+        chosen.update(int(i) for i in rng.choice(members, take, replace=False))
+    if not chosen:
+        raise SSLPipelineError("balanced_subset: no example has any label")
+    return np.array(sorted(chosen), dtype=np.int64)
 
 
 def listed_subset(split, list_file: str) -> tuple[np.ndarray, str]:
