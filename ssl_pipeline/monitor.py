@@ -1,4 +1,5 @@
-"""The online monitor: k-NN top-1 on the validation split every N epochs during pretraining.
+"""The online monitor: k-NN top-1 on the validation split every N epochs during pretraining
+(of the pretraining data, or of a separate labeled dataset: `pretrain.monitor_data`).
 
 It is the same for every method (a supervised backbone is judged exactly like an SSL one) and
 is what `export: best` and the `best` checkpoint select on. A method with a classification
@@ -26,6 +27,7 @@ class OnlineKNNMonitor(pl.Callback):
         every_n_epochs: int = 1,
         k: int = 20,
         temperature: float = 0.07,
+        score_head: bool = True,
     ):
         self.bank_loader = bank_loader
         self.val_loader = val_loader
@@ -33,6 +35,9 @@ class OnlineKNNMonitor(pl.Callback):
         self.every_n_epochs = every_n_epochs
         self.k = k
         self.temperature = temperature
+        # a classifier head is scored on the monitor's val split only when that split has the
+        # head's classes (not with pretrain.monitor_data)
+        self.score_head = score_head
         self.by_epoch: dict[int, float] = {}  # epoch (1-based) -> top-1, only where measured
         self.val_accuracy_by_epoch: dict[int, float] = {}  # the same, for a classifier's head
 
@@ -50,7 +55,7 @@ class OnlineKNNMonitor(pl.Callback):
         top1 = float(trainer.strategy.broadcast(top1, src=0))
         pl_module.log(MONITOR_KEY, top1, on_epoch=True, sync_dist=True)
         self.by_epoch[epoch] = top1
-        if getattr(pl_module, "needs_labels", False) and hasattr(pl_module, "head"):
+        if self.score_head and getattr(pl_module, "needs_labels", False) and hasattr(pl_module, "head"):
             with torch.no_grad():
                 head = pl_module.head
                 logits = head(torch.as_tensor(val, device=device, dtype=head.weight.dtype))

@@ -135,6 +135,8 @@ def loader(dataset, batch_size: int, num_workers: int) -> torch.utils.data.DataL
 
 def monitor_callback(ctx: RunContext) -> OnlineKNNMonitor | None:
     p, bundle = ctx.recipe.pretrain, ctx.data
+    if p.monitor_every_n_epochs and p.monitor_data is not None:
+        bundle = monitor_bundle(ctx)
     if not p.monitor_every_n_epochs or not bundle.labeled or bundle.val is None:
         return None
     if bundle.multi_label:
@@ -148,7 +150,34 @@ def monitor_callback(ctx: RunContext) -> OnlineKNNMonitor | None:
     bank = loader(TransformedDataset(bundle.train, transform), batch, ctx.recipe.data.num_workers)
     val = loader(TransformedDataset(bundle.val, transform), batch, ctx.recipe.data.num_workers)
     return OnlineKNNMonitor(bank, val, bundle.num_classes, p.monitor_every_n_epochs,
-                            p.monitor_k, p.monitor_temperature)
+                            p.monitor_k, p.monitor_temperature,
+                            score_head=p.monitor_data is None)
+
+
+def monitor_bundle(ctx: RunContext):
+    """`pretrain.monitor_data`, built at the pretraining data's size and channels (once)."""
+    if "monitor_bundle" not in ctx.cache:
+        from ssl_pipeline.data import build_dataset
+
+        d = ctx.resolved.data
+        channels = d["channels"] if d["channels"] in (1, 3) else None
+        cfg = ctx.recipe.pretrain.monitor_data.model_copy(
+            update={"image_size": d["image_size"], "channels": channels})
+        labeled = build_dataset(cfg)
+        if not labeled.labeled or labeled.val is None:
+            raise SSLPipelineError(
+                f"pretrain.monitor_data ({cfg.name}) must be labeled with a val split: the "
+                "monitor's k-NN takes its train split as the bank and its val split as queries")
+        if labeled.channels != d["channels"]:
+            raise SSLPipelineError(
+                f"pretrain.monitor_data ({cfg.name}) has {labeled.channels}-channel images, the "
+                f"pretraining data {d['channels']}; the backbone takes one kind")
+        if not ctx.quiet:
+            print(f"monitor: k-NN top-1 on {labeled.name} (pretrain.monitor_data): bank "
+                  f"{len(labeled.train)} train images, queries {len(labeled.val)} val images",
+                  flush=True)
+        ctx.cache["monitor_bundle"] = labeled
+    return ctx.cache["monitor_bundle"]
 
 
 class ChannelsLast(pl.Callback):
@@ -318,6 +347,8 @@ def finish_pretrain(ctx, method, trainer, checkpoint, progress, seconds, loader_
         "monitor_knn_top1_by_epoch": {str(h["epoch"]): h["knn_top1"] for h in progress.history
                                       if "knn_top1" in h},
         "best_monitor_knn_top1": _best(checkpoint),
+        "monitor_data": (ctx.recipe.pretrain.monitor_data.name
+                         if ctx.recipe.pretrain.monitor_data else ctx.data.name),
         "curve": epoch_curve(progress.history),
         "exported_checkpoint": exported,
         "backbone": str(Path(ctx.run_dir) / "backbone.safetensors"),

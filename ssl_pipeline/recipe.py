@@ -184,6 +184,11 @@ class PretrainConfig(Strict):
     monitor_every_n_epochs: int = Field(1, ge=0)
     monitor_k: int = Field(20, ge=1)
     monitor_temperature: float = Field(0.07, gt=0)
+    # A separate labeled dataset for the monitor (bank: its train split, queries: its val
+    # split), e.g. unlabeled domain images pretrained on, a labeled benchmark of the domain
+    # watched. Seen at the pretraining data's size, channels and normalization. None: the
+    # pretraining data's own train and val splits (when labeled).
+    monitor_data: DataConfig | None = None
 
 
 class TrainerConfig(Strict):

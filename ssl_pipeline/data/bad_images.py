@@ -62,6 +62,7 @@ def source_of(image: object) -> str | None:
 
 def check_file(path: str | os.PathLike) -> str | None:
     """None when the file decodes to pixels we can use, else the reason it does not."""
+    from ssl_pipeline.data.dicom import is_dicom, read_dicom
     from ssl_pipeline.data.image_folder import to_rgb
 
     try:
@@ -69,6 +70,9 @@ def check_file(path: str | os.PathLike) -> str | None:
             return "empty file (0 bytes)"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow's warnings (EXIF, palette transparency)
+            if is_dicom(path):
+                to_rgb(read_dicom(path))
+                return None
             with Image.open(path) as image:
                 image.load()  # the whole file: a truncated one fails here
                 to_rgb(image)

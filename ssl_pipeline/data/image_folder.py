@@ -54,9 +54,11 @@ from ssl_pipeline.data.base import (
     datasets,
     item_label,
 )
+from ssl_pipeline.data.dicom import EXTENSIONS as DICOM_EXTENSIONS
+from ssl_pipeline.data.dicom import is_dicom, read_dicom
 from ssl_pipeline.errors import SSLPipelineError
 
-EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", *DICOM_EXTENSIONS)
 # the photos are most likely closer to ImageNet than to anything else we know statistics for
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DEFAULT_IMAGE_SIZE = 224
@@ -83,6 +85,8 @@ class ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
         path = self.paths[i]
         try:
+            if is_dicom(path):  # pydicom: rescaled, windowed to 8 bits (data/dicom.py)
+                return to_rgb(read_dicom(path)), item_label(self.labels, i)
             if self.decode == "torchvision":
                 return open_encoded(path.read_bytes(), True, source=path), item_label(self.labels, i)
             with Image.open(path) as image:
