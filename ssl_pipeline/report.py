@@ -86,7 +86,9 @@ def read_yaml(path: Path) -> dict:
 
 def _sections(recipe: dict, results: dict, state: dict) -> dict[str, list]:
     """Section title -> rows; the results rows are dicts, the others (label, value) pairs."""
-    from ssl_pipeline.transfer_report import rows_for_report  # (it reads reports like this one)
+    from ssl_pipeline.transfer_report import (
+        rows_for_report,  # (it reads reports like this one)
+    )
 
     return {
         "Recipe": _recipe_summary(recipe),

@@ -32,8 +32,8 @@ from ssl_pipeline.report import CSS, fmt
 
 COLUMNS = (("knn", "k-NN"), ("linear_probe", "linear probe"), ("finetune", "fine-tune"),
            ("few_shot", "few-shot"), ("vtab_1k", "VTAB-1k"))
-EUROSAT_KNN = (0.919, "k-NN (k=5) on ImageNet ResNet-50 features, 224 px, ImageNet "
-                      "normalization (Corley et al. 2023)")
+EUROSAT_KNN = (0.919, ("k-NN (k=5) on ImageNet ResNet-50 features, 224 px, ImageNet "
+                       "normalization (Corley et al. 2023)"))
 
 
 def write_transfer_report(run_dirs: list[str | Path], out: str | Path | None = None) -> dict:

@@ -174,7 +174,9 @@ def test_the_transfer_recipe_on_multi_label_chestmnist(tmp_path, tiny_overrides)
     published reference row in the report, and the transfer report."""
     from ssl_pipeline.cli import main
 
-    sets = lambda overrides: [a for o in overrides for a in ("--set", o)]  # noqa: E731
+    def sets(overrides):
+        return [a for o in overrides for a in ("--set", o)]
+
     pretrained = tmp_path / "pretrained"
     assert main(["run", str(ROOT / "recipes" / "quickstart.yaml"), "--quiet", "--out", str(pretrained),
                  *sets([*tiny_overrides, "stages=[pretrain]", "data.channels=1"])]) == 0

@@ -10,6 +10,7 @@ from ssl_pipeline.errors import SSLPipelineError
 from ssl_pipeline.transfer_report import transfer_table, write_transfer_report
 
 STAGES = ["knn", "linear_probe", "finetune", "few_shot"]
+PUBLISHED = "published: MedMNIST v2 ResNet-18 (28 px) from scratch, Yang et al. 2023, Table 3"
 
 
 def stage_results(scale: float) -> dict:
@@ -47,8 +48,7 @@ def test_rows_cells_and_published_references(tmp_path):
     table = json.loads(paths["json"].read_text())
     rows = [(r["target"], r["subject"]) for r in table["rows"]]
     assert rows[:3] == [("dermamnist (28 px)", "backbone"), ("dermamnist (28 px)", "random init"),
-                        ("dermamnist (28 px)", "published: MedMNIST v2 ResNet-18 (28 px) from "
-                                               "scratch, Yang et al. 2023, Table 3")]
+                        ("dermamnist (28 px)", PUBLISHED)]
     assert table["rows"][2]["cells"]["finetune"] == {"auc": 0.917, "acc": 0.735,
                                                      "note": "100% labels, from scratch"}
     assert ("eurosat (RGB)", "backbone") in rows and ("eurosat (13 bands)", "random init") in rows
