@@ -145,7 +145,8 @@ def features(ctx: RunContext, subject: Subject, split: str,
     hashes = ctx.cache.setdefault("weights_sha", {})
     if subject.name not in hashes:
         hashes[subject.name] = weights_hash(model)
-    key = cache_key(f"{subject.name}:{hashes[subject.name]}", transform, ctx.data.split_hashes[split])
+    key = cache_key(f"{subject.name}:{hashes[subject.name]}", transform,
+                    f"{ctx.data.split_hashes[split]}|{data_fingerprint(ctx)}")
     progress = bar(ctx, f"features {split}", subject)
     device = "cuda" if ctx.resolved.accelerator == "gpu" else "cpu"
     start = time.time()
@@ -155,6 +156,27 @@ def features(ctx: RunContext, subject: Subject, split: str,
         ctx.count_images(len(dataset), time.time() - start)
     memo[(subject.name, split)] = (x, y)
     return x, y
+
+
+def data_fingerprint(ctx: RunContext) -> str:
+    """Which data a split hash's indices point into: the recipe's data settings (dataset,
+    root, subset, bands, ...), where it was read from (with the size and modification time of
+    a source file or folder) and its classes. Two datasets with the same split sizes have the
+    same split hashes; this keeps their cached features and baseline results apart."""
+    if "data_fingerprint" not in ctx.cache:
+        source = Path(ctx.data.source.split(" (")[0])
+        try:
+            stat = source.stat()
+            where = [str(source.resolve()), stat.st_size, stat.st_mtime_ns]
+        except OSError:
+            where = [ctx.data.source]
+        settings = ctx.recipe.data.model_dump(mode="json", exclude={"num_workers", "decode"})
+        parts = {"settings": settings, "source": where, "classes": ctx.data.class_names,
+                 "num_classes": ctx.data.num_classes, "multi_label": ctx.data.multi_label,
+                 "bands": ctx.data.bands, "channels": ctx.data.channels}
+        ctx.cache["data_fingerprint"] = hashlib.sha256(
+            json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return ctx.cache["data_fingerprint"]
 
 
 def share_features(ctx: RunContext) -> None:
@@ -274,6 +296,7 @@ def baseline_key(ctx: RunContext, stage: str, subject: Subject) -> str:
         "weights": "none" if subject.backbone is None else weights_hash(subject.backbone),
         "transform": repr(transform_for(subject, ctx)),
         "splits": ctx.resolved.data.get("split_hashes"),
+        "data": data_fingerprint(ctx),
         "eval": recipe.eval.model_dump(mode="json", exclude={"backbone", "baselines", "cache_dir",
                                                              "reuse_baselines"}),
         "seed": recipe.seed,

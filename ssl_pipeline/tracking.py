@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import socket
 import string
 import sys
 import time
+import urllib.parse
 import warnings
 from pathlib import Path
 from typing import Any
@@ -95,7 +97,30 @@ class WandbTracker:
 
     @property
     def enabled(self) -> bool:
-        return self.active and self.settings["mode"] != "disabled" and not self.failed
+        if not (self.active and self.settings["mode"] != "disabled" and not self.failed):
+            return False
+        if self.settings["mode"] == "online" and not self._reachable():
+            return False
+        return True
+
+    def _reachable(self) -> bool:
+        """Online mode: can the W&B server be reached at all? One TCP connect (3 s) instead of
+        wandb's own retries (about 90 s against an address nothing listens on). Skipped, and
+        taken as reachable, when a proxy is configured: wandb goes through it."""
+        if getattr(self, "_reach_checked", False):
+            return not self.failed
+        self._reach_checked = True
+        if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY",
+                                           "http_proxy", "ALL_PROXY", "all_proxy")):
+            return True
+        url = urllib.parse.urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+        port = url.port or (443 if url.scheme == "https" else 80)
+        try:
+            socket.create_connection((url.hostname or "", port), timeout=3).close()
+        except OSError as err:
+            self._give_up(ConnectionError(f"cannot reach {url.hostname}:{port} ({err})"))
+            return False
+        return True
 
     def init_kwargs(self, stage: str) -> dict[str, Any]:
         """Arguments of `wandb.init` for the W&B run of one stage."""

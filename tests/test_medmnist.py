@@ -205,3 +205,31 @@ def test_the_transfer_recipe_on_multi_label_chestmnist(tmp_path, tiny_overrides)
     assert main(["transfer-report", str(out), "--out", str(tmp_path / "transfer")]) == 0
     table = (tmp_path / "transfer" / "transfer.md").read_text()
     assert "| chestmnist (28 px) | backbone |" in table and "0.768 / 0.947" in table
+
+
+def test_same_sized_datasets_never_share_cached_features_or_baselines(tmp_path):
+    """Split hashes hash sample indices only: two MedMNIST subsets with the same split sizes
+    have the same ones. The data's own identity keeps their caches apart."""
+    import ssl_pipeline
+    from ssl_pipeline.backbones import create_backbone, export_backbone
+
+    export_backbone(create_backbone("timm:resnet18", in_chans=3, input_size=28), tmp_path / "bb")
+    write_medmnist(tmp_path / "m", "pathmnist", classes=9, counts=(36, 18, 18))
+    write_medmnist(tmp_path / "m", "bloodmnist", classes=8, counts=(36, 18, 18), seed=5)
+    results = {}
+    for subset in ("pathmnist", "bloodmnist", "pathmnist"):
+        run = ssl_pipeline.run(
+            ROOT / "recipes" / "transfer_medmnist.yaml", out_dir=tmp_path / f"{subset}{len(results)}",
+            quiet=True, overrides=[
+                "stages=[knn]", f"eval.backbone={tmp_path / 'bb'}", f"data.root={tmp_path / 'm'}",
+                f"data.medmnist.subset={subset}", f"eval.cache_dir={tmp_path / 'cache'}",
+                "eval.baselines=[random_init]", "tracking.wandb.mode=disabled",
+                "trainer.accelerator=cpu", "trainer.precision=32"])
+        results[len(results)] = run.results
+    path, blood, again = results.values()
+    assert blood["knn"]["confusion_matrix"] != path["knn"]["confusion_matrix"]
+    assert len(blood["knn"]["per_class_accuracy"]) == 8 and len(path["knn"]["per_class_accuracy"]) == 9
+    assert "reused" not in blood["baselines"]["random_init"]["knn"]
+    assert again["baselines"]["random_init"]["knn"]["reused"]  # the same data again: reused
+    # k-NN reads train and test: 2 subsets x 2 subjects x 2 splits, none shared
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 2 * 2 * 2

@@ -15,9 +15,10 @@ from ssl_pipeline.methods import methods
 from ssl_pipeline.suite import is_suite_file
 
 # suite files are recipes of recipes: tests/test_suite.py validates and runs those; transfer
-# recipes evaluate a given backbone: tests/test_medmnist.py runs those
+# recipes evaluate a given backbone: tests/test_medmnist.py and test_eurosat.py run those; the
+# imagenet* recipes run end to end, as written, on a miniature ILSVRC folder in test_imagenet.py
 RECIPES = sorted(p for p in Path(__file__).parents[1].joinpath("recipes").glob("*.yaml")
-                 if not is_suite_file(p) and not p.name.startswith("transfer_"))
+                 if not is_suite_file(p) and not p.name.startswith(("transfer_", "imagenet")))
 
 
 def run_tiny(tmp_path, tiny_overrides, *extra, recipe="recipes/quickstart.yaml"):
