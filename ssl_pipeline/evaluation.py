@@ -146,7 +146,7 @@ def features(ctx: RunContext, subject: Subject, split: str,
     if subject.name not in hashes:
         hashes[subject.name] = weights_hash(model)
     key = cache_key(f"{subject.name}:{hashes[subject.name]}", transform,
-                    f"{ctx.data.split_hashes[split]}|{data_fingerprint(ctx)}")
+                    split_key(ctx.data, split, data_fingerprint(ctx)))
     progress = bar(ctx, f"features {split}", subject)
     device = "cuda" if ctx.resolved.accelerator == "gpu" else "cpu"
     start = time.time()
@@ -159,24 +159,33 @@ def features(ctx: RunContext, subject: Subject, split: str,
 
 
 def data_fingerprint(ctx: RunContext) -> str:
+    """`fingerprint_of` the run's data, computed once per run."""
+    if "data_fingerprint" not in ctx.cache:
+        ctx.cache["data_fingerprint"] = fingerprint_of(ctx.recipe.data, ctx.data)
+    return ctx.cache["data_fingerprint"]
+
+
+def fingerprint_of(data_cfg, bundle) -> str:
     """Which data a split hash's indices point into: the recipe's data settings (dataset,
     root, subset, bands, ...), where it was read from (with the size and modification time of
     a source file or folder) and its classes. Two datasets with the same split sizes have the
     same split hashes; this keeps their cached features and baseline results apart."""
-    if "data_fingerprint" not in ctx.cache:
-        source = Path(ctx.data.source.split(" (")[0])
-        try:
-            stat = source.stat()
-            where = [str(source.resolve()), stat.st_size, stat.st_mtime_ns]
-        except OSError:
-            where = [ctx.data.source]
-        settings = ctx.recipe.data.model_dump(mode="json", exclude={"num_workers", "decode"})
-        parts = {"settings": settings, "source": where, "classes": ctx.data.class_names,
-                 "num_classes": ctx.data.num_classes, "multi_label": ctx.data.multi_label,
-                 "bands": ctx.data.bands, "channels": ctx.data.channels}
-        ctx.cache["data_fingerprint"] = hashlib.sha256(
-            json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return ctx.cache["data_fingerprint"]
+    source = Path(bundle.source.split(" (")[0])
+    try:
+        stat = source.stat()
+        where = [str(source.resolve()), stat.st_size, stat.st_mtime_ns]
+    except OSError:
+        where = [bundle.source]
+    settings = data_cfg.model_dump(mode="json", exclude={"num_workers", "decode"})
+    parts = {"settings": settings, "source": where, "classes": bundle.class_names,
+             "num_classes": bundle.num_classes, "multi_label": bundle.multi_label,
+             "bands": bundle.bands, "channels": bundle.channels}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def split_key(bundle, split: str, fingerprint: str) -> str:
+    """What identifies a split's samples in the feature cache: its indices and its data."""
+    return f"{bundle.split_hashes[split]}|{fingerprint}"
 
 
 def share_features(ctx: RunContext) -> None:

@@ -219,6 +219,7 @@ def assert_features_as_one_process_extracts_them(run_dir: Path, cache: Path) -> 
     from ssl_pipeline.data import build_dataset
     from ssl_pipeline.data.base import TransformedDataset
     from ssl_pipeline.data.transforms import eval_transform
+    from ssl_pipeline.evaluation import fingerprint_of, split_key
     from ssl_pipeline.features import cache_key, extract_features, weights_hash
     from ssl_pipeline.recipe import load_recipe
 
@@ -227,8 +228,10 @@ def assert_features_as_one_process_extracts_them(run_dir: Path, cache: Path) -> 
     backbone = load_backbone(run_dir / "backbone.safetensors")
     p = backbone.preprocessing
     transform = eval_transform(p.input_size, p.mean, p.std)
+    fingerprint = fingerprint_of(recipe.data, data)
     for split in ("train", "val", "test"):
-        key = cache_key(f"backbone:{weights_hash(backbone)}", transform, data.split_hashes[split])
+        key = cache_key(f"backbone:{weights_hash(backbone)}", transform,
+                        split_key(data, split, fingerprint))
         with np.load(cache / f"{key}.npz") as saved:
             x, y = saved["features"], saved["labels"]
         loader = torch.utils.data.DataLoader(TransformedDataset(getattr(data, split), transform),
