@@ -392,24 +392,8 @@ def replace_input_conv(model: nn.Module, in_chans: int, *, adapt_weights: bool) 
     With `adapt_weights` the new conv gets the old RGB filters adapted by timm's rule (1
     channel: their sum; C channels: repeated cyclically, times 3/C); else a fresh init.
     """
-    conv_name, conv = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
-    new_conv = nn.Conv2d(
-        in_chans,
-        conv.out_channels,
-        conv.kernel_size,
-        stride=conv.stride,
-        padding=conv.padding,
-        dilation=conv.dilation,
-        groups=conv.groups,
-        bias=conv.bias is not None,
-        padding_mode=conv.padding_mode,
-    )
-    if adapt_weights:
-        with torch.no_grad():
-            new_conv.weight.copy_(adapt_input_conv(in_chans, conv.weight))
-            if conv.bias is not None:
-                new_conv.bias.copy_(conv.bias)
-    _set_submodule(model, conv_name, new_conv)
+    weight = first_conv(model).weight.detach()
+    swap_first_conv(model, in_chans, adapt_input_conv(in_chans, weight) if adapt_weights else None)
     return _conv_rule(in_chans, adapt_weights)
 
 
@@ -434,9 +418,7 @@ def fit_input_channels(backbone: Backbone, channels: int, data_mean=None, data_s
     source = p.in_chans
     if source == channels:
         return "none"
-    conv_name, conv = next(
-        (n, m) for n, m in backbone.model.named_modules() if isinstance(m, nn.Conv2d))
-    weight = conv.weight.detach()
+    weight = first_conv(backbone.model).weight.detach()
     if channels == 1:
         new_weight, rule = weight.sum(dim=1, keepdim=True), f"{source}->1: filters summed"
     elif source == 1:
@@ -451,14 +433,7 @@ def fit_input_channels(backbone: Backbone, channels: int, data_mean=None, data_s
             "no rule to adapt between them. Evaluate on data with the backbone's bands (for "
             "EuroSAT: data.eurosat.bands), or pretrain on this data"
         )
-    new_conv = nn.Conv2d(channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-                         padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-                         bias=conv.bias is not None, padding_mode=conv.padding_mode)
-    with torch.no_grad():
-        new_conv.weight.copy_(new_weight)
-        if conv.bias is not None:
-            new_conv.bias.copy_(conv.bias)
-    _set_submodule(backbone.model, conv_name, new_conv.to(weight.device))
+    swap_first_conv(backbone.model, channels, new_weight)
     if channels in (1, 3) or data_mean is None:
         mean, std = broadcast_stats(p.mean, channels), broadcast_stats(p.std, channels)
         rule += "; normalization: the backbone's, " + ("averaged" if channels == 1 else "repeated")
@@ -468,6 +443,25 @@ def fit_input_channels(backbone: Backbone, channels: int, data_mean=None, data_s
     backbone.preprocessing = dataclasses.replace(p, in_chans=channels, mean=mean, std=std)
     backbone.input_conv_rule = f"{backbone.input_conv_rule}, then at evaluation {rule}"
     return rule
+
+
+def first_conv(model: nn.Module) -> nn.Conv2d:
+    return next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+
+
+def swap_first_conv(model: nn.Module, in_chans: int, weight: Tensor | None) -> None:
+    """The model's first Conv2d replaced by one with `in_chans` inputs and otherwise the same
+    settings: `weight` (and the old bias) copied in, or a fresh init when `weight` is None."""
+    conv_name, conv = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+    new_conv = nn.Conv2d(in_chans, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                         padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                         bias=conv.bias is not None, padding_mode=conv.padding_mode)
+    if weight is not None:
+        with torch.no_grad():
+            new_conv.weight.copy_(weight)
+            if conv.bias is not None:
+                new_conv.bias.copy_(conv.bias)
+    _set_submodule(model, conv_name, new_conv.to(conv.weight.device))
 
 
 def _conv_rule(in_chans: int, pretrained: bool) -> str:
