@@ -84,7 +84,7 @@ def write_comparison(
     errors = {Path(d): error for d, error in (failed or {}).items()}
     runs = _label_runs([_load_run(Path(d), errors.get(Path(d))) for d in run_dirs], labels)
     out = Path(out_dir) if out_dir is not None else _default_out_dir()
-    _check_out_dir(out, runs)
+    check_out_dir(out, runs)
     table = comparison_table(runs)
     out.mkdir(parents=True, exist_ok=True)
     table["curves"] = pretrain_curves(runs)
@@ -103,13 +103,14 @@ def _default_out_dir() -> Path:
     return Path("reports") / "compare" / stamp
 
 
-def _check_out_dir(out: Path, runs: list[Run]) -> None:
+def check_out_dir(out: Path, runs: list[Run], command: str = "compare") -> None:
+    """Refuses an output folder inside one of the run directories being read."""
     target = out.resolve()
     for run in runs:
         if target == run.path.resolve() or run.path.resolve() in target.parents:
             raise SSLPipelineError(
-                f"--out {out} is inside the run directory {run.path}; compare never writes into "
-                "a run directory, pass another one (e.g. reports/compare/<name>)"
+                f"--out {out} is inside the run directory {run.path}; {command} never writes "
+                "into a run directory, pass a folder outside the run directories"
             )
 
 

@@ -25,7 +25,7 @@ from datetime import datetime
 from pathlib import Path
 
 from ssl_pipeline.atomic import write_text_atomic
-from ssl_pipeline.compare import read_run
+from ssl_pipeline.compare import check_out_dir, read_run
 from ssl_pipeline.data.medmnist import PUBLISHED_RESNET18_28, PUBLISHED_SOURCE
 from ssl_pipeline.errors import SSLPipelineError
 from ssl_pipeline.report import CSS, fmt
@@ -43,10 +43,7 @@ def write_transfer_report(run_dirs: list[str | Path], out: str | Path | None = N
     runs = [read_run(Path(d)) for d in run_dirs]
     out = Path(out) if out else Path("reports") / "transfer" / datetime.now().strftime(
         "%Y%m%d-%H%M%S")
-    for run in runs:
-        if out.resolve() == run.path.resolve() or run.path.resolve() in out.resolve().parents:
-            raise SSLPipelineError(f"--out {out} is inside the run directory {run.path}; "
-                                   "pass another one (e.g. reports/transfer/<name>)")
+    check_out_dir(out, runs, "transfer-report")
     table = transfer_table(runs)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"md": out / "transfer.md", "html": out / "transfer.html", "json": out / "transfer.json"}
