@@ -2,6 +2,7 @@
 the real archives (class folders, 64 x 64 tiles, 16-bit digital numbers, B8A stored last)."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 from PIL import Image
 
 from ssl_pipeline.backbones import create_backbone, fit_input_channels
-from ssl_pipeline.data import build_dataset
+from ssl_pipeline.data import build_dataset, eurosat
 from ssl_pipeline.data.bad_images import BadImage
 from ssl_pipeline.data.eurosat import STORED_BANDS, WAVELENGTH_BANDS
 from ssl_pipeline.errors import SSLPipelineError
@@ -56,9 +57,38 @@ def write_eurosat_rgb(folder: Path, per_class: int = 8, classes=FIXTURE_CLASSES,
     return folder
 
 
-def cfg(root: Path, **eurosat) -> DataConfig:
+def cfg(root: Path, **settings) -> DataConfig:
     return DataConfig(name="eurosat", root=str(root), val_fraction=0.25, test_fraction=0.25,
-                      eurosat=eurosat)
+                      eurosat=settings)
+
+
+@pytest.fixture(autouse=True)
+def stats_cache(tmp_path, monkeypatch) -> Path:
+    """Each test's normalization statistics cache in its own directory."""
+    monkeypatch.setattr(eurosat, "STATS_CACHE", tmp_path / "stats_cache")
+    return tmp_path / "stats_cache"
+
+
+def test_normalization_statistics_are_measured_once_then_read_from_the_cache(
+        tmp_path, stats_cache, monkeypatch):
+    folder = write_eurosat_ms(tmp_path / "EuroSAT_MS")
+    first = build_dataset(cfg(folder, bands="ms"))
+    assert len(list(stats_cache.glob("*.json"))) == 1
+    reads = []
+    read = eurosat.BandFiles.__getitem__
+    monkeypatch.setattr(eurosat.BandFiles, "__getitem__",
+                        lambda self, i: reads.append(i) or read(self, i))
+    again = build_dataset(cfg(folder, bands="ms"))
+    assert reads == [] and (again.mean, again.std) == (first.mean, first.std)
+    four = build_dataset(cfg(folder, bands=["B04", "B03", "B02", "B08"]))  # other bands: measured
+    assert reads and len(four.mean) == 4 and four.mean[0] == first.mean[3]
+    # a sampled tile rewritten (brighter, newer) is measured again
+    reads.clear()
+    path = first.train.source.paths[int(first.train.indices[0])]
+    tifffile.imwrite(path, np.full((64, 64, 13), 9000, np.uint16))
+    os.utime(path, (path.stat().st_atime, path.stat().st_mtime + 10))
+    changed = build_dataset(cfg(folder, bands="ms"))
+    assert reads and changed.mean[0] > first.mean[0]
 
 
 def test_rgb_release_loads_as_64px_photos_with_its_own_statistics(tmp_path):

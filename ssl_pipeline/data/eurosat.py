@@ -19,7 +19,8 @@ recorded in the run (`resolved.data.bands`, and in backbone.json beside the weig
 
 Digital numbers become reflectance by dividing by 10,000 (Sentinel-2 L1C's quantification
 value), in float32, never clipped (bright clouds exceed 1). Normalization is per band: mean and
-std of each band over (a seeded sample of up to `STATS_SAMPLE` files of) the train split.
+std of each band over (a seeded sample of up to `STATS_SAMPLE` files of) the train split,
+measured once and cached under `data/cache/eurosat_stats/` (keyed by the files and bands).
 
 EuroSAT has no official split: train/val/test are carved stratified and seeded
 (`data.split_seed`, `data.val_fraction`, `data.test_fraction`), unless the folder (or the one
@@ -34,11 +35,14 @@ torchvision (needs internet); the multispectral release is fetched by hand (see 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ssl_pipeline.atomic import write_text_atomic
 from ssl_pipeline.data.bad_images import READ_ERRORS, bad_image, skipped_record
 from ssl_pipeline.data.base import DataBundle, Split, datasets
 from ssl_pipeline.data.image_folder import Screen, label_images, list_images, photo_bundle
@@ -52,6 +56,8 @@ WAVELENGTH_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A
                     "B11", "B12")
 REFLECTANCE_SCALE = 10_000.0  # Sentinel-2 L1C: reflectance = digital number / 10,000
 STATS_SAMPLE = 2000  # files read for the per-band normalization statistics
+STATS_CACHE = Path("data/cache/eurosat_stats")  # relative to the working directory, as the scan's
+STATS_VERSION = 1
 IMAGE_SIZE = 64
 DEFAULT_ROOT = Path("data/cache/eurosat")
 RELEASE_FOLDERS = {
@@ -96,7 +102,9 @@ def build_eurosat(cfg) -> DataBundle:
     else:
         bundle = photo_bundle("eurosat", cfg, source, {}, classes, source=str(folder),
                               skipped=screen.bad)
-    mean, std = (band_stats if multispectral else rgb_stats)(bundle.train, cfg.split_seed)
+    what = f"ms:{','.join(selected)}" if multispectral else "rgb"
+    mean, std = normalization_stats(bundle.train, cfg.split_seed, what,
+                                    band_stats if multispectral else rgb_stats)
     return dataclasses.replace(
         bundle, name="eurosat", image_size=IMAGE_SIZE, mean=mean, std=std,
         channels=len(selected) if multispectral else 3,
@@ -257,21 +265,45 @@ def listed_bundle(source, given: dict, classes: list[str], where: str, screen) -
     )
 
 
-def sample(split: Split, seed: int, size: int = STATS_SAMPLE) -> list:
+def normalization_stats(split: Split, seed: int, what: str, compute) -> tuple[tuple, tuple]:
+    """`compute(images)` over a seeded sample of up to `STATS_SAMPLE` of the split's files.
+
+    The result is kept under `data/cache/eurosat_stats/`, keyed by `what` (the release and
+    bands) and the sampled files' paths, sizes and modification times: a second run (and every
+    DDP process after the first) reads it instead of the files.
+    """
     rng = np.random.default_rng(seed)
-    chosen = np.sort(rng.choice(len(split), min(size, len(split)), replace=False))
-    return [split[int(i)][0] for i in chosen]
+    chosen = np.sort(rng.choice(len(split), min(STATS_SAMPLE, len(split)), replace=False))
+    digest = hashlib.sha256(f"v{STATS_VERSION}|{what}".encode())
+    for i in chosen:
+        path = Path(split.source.paths[int(split.indices[i])])
+        stat = path.stat()
+        digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    cache = STATS_CACHE / f"{digest.hexdigest()[:24]}.json"
+    try:
+        saved = json.loads(cache.read_text())
+        return tuple(saved["mean"]), tuple(saved["std"])
+    except (OSError, ValueError, KeyError):
+        pass  # not measured yet, or a torn entry: measured again and rewritten
+    mean, std = compute([split[int(i)][0] for i in chosen])
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(cache, json.dumps({"what": what, "files": len(chosen),
+                                             "mean": mean, "std": std}))
+    except OSError:
+        pass  # a read-only working directory: measured again next time
+    return mean, std
 
 
-def band_stats(split: Split, seed: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-band mean and std of reflectance over a seeded sample of the split's tiles."""
-    return _moments((tile.double().flatten(1) for tile in sample(split, seed)), 5)
+def band_stats(tiles: list[torch.Tensor]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-band mean and std of reflectance over `(C, H, W)` tiles."""
+    return _moments((tile.double().flatten(1) for tile in tiles), 5)
 
 
-def rgb_stats(split: Split, seed: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std, in [0, 1] units, over a seeded sample of the split's images."""
+def rgb_stats(images: list) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std, in [0, 1] units, over RGB PIL images."""
     planes = (torch.from_numpy(np.asarray(image, dtype=np.float64) / 255.0).flatten(0, 1).T
-              for image in sample(split, seed))
+              for image in images)
     return _moments(planes, 4)
 
 
