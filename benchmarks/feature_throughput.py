@@ -9,7 +9,7 @@ Images per second, side by side in one run, at two sizes:
   `train/`, `val/` and `test/` class folders, read by our `image_folder` dataset (its test
   split is extracted); ResNet-18 with the default stem.
 
-The same backbone object (random init, seeded; zero-initialized BatchNorm scales reset to one as
+The same backbone weights (random init, seeded; zero-initialized BatchNorm scales reset to one as
 `evaluation.random_init_like` does), the same split, the same batch size and the same
 normalized tensors go through both sides:
 
@@ -40,6 +40,7 @@ features are compared (max abs difference, cosine similarity) so the work is the
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import statistics
 import sys
@@ -270,13 +271,16 @@ def measure_case(case: dict, tmp: Path) -> dict:
     bundle = case_bundle(case, n)
     recipe = case_recipe(case, tmp)
     backbone = case_backbone(recipe, bundle)
+    # the same weights for the reference, as a separate object: ours puts its backbone's weights
+    # in channels_last layout (trainer.channels_last, the default); the plain loop keeps them as built
+    plain_backbone = copy.deepcopy(backbone)
     batch, workers = recipe.eval.batch_size, recipe.data.num_workers
     warm = case_bundle(case, min(n, WARMUP_IMAGES))
     run_dir = tmp / f"{case['name']}_run"
 
     print(f"  {case['name']}: warm-up ...", flush=True)
     facts = observe_our_call(case, warm, backbone, tmp / f"{case['name']}_warm")  # warms ours
-    reference(warm.test, backbone, batch)
+    reference(warm.test, plain_backbone, batch)
     ours_extract_only(warm, backbone, batch, workers)
 
     passes: dict[str, list] = {"reference": [], "ours_cold": [], "ours_cached": [],
@@ -286,7 +290,7 @@ def measure_case(case: dict, tmp: Path) -> dict:
         cache = tmp / f"{case['name']}_cache_{r}"  # empty: a cold extraction
         sides = [
             ("ours_cold", lambda: ours(case, bundle, backbone, cache, run_dir)),
-            ("reference", lambda: reference(bundle.test, backbone, batch)),
+            ("reference", lambda: reference(bundle.test, plain_backbone, batch)),
             ("ours_extract_features_only", lambda: ours_extract_only(bundle, backbone, batch, workers)),
         ]
         for name, measure in (sides if r % 2 == 0 else sides[::-1]):
@@ -419,7 +423,9 @@ def main(argv=None) -> dict:
             " and no cache file: the extraction loop alone.",
             "reference: model.eval(); torch.no_grad(); DataLoader(split with Compose([ToTensor(),"
             " Normalize(mean, std)]), same batch size, num_workers=2); feats.append(model(x)); fp32.",
-            "Both sides: the same backbone object, the same split items (our builder's PIL"
+            "Both sides: the same backbone weights (ours: its weights in channels_last layout,"
+            " trainer.channels_last, the default; the reference: a copy as built), the same split"
+            " items (our builder's PIL"
             " images), the same batch size; our eval transform adds Resize + CenterCrop at the"
             " native size, which leave the pixels unchanged (see agreement_with_reference).",
             "ratios_by_round: reference seconds / ours seconds within one round (less exposed"

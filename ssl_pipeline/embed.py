@@ -13,7 +13,7 @@ from ssl_pipeline.data.base import convert_channels
 from ssl_pipeline.data.image_folder import ImageFiles, list_images
 from ssl_pipeline.data.transforms import eval_transform
 from ssl_pipeline.errors import SSLPipelineError
-from ssl_pipeline.features import extract_features
+from ssl_pipeline.features import channels_last, extract_features
 
 
 def embed_folder(backbone_path: str | Path, folder: str | Path, out: str | Path,
@@ -25,7 +25,7 @@ def embed_folder(backbone_path: str | Path, folder: str | Path, out: str | Path,
     paths = list_images(folder)
     if not paths:
         raise SSLPipelineError(f"--data {folder}: no images found (looked for jpg, png, tif, ...)")
-    backbone = load_backbone(backbone_path, name=name)
+    backbone = channels_last(load_backbone(backbone_path, name=name))  # faster, same values
     p = backbone.preprocessing
     transform = _with_channels(eval_transform(p.input_size, p.mean, p.std), p.in_chans)
     dataset = TransformedDataset(ImageFiles(paths, np.zeros(len(paths))), transform)

@@ -34,7 +34,10 @@ from ssl_pipeline.evals.knn import knn_classify
 from ssl_pipeline.evals.linear_probe import linear_probe
 from ssl_pipeline.evals.metrics import classification_metrics
 from ssl_pipeline.evals.subsets import balanced_subset, listed_subset
-from ssl_pipeline.features import cache_key, cached_features, process_group, weights_hash
+from ssl_pipeline.features import (
+    cache_key, cached_features, channels_last, process_group, weights_hash,
+)
+from ssl_pipeline.pretrain import ChannelsLast
 from ssl_pipeline.progress import on_terminal
 from ssl_pipeline.stages import RunContext, stage_registry
 from ssl_pipeline.tracking import JSONLLogger
@@ -150,7 +153,10 @@ def features(ctx: RunContext, subject: Subject, split: str,
     progress = bar(ctx, f"features {split}", subject)
     device = "cuda" if ctx.resolved.accelerator == "gpu" else "cpu"
     start = time.time()
-    x, y, from_cache = cached_features(model.to(device), loader, Path(ctx.recipe.eval.cache_dir),
+    model = model.to(device)
+    if ctx.recipe.trainer.channels_last:
+        channels_last(model)
+    x, y, from_cache = cached_features(model, loader, Path(ctx.recipe.eval.cache_dir),
                                        key, device, progress, together)
     if not from_cache:
         ctx.count_images(len(dataset), time.time() - start)
@@ -472,7 +478,8 @@ def finetune_once(ctx: RunContext, subject: Subject, fraction: float, seed: int,
                           precision=ctx.resolved.precision, logger=[logger],
                           enable_progress_bar=not ctx.quiet and on_terminal(sys.stdout),
                           enable_model_summary=False,
-                          enable_checkpointing=False, log_every_n_steps=1)
+                          enable_checkpointing=False, log_every_n_steps=1,
+                          callbacks=[ChannelsLast()] if ctx.recipe.trainer.channels_last else [])
     result = finetune(backbone, bundle.num_classes, *loaders, settings, trainer_kwargs,
                       bundle.class_names, multi_label=bundle.multi_label)
     ctx.count_images(len(train) * result["epochs_run"], result["seconds"])  # training images

@@ -26,6 +26,7 @@ from ssl_pipeline.data.transforms import (
 )
 from ssl_pipeline.budget import time_ran_out
 from ssl_pipeline.errors import SSLPipelineError
+from ssl_pipeline.features import channels_last
 from ssl_pipeline.methods import OptimSettings, PretrainMethod, methods
 from ssl_pipeline.monitor import MONITOR_KEY, OnlineKNNMonitor
 from ssl_pipeline.progress import on_terminal
@@ -181,10 +182,12 @@ def monitor_bundle(ctx: RunContext):
 
 
 class ChannelsLast(pl.Callback):
-    """Model and image batches in channels_last memory layout (faster convolutions)."""
+    """Model and image batches in channels_last memory layout (faster convolutions; see
+    `features.channels_last`). The model is converted at setup, before DDP wraps it and the
+    optimizers are built, so gradient buckets and optimizer states see the final layout."""
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pl_module.to(memory_format=torch.channels_last)
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        channels_last(pl_module)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         images = batch[0]

@@ -200,7 +200,9 @@ class TrainerConfig(Strict):
     # CPUs bf16-mixed where the CPU has native bf16 (AVX512-BF16/AMX), else 32.
     # The choice is recorded under `resolved.precision` in the run's recipe.yaml.
     precision: Literal["auto", "32", "bf16-mixed", "16-mixed"] = "auto"
-    channels_last: bool = False
+    # Weights and images in channels_last memory layout in every stage (pretraining,
+    # fine-tuning, feature extraction): faster convolutions, same values (features.channels_last)
+    channels_last: bool = True
     compile: bool = False  # torch.compile the backbone (slow first steps, then faster)
     accumulate_grad_batches: int = Field(1, ge=1)
     sync_batchnorm: bool = False

@@ -135,7 +135,9 @@ def finetune(
     model = FineTuner(backbone, num_classes, settings, multi_label)
     keep = KeepBest()
     max_time = None if settings.max_minutes is None else {"minutes": settings.max_minutes}
-    trainer = pl.Trainer(max_epochs=settings.epochs, max_time=max_time, callbacks=[keep],
+    trainer_kwargs = dict(trainer_kwargs)
+    callbacks = [keep, *trainer_kwargs.pop("callbacks", [])]
+    trainer = pl.Trainer(max_epochs=settings.epochs, max_time=max_time, callbacks=callbacks,
                          num_sanity_val_steps=0, **trainer_kwargs)
     start = time.time()
     trainer.fit(model, train_loader, val_loader)
