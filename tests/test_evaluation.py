@@ -11,8 +11,8 @@ import torch
 
 import ssl_pipeline
 from ssl_pipeline.cli import main
-from ssl_pipeline.features import cache_key, cached_features, weights_hash
-from ssl_pipeline.backbones import create_backbone
+from ssl_pipeline.features import cache_key, cached_features, channels_last, extract_features, weights_hash
+from ssl_pipeline.backbones import create_backbone, export_backbone
 from conftest import TINY
 
 QUICKSTART = Path(__file__).parents[1] / "recipes" / "quickstart.yaml"
@@ -209,3 +209,25 @@ def test_random_init_baseline_has_no_dead_residual_branches():
     fresh = random_init_like(reference, seed=0, ctx=ctx)
     assert all(m.weight.any() for m in fresh.modules() if isinstance(m, torch.nn.BatchNorm2d))
     assert weights_hash(fresh) != weights_hash(reference)
+
+
+def test_channels_last_extraction_gives_the_same_features_hash_and_export(tmp_path):
+    """trainer.channels_last (default) changes the weights' memory layout only: the features
+    agree with a contiguous model's, and the weights hash and exported file do not change."""
+    torch.manual_seed(0)
+    plain = create_backbone("timm:resnet18", in_chans=1, input_size=16).eval()
+    fast = channels_last(create_backbone("timm:resnet18", in_chans=1, input_size=16).eval())
+    fast.load_state_dict(plain.state_dict())
+    conv = fast.model.layer1[0].conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    images = torch.randn(40, 1, 16, 16)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(images, torch.zeros(40, dtype=torch.long)), batch_size=16)
+    x_plain, _ = extract_features(plain, loader)
+    x_fast, _ = extract_features(fast, loader)
+    np.testing.assert_allclose(x_fast, x_plain, atol=1e-5)
+    assert weights_hash(fast) == weights_hash(plain)
+    export_backbone(plain, tmp_path / "plain")
+    export_backbone(fast, tmp_path / "fast")
+    assert (tmp_path / "plain" / "backbone.safetensors").read_bytes() == \
+        (tmp_path / "fast" / "backbone.safetensors").read_bytes()
