@@ -355,8 +355,9 @@ def print_case(c: dict) -> None:
     print(f"  ours ran: trainer.precision {o['trainer_precision_recipe']} -> "
           f"{o['trainer_precision_resolved']} (native bf16: {o['cpu_native_bf16']}); in the "
           f"forward: {o['observed_in_forward'].get('input_dtype')}, autocast "
-          f"{o['observed_in_forward'].get('autocast_cpu')}, channels_last "
-          f"{o['observed_in_forward'].get('input_channels_last')}; {o['data_num_workers']} workers")
+          f"{o['observed_in_forward'].get('autocast_cpu')}, channels_last weights "
+          f"{o['observed_in_forward'].get('weight_channels_last')} (images "
+          f"{o['observed_in_forward'].get('input_channels_last')}); {o['data_num_workers']} workers")
     print(f"{'row':<28} {'images/s':>9} {'median s':>9}  rounds s")
     for name, r in c["rows"].items():
         print(f"{name:<28} {r['images_per_second']:>9.1f} {r['seconds_median']:>9.2f}  "
