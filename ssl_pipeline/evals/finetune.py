@@ -104,7 +104,8 @@ class FineTuner(pl.LightningModule):
 
 
 class KeepBest(pl.Callback):
-    """A copy of the weights of the epoch with the best validation top-1."""
+    """A copy of the weights of the epoch with the best validation top-1: the whole network's
+    when it trains, the head's alone when the backbone is frozen (it cannot change)."""
 
     def __init__(self):
         self.best_score = -1.0
@@ -112,12 +113,21 @@ class KeepBest(pl.Callback):
         self.best_state: dict[str, torch.Tensor] | None = None
         self.history: list[float] = []
 
+    @staticmethod
+    def kept(model: FineTuner) -> nn.Module:
+        return model.head if model.settings.frozen else model
+
     def on_validation_end(self, trainer, pl_module):  # after the module logged val_top1
         score = float(trainer.callback_metrics["finetune/val_top1"])
         self.history.append(score)
         if score > self.best_score:
             self.best_score, self.best_epoch = score, trainer.current_epoch + 1
-            self.best_state = copy.deepcopy(pl_module.state_dict())
+            self.best_state = copy.deepcopy(self.kept(pl_module).state_dict())
+
+    def restore(self, model: FineTuner) -> None:
+        """The best epoch's weights back into `model` (nothing kept: left as trained)."""
+        if self.best_state is not None:  # None: the time budget ended training before any validation
+            self.kept(model).load_state_dict(self.best_state)
 
 
 def finetune(
@@ -142,8 +152,7 @@ def finetune(
     start = time.time()
     trainer.fit(model, train_loader, val_loader)
     seconds = time.time() - start
-    if keep.best_state is not None:  # None: the time budget ended training before any validation
-        model.load_state_dict(keep.best_state)
+    keep.restore(model)
     scores, labels = predict(model, test_loader)
     return {
         **classification_metrics(scores, labels, class_names),
