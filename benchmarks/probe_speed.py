@@ -3,13 +3,15 @@
 Same backbone, same images, same number of epochs, same batch size, one process:
 
 - ours, as the pipeline runs it (`evaluation.features` then `probe_result`): extract the
-  train, val and test features once (eval mode, no gradients), then `linear_probe` with the
+  train, val and test features once (eval mode, no gradients, the weights in channels_last
+  layout as `trainer.channels_last` has it by default), then `linear_probe` with the
   recipe's defaults (lr x weight-decay grid chosen on val, `eval.seeds` seeds, AdamW on
   standardized features); only the epochs are set here. Time = extraction + probe.
 - lightly: `LinearClassifier(backbone)` trained by pytorch_lightning's `Trainer.fit` with a
   train and a val loader, as lightly's linear-eval benchmarks do (SGD, lr 0.1 x batch/256,
   cosine, frozen backbone run on every batch of every epoch, val every epoch), then
-  `Trainer.validate` on the test loader for its test top-1. Time = fit + test pass.
+  `Trainer.validate` on the test loader for its test top-1, on a copy of the weights in the
+  default layout, as users write it. Time = fit + test pass.
 
 Both see the images through the pipeline's eval transform (no augmentation: our probe works on
 cached features by design). Backbone: timm ResNet-18 with the small 3x3 stem at 28 px,
@@ -43,7 +45,7 @@ from ssl_pipeline.data import TransformedDataset, build_dataset
 from ssl_pipeline.data.base import stratified_subsample
 from ssl_pipeline.data.transforms import eval_transform
 from ssl_pipeline.evals.linear_probe import linear_probe
-from ssl_pipeline.features import extract_features
+from ssl_pipeline.features import channels_last, extract_features
 from ssl_pipeline.recipe import DataConfig, EvalConfig
 
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
@@ -84,6 +86,8 @@ def eval_datasets(splits: dict, backbone) -> dict:
 def run_ours(backbone, splits: dict, args, cfg: EvalConfig) -> dict:
     """Extract once with the pipeline's loaders (eval.batch_size, in order), then probe."""
     start = time.perf_counter()
+    # a copy in channels_last layout, as the pipeline extracts (trainer.channels_last, default)
+    backbone = channels_last(copy.deepcopy(backbone))
     features, extract_seconds = {}, {}
     for name, dataset in eval_datasets(splits, backbone).items():
         t = time.perf_counter()
