@@ -32,12 +32,15 @@ _STAGE_LABELS = {"knn": "k-NN", "linear_probe": "linear probe", "finetune": "fin
 _STAGE_ORDER = ("knn", "linear_probe", "finetune", "few_shot")
 _PLOT_NAME = "comparison_top1.png"
 _CURVES_NAME = "curves.png"
-# pretraining curve key -> (title, y label); x is the epoch, or the minutes for k-NN top-1
+# pretraining curve key -> (title, y label); x is the epoch, or the minutes for the monitor
 _CURVES = {
     "loss": ("Training loss per epoch", "training loss"),
     "knn_top1": ("Validation k-NN top-1 against pretraining time", "val k-NN top-1"),
+    "knn_auc": ("Validation k-NN AUC (mean over labels) against pretraining time",
+                "val k-NN AUC"),
     "val_accuracy": ("Validation accuracy per epoch (classifier head)", "val accuracy"),
 }
+_TIMED = ("knn_top1", "knn_auc")  # the online monitor's curves: against pretraining minutes
 
 
 @dataclass(frozen=True)
@@ -397,14 +400,14 @@ def _write_curves_plot(out: Path, curves: dict[str, dict]) -> list[Path]:
     for ax, key in zip(axes, keys):
         title, ylabel = _CURVES[key]
         for label, curve in curves.items():
-            if key == "knn_top1":
+            if key in _TIMED:
                 x, y = _curve_points(curve, key, "seconds")
                 x = [v / 60 for v in x]
             else:
                 x, y = _curve_points(curve, key, "epoch")
             if x:
                 ax.plot(x, y, marker="o", markersize=3, label=label, color=colors[label])
-        ax.set(title=title, ylabel=ylabel, xlabel="pretraining minutes" if key == "knn_top1" else "epoch")
+        ax.set(title=title, ylabel=ylabel, xlabel="pretraining minutes" if key in _TIMED else "epoch")
         ax.title.set_fontsize(9)
     handles, labels = [], []  # every run once, whichever panels it has lines in
     for ax in axes:
@@ -441,7 +444,7 @@ def curve_tables(curves: dict[str, dict]) -> list[tuple[str, list[str], list[lis
             for e in epochs:
                 value = values.get(e)
                 text = fmt(value)
-                if key == "knn_top1" and value is not None and minutes.get(e) is not None:
+                if key in _TIMED and value is not None and minutes.get(e) is not None:
                     text += f" ({minutes[e] / 60:.1f} min)"
                 cells.append(text)
             body.append([label] + cells)
@@ -453,8 +456,9 @@ def curve_tables(curves: dict[str, dict]) -> list[tuple[str, list[str], list[lis
 
 
 _CURVES_LEGEND = ("Measured during pretraining on the validation split (never test): the "
-                  "online monitor's k-NN top-1 (with the pretraining minutes it was reached at, "
-                  "monitor time included) and a classifier head's accuracy, where the run has them.")
+                  "online monitor's k-NN top-1, or its mean per-label AUC for multi-label data "
+                  "(with the pretraining minutes it was reached at, monitor time included) and a "
+                  "classifier head's accuracy, where the run has them.")
 _LEGEND = ("Test accuracies as fractions; ± is the standard deviation over seeds. "
            "The best value per column among the runs is in bold; baseline rows are references "
            "and not ranked. — means the run has no such value.")

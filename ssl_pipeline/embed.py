@@ -8,12 +8,13 @@ import numpy as np
 import torch
 
 from ssl_pipeline.backbones import load_backbone
+from ssl_pipeline.compute import channels_last
 from ssl_pipeline.data import TransformedDataset
 from ssl_pipeline.data.base import convert_channels
 from ssl_pipeline.data.image_folder import ImageFiles, list_images
 from ssl_pipeline.data.transforms import eval_transform
 from ssl_pipeline.errors import SSLPipelineError
-from ssl_pipeline.features import channels_last, extract_features
+from ssl_pipeline.features import extract_features
 
 
 def embed_folder(backbone_path: str | Path, folder: str | Path, out: str | Path,

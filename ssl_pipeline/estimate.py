@@ -53,10 +53,10 @@ class StepTimer(pl.Callback):
 def estimate(recipe_path: str, overrides: list[str] = (), steps: int = 20, warmup: int = 3,
              quiet: bool = False) -> dict[str, Any]:
     """Time `warmup + steps` training steps of the recipe and project its pretraining stage."""
+    from ssl_pipeline.compute import ChannelsLast
     from ssl_pipeline.data.transforms import fit_views
     from ssl_pipeline.pipeline import _quiet_lightning, data_facts, resolve
     from ssl_pipeline.pretrain import (
-        ChannelsLast,
         build_backbone,
         build_method,
         build_trainer,
@@ -116,12 +116,11 @@ def _time(work) -> float:
 
 
 def _monitor_pass(monitor, method) -> None:
-    from ssl_pipeline.evals.knn import knn_top1
     from ssl_pipeline.features import extract_features
 
     bank, bank_labels = extract_features(method.backbone, monitor.bank_loader, method.device)
     val, val_labels = extract_features(method.backbone, monitor.val_loader, method.device)
-    knn_top1(bank, bank_labels, val, val_labels, monitor.num_classes, monitor.k, monitor.temperature)
+    monitor.score(bank, bank_labels, val, val_labels)
 
 
 def _project(recipe, resolved, timer: StepTimer, warmup: int, batches_per_epoch: int,

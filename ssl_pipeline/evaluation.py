@@ -24,6 +24,7 @@ import torch
 import ssl_pipeline
 from ssl_pipeline.atomic import write_text_atomic
 from ssl_pipeline.backbones import Backbone, create_backbone, fit_input_channels, load_backbone
+from ssl_pipeline.compute import ChannelsLast, channels_last
 from ssl_pipeline.data import TransformedDataset
 from ssl_pipeline.data.transforms import eval_transform, fit_views, supervised_train_transform
 from ssl_pipeline.embedding_map import FILE as EMBEDDING_MAP, write_embedding_map
@@ -35,9 +36,8 @@ from ssl_pipeline.evals.linear_probe import linear_probe
 from ssl_pipeline.evals.metrics import classification_metrics
 from ssl_pipeline.evals.subsets import balanced_subset, listed_subset
 from ssl_pipeline.features import (
-    cache_key, cached_features, channels_last, process_group, weights_hash,
+    cache_key, cached_features, process_group, weights_hash,
 )
-from ssl_pipeline.pretrain import ChannelsLast
 from ssl_pipeline.progress import on_terminal
 from ssl_pipeline.stages import RunContext, stage_registry
 from ssl_pipeline.tracking import JSONLLogger

@@ -15,13 +15,15 @@ from typing import Any
 import torch
 
 from ssl_pipeline import evaluation as _evaluation  # noqa: F401  (registers the eval stages)
-from ssl_pipeline import pretrain as _pretrain
+from ssl_pipeline import pretrain as _pretrain  # noqa: F401  (registers the pretrain stage)
 from ssl_pipeline.atomic import write_text_atomic
+from ssl_pipeline.compute import resolve_precision
 from ssl_pipeline.data.image_folder import decoder_facts
 from ssl_pipeline.data.transforms import fit_views
 from ssl_pipeline.errors import SSLPipelineError
 from ssl_pipeline.features import process_group
 from ssl_pipeline.methods.base import effective_lr
+from ssl_pipeline.monitor import METRICS as MONITOR_METRICS
 from ssl_pipeline.provenance import provenance
 from ssl_pipeline.recipe import (
     Recipe,
@@ -251,7 +253,7 @@ def resolve(recipe: Recipe) -> Resolved:
         )
     lr = effective_lr(p.lr, p.batch_size, p.lr_reference_batch, p.lr_scaling)
     return Resolved(accelerator, devices, world, p.batch_size // per_step, lr,
-                    precision=_pretrain.resolve_precision(t.precision, accelerator))
+                    precision=resolve_precision(t.precision, accelerator))
 
 
 def data_facts(ctx: RunContext) -> dict[str, Any]:
@@ -310,8 +312,9 @@ def summary(result: RunResult) -> str:
             drop = 100 * (first - last) / abs(first) if first else 0.0
             lines.append(f"  pretrain: {pre['epochs']} epochs, {pre['images_per_second']} img/s, "
                          f"loss {first:.4f} -> {last:.4f} ({drop:.1f}% lower)")
-        if pre.get("best_monitor_knn_top1") is not None:
-            lines.append(f"  best val k-NN top-1 during pretraining: {pre['best_monitor_knn_top1']:.4f}")
+        for metric, label in MONITOR_METRICS.items():
+            if pre.get(f"best_monitor_{metric}") is not None:
+                lines.append(f"  best {label} during pretraining: {pre[f'best_monitor_{metric}']:.4f}")
         lines.append(f"  backbone: {pre['backbone']} (load with ssl_pipeline.load_backbone)")
     baselines = result.results.get("baselines", {})
     for stage in ("knn", "linear_probe", "few_shot", "finetune"):

@@ -25,10 +25,10 @@ from ssl_pipeline.data.transforms import (
     supervised_train_transform,
 )
 from ssl_pipeline.budget import time_ran_out
+from ssl_pipeline.compute import ChannelsLast
 from ssl_pipeline.errors import SSLPipelineError
-from ssl_pipeline.features import channels_last
 from ssl_pipeline.methods import OptimSettings, PretrainMethod, methods
-from ssl_pipeline.monitor import MONITOR_KEY, OnlineKNNMonitor
+from ssl_pipeline.monitor import OnlineKNNMonitor
 from ssl_pipeline.progress import on_terminal
 from ssl_pipeline.provenance import provenance
 from ssl_pipeline.recipe import Recipe
@@ -140,11 +140,9 @@ def monitor_callback(ctx: RunContext) -> OnlineKNNMonitor | None:
         bundle = monitor_bundle(ctx)
     if not p.monitor_every_n_epochs or not bundle.labeled or bundle.val is None:
         return None
-    if bundle.multi_label:
-        if not ctx.quiet:
-            print("monitor: the online k-NN top-1 is single-label; off for this multi-label "
-                  "data (the evaluation stages score each label)", flush=True)
-        return None
+    if bundle.multi_label and not ctx.quiet:
+        print("monitor: multi-label data: the online k-NN scores each label; val k-NN AUC "
+              "(mean over labels) selects the best checkpoint", flush=True)
     d = ctx.resolved.data
     transform = eval_transform(d["image_size"], d["mean"], d["std"])
     batch = max(ctx.resolved.per_device_batch_size, 256)
@@ -152,7 +150,7 @@ def monitor_callback(ctx: RunContext) -> OnlineKNNMonitor | None:
     val = loader(TransformedDataset(bundle.val, transform), batch, ctx.recipe.data.num_workers)
     return OnlineKNNMonitor(bank, val, bundle.num_classes, p.monitor_every_n_epochs,
                             p.monitor_k, p.monitor_temperature,
-                            score_head=p.monitor_data is None)
+                            score_head=p.monitor_data is None, multi_label=bundle.multi_label)
 
 
 def monitor_bundle(ctx: RunContext):
@@ -174,50 +172,14 @@ def monitor_bundle(ctx: RunContext):
                 f"pretrain.monitor_data ({cfg.name}) has {labeled.channels}-channel images, the "
                 f"pretraining data {d['channels']}; the backbone takes one kind")
         if not ctx.quiet:
-            print(f"monitor: k-NN top-1 on {labeled.name} (pretrain.monitor_data): bank "
+            measure = "k-NN AUC (mean over labels)" if labeled.multi_label else "k-NN top-1"
+            print(f"monitor: {measure} on {labeled.name} (pretrain.monitor_data): bank "
                   f"{len(labeled.train)} train images, queries {len(labeled.val)} val images",
                   flush=True)
         ctx.cache["monitor_bundle"] = labeled
     return ctx.cache["monitor_bundle"]
 
 
-class ChannelsLast(pl.Callback):
-    """Model and image batches in channels_last memory layout (faster convolutions; see
-    `features.channels_last`). The model is converted at setup, before DDP wraps it and the
-    optimizers are built, so gradient buckets and optimizer states see the final layout."""
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        channels_last(pl_module)
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        images = batch[0]
-        for i, x in enumerate(images if isinstance(images, list) else [images]):
-            if x.dim() == 4:
-                converted = x.contiguous(memory_format=torch.channels_last)
-                if isinstance(images, list):
-                    images[i] = converted
-                else:
-                    batch[0] = converted
-
-
-def resolve_precision(precision: str, accelerator: str) -> str:
-    """`trainer.precision` with `auto` made concrete for the accelerator.
-
-    GPUs: bf16-mixed where supported (Ampere and newer), else 16-mixed (fp16 autocast with
-    loss scaling). CPUs: bf16-mixed on CPUs with native bf16 instructions (AVX512-BF16, AMX),
-    where a ResNet-18 step at 28 px measured about 2x faster than fp32; else 32, because
-    emulated bf16 is slower than fp32.
-    """
-    if precision != "auto":
-        return precision
-    if accelerator == "gpu":
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "bf16-mixed" if cpu_has_native_bf16() else "32"
-
-
-def cpu_has_native_bf16() -> bool:
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private torch API
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 def build_trainer(ctx: RunContext, callbacks: list[pl.Callback], loggers: list) -> pl.Trainer:
@@ -283,9 +245,10 @@ def pretrain_stage(ctx: RunContext) -> dict[str, Any]:
 
     ckpt_dir = ctx.run_dir / "checkpoints"
     monitor = monitor_callback(ctx)
-    # best.ckpt: the epoch with the highest online k-NN top-1 (only where the monitor runs).
+    # best.ckpt: the epoch with the highest online k-NN top-1 (multi-label: mean per-label
+    # AUC), only where the monitor runs.
     checkpoint = ModelCheckpoint(
-        dirpath=ckpt_dir, filename="best", monitor=MONITOR_KEY if monitor else None, mode="max",
+        dirpath=ckpt_dir, filename="best", monitor=monitor.key if monitor else None, mode="max",
         save_top_k=1 if monitor else 0, save_last=False, enable_version_counter=False,
     )
     progress = EpochProgress(quiet=ctx.quiet, monitor=monitor)
@@ -347,9 +310,7 @@ def finish_pretrain(ctx, method, trainer, checkpoint, progress, seconds, loader_
         "loss_by_epoch": [round(x, 5) for x in losses],
         "loss_first_epoch": losses[0] if losses else None,
         "loss_last_epoch": losses[-1] if losses else None,
-        "monitor_knn_top1_by_epoch": {str(h["epoch"]): h["knn_top1"] for h in progress.history
-                                      if "knn_top1" in h},
-        "best_monitor_knn_top1": _best(checkpoint),
+        **monitor_results(progress, checkpoint),
         "monitor_data": (ctx.recipe.pretrain.monitor_data.name
                          if ctx.recipe.pretrain.monitor_data else ctx.data.name),
         "curve": epoch_curve(progress.history),
@@ -364,16 +325,31 @@ def finish_pretrain(ctx, method, trainer, checkpoint, progress, seconds, loader_
 
 def epoch_curve(history: list[dict[str, float]]) -> dict[str, list]:
     """The per-epoch history as columns: `epoch`, `seconds` (wall time since the stage started,
-    online monitor included), `loss` and, where measured, `knn_top1` and `val_accuracy` (None
+    online monitor included), `loss` and, where measured, `knn_top1` (multi-label data:
+    `knn_auc`) and `val_accuracy` (None
     on epochs the monitor skipped). An epoch resumed from a checkpoint is not in the history."""
     curve = {"epoch": [int(h["epoch"]) for h in history],
              "seconds": [round(t, 1) for t in itertools.accumulate(h["seconds"] for h in history)]}
-    for key in ("loss", "knn_top1", "val_accuracy"):
+    for key in ("loss", "knn_top1", "knn_auc", "val_accuracy"):
         if any(h.get(key) is not None for h in history):
             curve[key] = [None if h.get(key) is None else round(float(h[key]), 5) for h in history]
     return curve
 
 
+def monitor_results(progress, checkpoint: ModelCheckpoint) -> dict[str, Any]:
+    """The online monitor's values by epoch and its best, named by what it measured:
+    `monitor_knn_top1_by_epoch` and `best_monitor_knn_top1`, or for multi-label data
+    `monitor_knn_auc_*` (mean per-label AUC); `monitor_metric` says which (None: no monitor)."""
+    metric = progress.monitor.metric if progress.monitor is not None else None
+    out: dict[str, Any] = {"monitor_metric": metric}
+    for name in ("knn_top1", "knn_auc") if metric is None else (metric,):
+        out[f"monitor_{name}_by_epoch"] = {str(h["epoch"]): h[name] for h in progress.history
+                                          if name in h}
+        out[f"best_monitor_{name}"] = _best(checkpoint) if metric else None
+    return out
+
+
 def _best(checkpoint: ModelCheckpoint) -> float | None:
     score = checkpoint.best_model_score
-    return None if score is None else float(np.asarray(score.cpu()))
+    value = None if score is None else float(np.asarray(score.cpu()))
+    return value if value is not None and np.isfinite(value) else None

@@ -201,7 +201,7 @@ class TrainerConfig(Strict):
     # The choice is recorded under `resolved.precision` in the run's recipe.yaml.
     precision: Literal["auto", "32", "bf16-mixed", "16-mixed"] = "auto"
     # Weights and images in channels_last memory layout in every stage (pretraining,
-    # fine-tuning, feature extraction): faster convolutions, same values (features.channels_last)
+    # fine-tuning, feature extraction): faster convolutions, same values (compute.channels_last)
     channels_last: bool = True
     compile: bool = False  # torch.compile the backbone (slow first steps, then faster)
     accumulate_grad_batches: int = Field(1, ge=1)

@@ -12,6 +12,7 @@ import base64
 import html
 import io
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from matplotlib.ticker import MaxNLocator
 from ssl_pipeline.atomic import write_bytes_atomic
 from ssl_pipeline.embedding_map import read_embedding_map
 from ssl_pipeline.errors import SSLPipelineError
+from ssl_pipeline.monitor import METRICS as MONITOR_METRICS
 from ssl_pipeline.tracking import read_jsonl
 
 # Keys of results.json that are not evaluation stages; everything else holding a top-1 is one.
@@ -332,18 +334,23 @@ def _monitor_by_epoch(metrics: list[dict], key: str) -> dict[int, float]:
 
 
 def _monitor_figure(metrics: list[dict], results: dict) -> Figure | None:
-    knn = _monitor_by_epoch(metrics, "monitor/knn_top1")
+    pre = results.get("pretrain") or {}
+    metric = pre.get("monitor_metric") or "knn_top1"  # (older results: top-1 only)
+    label = MONITOR_METRICS[metric]
+    knn = _monitor_by_epoch(metrics, f"monitor/{metric}")
     if not knn:
-        by_epoch = (results.get("pretrain") or {}).get("monitor_knn_top1_by_epoch") or {}
+        by_epoch = pre.get(f"monitor_{metric}_by_epoch") or {}
         knn = {int(epoch): value for epoch, value in by_epoch.items()}
+    knn = {epoch: value for epoch, value in knn.items()
+           if value is not None and math.isfinite(value)}  # (an AUC no label could give)
     collapse = _monitor_by_epoch(metrics, "train/collapse_std")
     if not knn and not collapse:
         return None
     fig = new_figure(7, 3.5)
     ax = fig.subplots()
     if knn:
-        ax.plot(list(knn), list(knn.values()), marker="o", label="val k-NN top-1")
-        ax.set(ylabel="val k-NN top-1")
+        ax.plot(list(knn), list(knn.values()), marker="o", label=label)
+        ax.set(ylabel=label)
     if collapse:
         # SimSiam's collapse metric lives on another scale (0 .. 1/sqrt(D)), so its own axis.
         ax_std = ax.twinx() if knn else ax

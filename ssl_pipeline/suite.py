@@ -275,8 +275,8 @@ def _stages_done(run_dir: Path, stages: list[str]) -> bool:
 # Parts of a stage's results that are per class, per epoch or per seed: in the run directory's
 # results.json, not in the suite's summary.
 _DETAIL = {"by_seed", "per_class_accuracy", "confusion_matrix", "class_names", "grid",
-           "test_metrics", "val_top1_by_epoch", "monitor_knn_top1_by_epoch", "loss_by_epoch",
-           "backbone", "curve"}
+           "test_metrics", "val_top1_by_epoch", "monitor_knn_top1_by_epoch",
+           "monitor_knn_auc_by_epoch", "loss_by_epoch", "backbone", "curve"}
 
 
 def headline(tree: Any) -> Any:

@@ -346,13 +346,13 @@ class EpochProgress(pl.Callback):
         record = {"epoch": trainer.current_epoch + 1, "seconds": time.time() - self.start}
         record |= {name: metrics[key].item() for key, name in self.SHOWN if key in metrics}
         if self.monitor is not None and record["epoch"] in self.monitor.by_epoch:
-            record["knn_top1"] = self.monitor.by_epoch[record["epoch"]]
+            record[self.monitor.metric] = self.monitor.by_epoch[record["epoch"]]  # None: no AUC
         if self.monitor is not None and record["epoch"] in self.monitor.val_accuracy_by_epoch:
             record["val_accuracy"] = self.monitor.val_accuracy_by_epoch[record["epoch"]]
         self.history.append(record)
         if trainer.is_global_zero and not self.quiet:
             parts = [f"epoch {record['epoch']}/{trainer.max_epochs}"]
-            parts += [f"{name} {value:.4f}" for name, value in record.items()
-                      if name not in ("epoch", "seconds")]
+            parts += [f"{name} {'n/a' if value is None else f'{value:.4f}'}"
+                      for name, value in record.items() if name not in ("epoch", "seconds")]
             parts.append(f"{record['seconds']:.1f} s")
             print("  " + " | ".join(parts), file=self.stream, flush=True)

@@ -11,7 +11,8 @@ import torch
 
 import ssl_pipeline
 from ssl_pipeline.cli import main
-from ssl_pipeline.features import cache_key, cached_features, channels_last, extract_features, weights_hash
+from ssl_pipeline.compute import channels_last
+from ssl_pipeline.features import cache_key, cached_features, extract_features, weights_hash
 from ssl_pipeline.backbones import create_backbone, export_backbone
 from conftest import TINY
 

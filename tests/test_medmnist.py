@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import yaml
 from sklearn.metrics import roc_auc_score
 
 from ssl_pipeline.data import build_dataset
@@ -205,6 +207,63 @@ def test_the_transfer_recipe_on_multi_label_chestmnist(tmp_path, tiny_overrides)
     assert main(["transfer-report", str(out), "--out", str(tmp_path / "transfer")]) == 0
     table = (tmp_path / "transfer" / "transfer.md").read_text()
     assert "| chestmnist (28 px) | backbone |" in table and "0.768 / 0.947" in table
+
+
+def test_pretraining_on_multi_label_data_is_monitored_and_exports_the_best_epoch(tmp_path, tiny_overrides, capsys):
+    """ChestMNIST pretraining: the online monitor measures val k-NN AUC (mean over the 14
+    labels) every epoch, best.ckpt and `export: best` follow it, and the stage result, the
+    progress lines, metrics.jsonl and the report name it as such."""
+    from ssl_pipeline.cli import main
+    from ssl_pipeline.evals.knn import knn_classify
+    from ssl_pipeline.evals.metrics import multi_label_metrics
+    from ssl_pipeline.features import extract_features
+    from ssl_pipeline.tracking import read_jsonl
+
+    write_chestmnist(tmp_path / "medmnist")
+    out = tmp_path / "run"
+    overrides = [*tiny_overrides, "stages=[pretrain]", "data.name=medmnist",
+                 f"data.root={tmp_path / 'medmnist'}", "data.medmnist.subset=chestmnist",
+                 "data.channels=1", "pretrain.epochs=3", "export=best"]
+    assert main(["run", str(ROOT / "recipes" / "quickstart.yaml"), "--out", str(out),
+                 *[a for o in overrides for a in ("--set", o)]]) == 0
+    printed = capsys.readouterr().out
+    assert "val k-NN AUC (mean over labels) selects the best checkpoint" in printed
+    assert "knn_auc 0." in printed and "knn_top1" not in printed
+    pre = json.loads((out / "results.json").read_text())["pretrain"]
+    assert pre["monitor_metric"] == "knn_auc" and "monitor_knn_top1_by_epoch" not in pre
+    by_epoch = pre["monitor_knn_auc_by_epoch"]
+    assert set(by_epoch) == {"1", "2", "3"} and all(0 <= v <= 1 for v in by_epoch.values())
+    assert pre["best_monitor_knn_auc"] == pytest.approx(max(by_epoch.values()))
+    assert pre["curve"]["knn_auc"] == [pytest.approx(by_epoch[e], abs=1e-5) for e in ("1", "2", "3")]
+    assert pre["exported_checkpoint"] == "best" and (out / "checkpoints" / "best.ckpt").is_file()
+    assert f"best val k-NN AUC (mean over labels) during pretraining: {pre['best_monitor_knn_auc']:.4f}" in printed
+    logged = [row["monitor/knn_auc"] for row in read_jsonl(out / "metrics.jsonl") if "monitor/knn_auc" in row]
+    assert logged == [pytest.approx(by_epoch[e], abs=1e-6) for e in ("1", "2", "3")]
+    # the exported backbone is the best epoch's: its features give the best value again
+    import ssl_pipeline
+    from ssl_pipeline.data import TransformedDataset, build_dataset
+    from ssl_pipeline.data.transforms import eval_transform
+    from ssl_pipeline.recipe import load_recipe
+
+    recipe = load_recipe(out / "recipe.yaml")
+    d = yaml.safe_load((out / "recipe.yaml").read_text())["resolved"]["data"]
+    bundle = build_dataset(recipe.data)
+    transform = eval_transform(d["image_size"], d["mean"], d["std"])
+    backbone = ssl_pipeline.load_backbone(out).eval()
+    bank, bank_y = extract_features(backbone, torch.utils.data.DataLoader(
+        TransformedDataset(bundle.train, transform), batch_size=256), "cpu")
+    val, val_y = extract_features(backbone, torch.utils.data.DataLoader(
+        TransformedDataset(bundle.val, transform), batch_size=256), "cpu")
+    p = recipe.pretrain
+    scores = knn_classify(bank, bank_y, val, 14, (p.monitor_k,), p.monitor_temperature)[p.monitor_k]
+    again = multi_label_metrics(scores, val_y, kind="probabilities")["auc"]
+    assert again == pytest.approx(pre["best_monitor_knn_auc"], abs=1e-4)
+    # the report's monitor plot shows the AUC under its own name
+    from ssl_pipeline.report import _monitor_figure
+
+    assert (out / "plots" / "monitor.png").is_file()
+    figure = _monitor_figure(read_jsonl(out / "metrics.jsonl"), {"pretrain": pre})
+    assert figure.axes[0].get_ylabel() == "val k-NN AUC (mean over labels)"
 
 
 def test_same_sized_datasets_never_share_cached_features_or_baselines(tmp_path):

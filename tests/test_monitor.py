@@ -72,6 +72,41 @@ def test_ssl_methods_get_no_head_accuracy_and_skipped_epochs_are_not_measured():
     assert VAL_ACCURACY_KEY not in module.logged
 
 
+def test_multi_label_data_is_monitored_by_the_mean_per_label_auc_of_knn_votes():
+    """No top-1 for label vectors: each label is scored by the neighbours' weighted votes and
+    the monitor reports, logs and selects on the mean per-label ROC AUC."""
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    from ssl_pipeline.evals.knn import knn_classify
+
+    rng = np.random.default_rng(0)
+    bank_y = (rng.random((60, 3)) < 0.5).astype(np.int64)
+    val_y = (rng.random((30, 3)) < 0.5).astype(np.int64)
+    val_y[:, 2] = np.arange(30) % 2
+    # label j lights up feature j; noise keeps the AUC below 1
+    bank_x = (bank_y * 1.0 + rng.normal(0, 0.6, (60, 3))).astype(np.float32)
+    val_x = (val_y * 1.0 + rng.normal(0, 0.6, (30, 3))).astype(np.float32)
+    bank, val = (_loader(torch.from_numpy(x), torch.from_numpy(y))
+                 for x, y in ((bank_x, bank_y), (val_x, val_y)))
+    monitor = OnlineKNNMonitor(bank, val, num_classes=3, every_n_epochs=1, k=10, multi_label=True)
+    assert (monitor.metric, monitor.key) == ("knn_auc", "monitor/knn_auc")
+    module = _Module(None, needs_labels=False)
+    monitor.on_train_epoch_end(_trainer(1), module)
+    scores = knn_classify(bank_x, bank_y, val_x, 3, (10,), 0.07)[10]
+    expected = np.mean([roc_auc_score(val_y[:, j], scores[:, j]) for j in range(3)])
+    assert 0.6 < expected < 1.0
+    assert monitor.by_epoch[1] == pytest.approx(expected)
+    assert module.logged == {"monitor/knn_auc": pytest.approx(expected)}
+    # a val split where no label has both classes has no AUC: NaN is logged (never selected
+    # as best), None recorded
+    empty = _loader(torch.from_numpy(val_x), torch.zeros(30, 3, dtype=torch.int64))
+    monitor = OnlineKNNMonitor(bank, empty, num_classes=3, every_n_epochs=1, k=10, multi_label=True)
+    module = _Module(None, needs_labels=False)
+    monitor.on_train_epoch_end(_trainer(1), module)
+    assert monitor.by_epoch == {1: None} and np.isnan(module.logged["monitor/knn_auc"])
+
+
 def test_epoch_curve_accumulates_wall_time_and_keeps_gaps():
     history = [
         {"epoch": 1, "seconds": 10.0, "loss": 2.0},

@@ -78,6 +78,22 @@ def test_linear_probe_trains_one_binary_classifier_per_label_chosen_on_val_auc()
     assert result["chosen"] == {"lr": best["lr"], "weight_decay": best["weight_decay"]}
 
 
+def test_the_probes_own_multi_label_acc_is_medmnists():
+    """The probe scores each setting with a cheap ACC (no AUCs); it must be the metric's."""
+    import torch
+
+    from ssl_pipeline.evals.linear_probe import scores, top1
+
+    rng = np.random.default_rng(3)
+    x, y = features(120, labels=7, dim=16, seed=3)
+    head = (torch.from_numpy(rng.normal(size=(7, 16)).astype(np.float32)),
+            torch.from_numpy(rng.normal(size=7).astype(np.float32)))
+    x_t, y_t = torch.from_numpy(x), torch.from_numpy(y).float()
+    expected = multi_label_metrics(scores(head, x_t), y)["acc"]
+    assert 0.2 < expected < 0.9  # a random head: neither all right nor all wrong
+    assert top1(head, x_t, y_t) == pytest.approx(expected, abs=1e-12)
+
+
 def test_few_shot_and_vtab_on_multi_label_features():
     (tx, ty), (sx, sy) = features(400), features(200, seed=2)
     result = few_shot(tx, ty, sx, sy, 5, shots=(1, 5), seeds=3)

@@ -73,8 +73,9 @@ def test_each_method_runs_and_leaves_a_complete_run_directory(tmp_path, tiny_ove
 def test_export_best_uses_the_best_monitored_checkpoint(tmp_path, tiny_overrides):
     result = run_tiny(tmp_path, tiny_overrides, "export=best", "pretrain.epochs=3")
     pre = result.results["pretrain"]
-    assert pre["exported_checkpoint"] == "best"
+    assert pre["exported_checkpoint"] == "best" and pre["monitor_metric"] == "knn_top1"
     assert pre["best_monitor_knn_top1"] == max(pre["monitor_knn_top1_by_epoch"].values())
+    assert "monitor_knn_auc_by_epoch" not in pre  # single-label data: top-1 only
     best = torch.load(result.run_dir / "checkpoints/best.ckpt", map_location="cpu", weights_only=True)
     exported = safetensors.torch.load_file(result.run_dir / "backbone.safetensors")
     for key, value in exported.items():

@@ -129,16 +129,16 @@ def test_views_are_made_on_the_device_unless_the_recipe_says_workers():
 def test_precision_is_auto_by_default_and_resolved_per_device(monkeypatch):
     import torch
 
-    from ssl_pipeline import pretrain
+    from ssl_pipeline import compute
     from ssl_pipeline.pipeline import resolve
 
     assert Recipe().trainer.precision == "auto" and Recipe().trainer.compile is False
     for native_bf16, gpu, cpu in [(True, "bf16-mixed", "bf16-mixed"), (False, "16-mixed", "32")]:
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: native_bf16)
-        monkeypatch.setattr(pretrain, "cpu_has_native_bf16", lambda: native_bf16)
-        assert pretrain.resolve_precision("auto", "gpu") == gpu
-        assert pretrain.resolve_precision("auto", "cpu") == cpu
-        assert pretrain.resolve_precision("32", "gpu") == "32"  # an explicit choice stays
+        monkeypatch.setattr(compute, "cpu_has_native_bf16", lambda: native_bf16)
+        assert compute.resolve_precision("auto", "gpu") == gpu
+        assert compute.resolve_precision("auto", "cpu") == cpu
+        assert compute.resolve_precision("32", "gpu") == "32"  # an explicit choice stays
         on_cpu = recipe_from_dict({"trainer": {"accelerator": "cpu"}})
         assert resolve(on_cpu).precision == cpu
     assert resolve(recipe_from_dict({"trainer": {"accelerator": "cpu", "precision": 32}})).precision == "32"

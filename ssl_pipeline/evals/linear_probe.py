@@ -154,7 +154,12 @@ def scores(head: Head, x: Tensor) -> np.ndarray:
 
 
 def top1(head: Head, x: Tensor, y: Tensor) -> float:
-    """Top-1 accuracy; multi-label: MedMNIST's ACC (mean per-label accuracy at p > 0.5)."""
+    """Top-1 accuracy; multi-label: MedMNIST's ACC (mean per-label accuracy at p > 0.5).
+
+    The multi-label branch is `multi_label_metrics(...)["acc"]` without the per-label AUCs it
+    also computes (logit > 0 is p > 0.5; every label has the same N samples, so the mean over
+    all entries is the mean of the per-label accuracies): this runs at every probe setting.
+    """
     if y.ndim == 2:
         return float(((scores(head, x) > 0) == (y.cpu().numpy() > 0.5)).mean())
     return float((scores(head, x).argmax(1) == y.cpu().numpy()).mean())
