@@ -209,7 +209,7 @@ def observe_our_call(case: dict, bundle, backbone, tmp: Path) -> dict:
     """What our side really ran with, seen from inside the backbone during a (warm-up) call."""
     import torch
 
-    from ssl_pipeline.pretrain import cpu_has_native_bf16
+    from ssl_pipeline.compute import cpu_has_native_bf16
 
     seen: dict = {}
     conv = next(m for m in backbone.modules() if isinstance(m, torch.nn.Conv2d))

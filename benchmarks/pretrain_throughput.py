@@ -31,7 +31,16 @@ Three ratios (ours / reference, above 1: ours is faster):
 (3) augmentation alone, no model: ours = DataLoader uint8 batches -> `DeviceViews`; the
     reference = `SimCLRTransform` in 2 DataLoader workers.
 
-    python -m benchmarks.pretrain_throughput            # ~4.5 minutes on 2 cores
+And each speed option of ours against our own defaults, one recipe setting changed at a time
+(`--options`): `bf16` (`trainer.precision=bf16-mixed`), `contiguous`
+(`trainer.channels_last=false`) and `compiled` (`trainer.compile=true`; its compilation falls in
+the warm-up steps, so the row also gives the seconds from the start of training to the end of
+the warm-up). These show which combination is fastest on the machine, the one `auto` should
+pick. On a CPU without native bf16 (no AVX512-BF16 or AMX) the bf16 row is not run (emulated
+bf16 would take hours here): the script times one convolution's forward pass in fp32 and under
+bf16 autocast instead and records that ratio as the reason.
+
+    python -m benchmarks.pretrain_throughput            # ~12 minutes on 2 cores (~5 without options)
     python benchmarks/pretrain_throughput.py --quick    # seconds: a smoke run
 """
 
@@ -46,6 +55,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 if __package__ in (None, ""):  # run as a file: make the `benchmarks` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -54,6 +64,12 @@ from benchmarks.machine import BenchmarkRun, benchmark_parser, RESULTS_DIR
 
 REFERENCE_WORKERS = 2  # lightly's examples use DataLoader workers; this machine has 2 cores
 SGD_LR, SGD_MOMENTUM, SGD_WEIGHT_DECAY = 0.06, 0.9, 5e-4  # our pretrain defaults (and lightly's)
+# Our speed options, each one recipe setting changed from the defaults (--options)
+OPTIONS = {
+    "bf16": ["trainer.precision=bf16-mixed"],
+    "contiguous": ["trainer.channels_last=false"],
+    "compiled": ["trainer.compile=true"],
+}
 
 
 # ------------------------------------------------------------------ data
@@ -127,8 +143,10 @@ def views_per_second(step_ends: list[float], case: dict) -> dict:
 # ------------------------------------------------------------------ ours
 
 
-def run_ours(case: dict, precision: str, workdir: Path) -> dict:
-    """The pipeline's pretrain stage, with a callback that timestamps every step's end."""
+def run_ours(case: dict, precision: str, workdir: Path, label: str = "",
+             settings: list[str] = ()) -> dict:
+    """The pipeline's pretrain stage, with a callback that timestamps every step's end;
+    `settings`: recipe overrides on top of the defaults (one of OPTIONS)."""
     import pytorch_lightning as pl
 
     import ssl_pipeline
@@ -136,8 +154,12 @@ def run_ours(case: dict, precision: str, workdir: Path) -> dict:
     from ssl_pipeline.recipe import apply_overrides, recipe_from_dict
 
     step_ends: list[float] = []
+    started: list[float] = []
 
     class StepTimer(pl.Callback):
+        def on_train_start(self, trainer, pl_module) -> None:
+            started.append(time.perf_counter())
+
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             step_ends.append(time.perf_counter())
 
@@ -150,9 +172,9 @@ def run_ours(case: dict, precision: str, workdir: Path) -> dict:
         "stages=[pretrain]", "method.name=simclr", f"pretrain.batch_size={case['batch']}",
         "pretrain.epochs=1", f"pretrain.max_steps={case['warmup'] + case['steps']}",
         "pretrain.monitor_every_n_epochs=0", "tracking.wandb.mode=disabled",
-        f"trainer.precision={precision}", "trainer.accelerator=cpu",
+        f"trainer.precision={precision}", "trainer.accelerator=cpu", *settings,
     ]
-    run_dir = workdir / f"{case['name']}_ours_{precision}"
+    run_dir = workdir / f"{case['name']}_ours_{label or precision}"
     after_pretrain_error = None
     pretrain_module.build_trainer = build_trainer_with_timer
     try:
@@ -165,8 +187,15 @@ def run_ours(case: dict, precision: str, workdir: Path) -> dict:
     finally:
         pretrain_module.build_trainer = build_trainer
     stage = json.loads((run_dir / "results.json").read_text())["pretrain"]
+    written = yaml.safe_load((run_dir / "recipe.yaml").read_text())  # what the run ran with
     row = {**views_per_second(step_ends, case), "precision": precision,
+           "ran_with": {"precision": written["resolved"]["precision"],
+                        "channels_last": written["trainer"]["channels_last"],
+                        "compile": written["trainer"]["compile"]},
            "pipeline_images_per_second_incl_startup": stage["images_per_second"]}
+    if settings:
+        row["settings"] = list(settings)
+        row["seconds_to_end_of_warmup"] = round(step_ends[case["warmup"] - 1] - started[0], 3)
     if after_pretrain_error:
         row["error_after_pretrain_stage"] = after_pretrain_error
     return row
@@ -252,7 +281,36 @@ def time_batches(loader, views, case: dict) -> dict:
 # ------------------------------------------------------------------ the benchmark
 
 
-def measure_case(case: dict, workdir: Path) -> dict:
+def emulated_bf16_probe() -> dict:
+    """One 3x3 convolution (64 -> 64 channels, 28 px, batch 64, channels_last) forward, fp32
+    against bf16 autocast, on this CPU: why the bf16 row is not run without native bf16."""
+    import torch
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 64, 28, 28).contiguous(memory_format=torch.channels_last)
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1, bias=False).to(memory_format=torch.channels_last)
+
+    def timed(bf16: bool, repeats: int) -> float:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            conv(x)  # warm-up
+            start = time.perf_counter()
+            for _ in range(repeats):
+                conv(x)
+        return (time.perf_counter() - start) / repeats
+
+    fp32, bf16 = timed(False, 5), timed(True, 2)
+    return {"reason": "this CPU has no native bf16 (AVX512-BF16 or AMX): bf16 is emulated",
+            "conv_forward_ms": {"fp32": round(fp32 * 1e3, 1), "bf16_autocast": round(bf16 * 1e3, 1)},
+            "conv_forward_bf16_over_fp32_time": round(bf16 / fp32, 1)}
+
+
+def measure_case(case: dict, workdir: Path, options: list[str] = ()) -> dict:
+    from ssl_pipeline.compute import cpu_has_native_bf16
+
+    skipped = {}
+    if "bf16" in options and not cpu_has_native_bf16():
+        skipped["bf16"] = emulated_bf16_probe()
+        options = [o for o in options if o != "bf16"]
     train, bundle = build_train(case)
     case = dict(case, bundle=bundle)
     need = (case["warmup"] + case["steps"]) * case["batch"]
@@ -265,6 +323,7 @@ def measure_case(case: dict, workdir: Path) -> dict:
         ("ours_fp32", lambda: run_ours(case, "32", workdir)),
         ("augment_reference", lambda: augment_reference(case, train)),
         ("augment_ours", lambda: augment_ours(case, train)),
+        *[(f"ours_{o}", lambda o=o: run_ours(case, "auto", workdir, o, OPTIONS[o])) for o in options],
     ):
         print(f"  {case['name']}: {name} ...", flush=True)
         rows[name] = measure()
@@ -278,7 +337,9 @@ def measure_case(case: dict, workdir: Path) -> dict:
             "defaults_ours_over_reference": ratio("ours_default", "reference"),
             "fp32_ours_over_reference": ratio("ours_fp32", "reference"),
             "augmentation_ours_over_reference": ratio("augment_ours", "augment_reference"),
+            "options_over_ours_default": {o: ratio(f"ours_{o}", "ours_default") for o in options},
         },
+        "options_not_run": skipped,
     }
 
 
@@ -288,12 +349,19 @@ def print_case(c: dict) -> None:
           f"{s['warmup']} warm-up + {s['steps']} timed steps")
     print(f"{'row':<20} {'views/s':>9} {'seconds':>8}  notes")
     for name, row in c["rows"].items():
-        notes = ", ".join(f"{k}={row[k]}" for k in ("precision", "workers") if k in row)
+        notes = ", ".join(f"{k}={row[k]}" for k in ("precision", "workers", "settings",
+                                                     "seconds_to_end_of_warmup") if k in row)
         print(f"{name:<20} {row['views_per_second']:>9.1f} {row['seconds']:>8.2f}  {notes}")
     r = c["ratios"]
     print(f"  ours / reference: (1) defaults x{r['defaults_ours_over_reference']:.2f}, "
           f"(2) both fp32 x{r['fp32_ours_over_reference']:.2f}, "
           f"(3) augmentation alone x{r['augmentation_ours_over_reference']:.2f}")
+    if r["options_over_ours_default"]:
+        print("  ours with one option / ours at defaults: " + ", ".join(
+            f"{o} x{v:.2f}" for o, v in r["options_over_ours_default"].items()))
+    for o, why in c.get("options_not_run", {}).items():
+        print(f"  {o} not run: {why['reason']}; one convolution's forward takes "
+              f"x{why['conv_forward_bf16_over_fp32_time']} the fp32 time")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -304,12 +372,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps-224", type=int, default=4, help="timed steps at 224 px")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones")
     p.add_argument("--sizes", default="28,224", help="which cases to run: 28, 224 or both")
+    p.add_argument("--options", default=",".join(OPTIONS),
+                   help=f"our speed options to time against our defaults, of {','.join(OPTIONS)}"
+                        " ('' for none; --quick: contiguous)")
     if p.parse_known_args(argv)[0].quick:  # smaller defaults; sizes given explicitly still win
-        p.set_defaults(batch_28=16, steps_28=2, batch_224=4, steps_224=2, warmup=1)
+        p.set_defaults(batch_28=16, steps_28=2, batch_224=4, steps_224=2, warmup=1,
+                       options="contiguous")
     args = p.parse_args(argv)
     args.sizes = [int(s) for s in args.sizes.split(",") if s]
+    args.options = [o for o in args.options.split(",") if o]
     if set(args.sizes) - {28, 224} or args.warmup < 1:
         p.error("--sizes takes 28 and/or 224; --warmup must be at least 1")
+    if set(args.options) - set(OPTIONS):
+        p.error(f"--options takes {', '.join(OPTIONS)}; got {', '.join(args.options)}")
     name = "pretrain_throughput_quick.json" if args.quick else "pretrain_throughput.json"
     args.out = args.out or RESULTS_DIR / name
     return args
@@ -325,7 +400,7 @@ def main(argv=None) -> dict:
             case = dict(name="fashion_mnist_28px", dataset="fashion_mnist", batch=args.batch_28,
                         steps=args.steps_28, warmup=args.warmup,
                         train_images=(args.warmup + args.steps_28 + 1) * args.batch_28)
-            cases["28px"] = measure_case(case, tmp)
+            cases["28px"] = measure_case(case, tmp, args.options)
             print_case(cases["28px"])
         if 224 in args.sizes:
             # image_folder carves val (10%) and test (20% of the rest) from the files: write
@@ -336,7 +411,7 @@ def main(argv=None) -> dict:
             case = dict(name="image_folder_224px", dataset="image_folder", root=str(root),
                         batch=args.batch_224, steps=args.steps_224, warmup=args.warmup,
                         jpeg_files=files)
-            cases["224px"] = measure_case(case, tmp)
+            cases["224px"] = measure_case(case, tmp, args.options)
             print_case(cases["224px"])
     result = run.finish({
         "cases": cases,
@@ -352,6 +427,8 @@ def main(argv=None) -> dict:
             " reference = SimCLRTransform in 2 workers.",
             "pipeline_images_per_second_incl_startup: the pipeline's own figure (images/s over"
             " trainer.fit, start-up and warm-up included).",
+            "ours_<option> rows: ours at its defaults with one recipe setting changed (settings);"
+            " options_over_ours_default = their views/s over ours_default's, same timing rule.",
         ],
     })
     return result

@@ -45,7 +45,8 @@ from ssl_pipeline.data import TransformedDataset, build_dataset
 from ssl_pipeline.data.base import stratified_subsample
 from ssl_pipeline.data.transforms import eval_transform
 from ssl_pipeline.evals.linear_probe import linear_probe
-from ssl_pipeline.features import channels_last, extract_features
+from ssl_pipeline.compute import channels_last
+from ssl_pipeline.features import extract_features
 from ssl_pipeline.recipe import DataConfig, EvalConfig
 
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")

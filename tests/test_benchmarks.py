@@ -14,12 +14,31 @@ ROOT = Path(__file__).parents[1]
 @pytest.mark.parametrize("name", ["knn_scaling", "probe_speed", "pretrain_throughput"])
 def test_benchmark_quick_run_writes_its_json(tmp_path, name, fashion_mnist_root):
     out = tmp_path / f"{name}.json"
-    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--quick", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    extra = ["--options", "contiguous,bf16"] if name == "pretrain_throughput" else []
+    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--quick", "--out", str(out),
+                           *extra], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     figures = json.loads(out.read_text())
     assert figures["quick"] is True and figures["machine"]
     assert "x" in proc.stdout or "ratio" in proc.stdout.lower()  # it printed its ratios
+    if name == "pretrain_throughput":  # speed options timed against our defaults
+        from ssl_pipeline.compute import cpu_has_native_bf16
+
+        for case in figures["cases"].values():
+            default, option = case["rows"]["ours_default"], case["rows"]["ours_contiguous"]
+            assert default["ran_with"]["channels_last"] is True
+            assert option["ran_with"]["channels_last"] is False  # the option took effect
+            assert option["settings"] == ["trainer.channels_last=false"]
+            assert option["views_per_second"] > 0 and option["seconds_to_end_of_warmup"] > 0
+            assert "contiguous x" in proc.stdout
+            if cpu_has_native_bf16():  # bf16 runs where it is native, and took effect
+                assert case["rows"]["ours_bf16"]["ran_with"]["precision"] == "bf16-mixed"
+                assert set(case["ratios"]["options_over_ours_default"]) == {"contiguous", "bf16"}
+            else:  # emulated: not run, with the measured reason
+                assert "ours_bf16" not in case["rows"]
+                assert case["options_not_run"]["bf16"]["conv_forward_bf16_over_fp32_time"] > 0
+                assert "bf16 not run" in proc.stdout
+                assert list(case["ratios"]["options_over_ours_default"]) == ["contiguous"]
 
 
 @pytest.mark.slow
