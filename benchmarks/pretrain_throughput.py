@@ -40,7 +40,7 @@ pick. On a CPU without native bf16 (no AVX512-BF16 or AMX) the bf16 row is not r
 bf16 would take hours here): the script times one convolution's forward pass in fp32 and under
 bf16 autocast instead and records that ratio as the reason.
 
-    python -m benchmarks.pretrain_throughput            # ~12 minutes on 2 cores (~5 without options)
+    python -m benchmarks.pretrain_throughput            # ~13 minutes on 2 cores (~7 with --options '')
     python benchmarks/pretrain_throughput.py --quick    # seconds: a smoke run
 """
 
