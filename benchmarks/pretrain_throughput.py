@@ -230,8 +230,11 @@ def reference_loader(case: dict, train):
         shuffle=True, drop_last=True, num_workers=REFERENCE_WORKERS)
 
 
-def run_reference(case: dict, train) -> dict:
-    """lightly's documented SimCLR loop: fp32, plain PyTorch, per-image views in workers."""
+def reference_training(case: dict, seed: int = 0):
+    """lightly's documented SimCLR setup, seeded: `(backbone, step)`, where `step(x0, x1)` runs
+    one plain fp32 training step of the backbone + `SimCLRProjectionHead(512, 2048, 128)` with
+    `NTXentLoss(0.5)` and SGD (lr 0.06 x batch / 256, momentum 0.9, weight decay 5e-4) and
+    returns the loss. The backbone: timm ResNet-18, `case["stem"]` (default `auto`)."""
     import torch
     from lightly.loss import NTXentLoss
     from lightly.models.modules import SimCLRProjectionHead
@@ -239,21 +242,33 @@ def run_reference(case: dict, train) -> dict:
     from ssl_pipeline import create_backbone
 
     bundle = case["bundle"]
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     backbone = create_backbone("timm:resnet18", in_chans=bundle.channels, input_size=bundle.image_size,
-                               mean=tuple(bundle.mean), std=tuple(bundle.std))
+                               mean=tuple(bundle.mean), std=tuple(bundle.std),
+                               stem=case.get("stem", "auto"))
     model = torch.nn.Sequential(backbone, SimCLRProjectionHead(backbone.feature_dim, 2048, 128))
     criterion = NTXentLoss(temperature=0.5)
     optimizer = torch.optim.SGD(model.parameters(), lr=SGD_LR * case["batch"] / 256,
                                 momentum=SGD_MOMENTUM, weight_decay=SGD_WEIGHT_DECAY)
     model.train()
-    step_ends: list[float] = []
-    for (x0, x1), _ in reference_loader(case, train):
+
+    def step(x0, x1):
         z0, z1 = model(torch.cat([x0, x1])).chunk(2)  # (B, 128) each
         loss = criterion(z0, z1)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+        return loss.detach()
+
+    return backbone, step
+
+
+def run_reference(case: dict, train) -> dict:
+    """lightly's documented SimCLR loop: fp32, plain PyTorch, per-image views in workers."""
+    _, step = reference_training(case)
+    step_ends: list[float] = []
+    for (x0, x1), _ in reference_loader(case, train):
+        step(x0, x1)
         step_ends.append(time.perf_counter())
         if len(step_ends) == case["warmup"] + case["steps"]:
             break

@@ -105,13 +105,19 @@ def random_init_like(backbone: Backbone, seed: int, ctx: RunContext) -> Backbone
             backbone.name, in_chans=p.in_chans, input_size=p.input_size, mean=p.mean, std=p.std,
             stem=backbone.stem, batchnorm=backbone.batchnorm, **backbone.model_kwargs,
         ).eval()
-        for module in fresh.modules():
-            weight = getattr(module, "weight", None)
-            if isinstance(module, torch.nn.modules.batchnorm._NormBase) and weight is not None \
-                    and not weight.detach().any():
-                torch.nn.init.ones_(weight)
-        ctx.cache["random_init"] = fresh
+        ctx.cache["random_init"] = revive_zero_init_norms(fresh)
     return ctx.cache["random_init"]
+
+
+def revive_zero_init_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` (changed in place) with every norm layer whose scale is all zeros set to one:
+    what a random-init baseline needs (see `random_init_like`)."""
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, torch.nn.modules.batchnorm._NormBase) and weight is not None \
+                and not weight.detach().any():
+            torch.nn.init.ones_(weight)
+    return model
 
 
 # ------------------------------------------------------------------ features

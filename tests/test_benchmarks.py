@@ -10,16 +10,23 @@ import pytest
 ROOT = Path(__file__).parents[1]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["knn_scaling", "probe_speed", "pretrain_throughput"])
-def test_benchmark_quick_run_writes_its_json(tmp_path, name, fashion_mnist_root):
+def quick_run(name: str, tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """`python -m benchmarks.<name> --quick`: its output and the figures it wrote, checked to
+    be a quick run's on a described machine."""
     out = tmp_path / f"{name}.json"
-    extra = ["--options", "contiguous,bf16"] if name == "pretrain_throughput" else []
     proc = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--quick", "--out", str(out),
                            *extra], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     figures = json.loads(out.read_text())
     assert figures["quick"] is True and figures["machine"]
+    return proc, figures
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["knn_scaling", "probe_speed", "pretrain_throughput"])
+def test_benchmark_quick_run_writes_its_json(tmp_path, name, fashion_mnist_root):
+    extra = ["--options", "contiguous,bf16"] if name == "pretrain_throughput" else []
+    proc, figures = quick_run(name, tmp_path, *extra)
     assert "x" in proc.stdout or "ratio" in proc.stdout.lower()  # it printed its ratios
     if name == "pretrain_throughput":  # speed options timed against our defaults
         from ssl_pipeline.compute import cpu_has_native_bf16
@@ -43,13 +50,8 @@ def test_benchmark_quick_run_writes_its_json(tmp_path, name, fashion_mnist_root)
 
 @pytest.mark.slow
 def test_decode_throughput_quick_run_reports_per_worker_ratios(tmp_path):
-    out = tmp_path / "decode_throughput.json"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.decode_throughput", "--quick",
-                           "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    figures = json.loads(out.read_text())
-    assert figures["quick"] is True and figures["machine"] and "x" in proc.stdout
+    proc, figures = quick_run("decode_throughput", tmp_path)
+    assert "x" in proc.stdout
     for case in figures["cases"]:
         assert set(case["rows"]) == {"reference", "ours_pil", "ours_files", "ours_shards"}
         assert all(row["images_per_second_per_worker"] > 0 for row in case["rows"].values())
@@ -60,12 +62,8 @@ def test_decode_throughput_quick_run_reports_per_worker_ratios(tmp_path):
 
 @pytest.mark.slow
 def test_feature_throughput_quick_run_compares_equal_work(tmp_path, fashion_mnist_root):
-    out = tmp_path / "feature_throughput.json"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.feature_throughput", "--quick",
-                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    figures = json.loads(out.read_text())
-    assert figures["quick"] is True and figures["machine"] and "x" in proc.stdout
+    proc, figures = quick_run("feature_throughput", tmp_path)
+    assert "x" in proc.stdout
     assert set(figures["cases"]) == {"28px", "224px"}
     for case in figures["cases"].values():
         assert set(case["rows"]) == {"reference", "ours_cold", "ours_cached", "ours_extract_features_only"}
@@ -75,3 +73,20 @@ def test_feature_throughput_quick_run_compares_equal_work(tmp_path, fashion_mnis
             assert agreement["same_shape"] and agreement["cosine_min"] > 0.9999
         # what our side ran with was observed in its forward, for every image of the call
         assert sum(case["ours"]["observed_in_forward"]["batch_sizes"]) == case["setup"]["warmup_images"]
+
+
+@pytest.mark.slow
+def test_pretrain_quality_quick_run_trains_both_sides_equally_and_scores_them_alike(tmp_path, fashion_mnist_root):
+    proc, figures = quick_run("pretrain_quality", tmp_path)
+    assert "ours - reference" in proc.stdout
+    rows = {row["side"]: row for row in figures["rows"]}
+    assert set(rows) == {"ours", "reference", "random_init"}
+    # the same epochs over the same images at the same batch: the same number of steps
+    per_epoch = figures["setup"]["train_images"] // figures["setup"]["batch"]
+    assert rows["ours"]["steps"] == rows["reference"]["steps"] == per_epoch * figures["setup"]["epochs"]
+    for row in rows.values():
+        assert set(row["knn"]) == {"k20", "k200"} and all(0 <= v <= 1 for v in row["knn"].values())
+    summary = figures["summary"]
+    for k in ("k20", "k200"):
+        expected = 100 * (summary["ours"][k]["mean"] - summary["reference"][k]["mean"])
+        assert summary["ours_minus_reference_points"][k] == pytest.approx(expected, abs=0.01)
