@@ -22,8 +22,8 @@ stem (7x7 stride 2 + max-pool; `--stem small` for the 3x3 stem that `auto` picks
 our k-NN at both protocols (k=20 T=0.07, k=200 T=0.1). A random-init backbone of the same
 architecture is evaluated the same way, to show how far the training moved the features.
 
-    python -m benchmarks.pretrain_quality            # ~15 minutes on 2 cores
-    python benchmarks/pretrain_quality.py --quick    # a smoke run, about a minute
+    python -m benchmarks.pretrain_quality            # ~19 minutes on 2 cores
+    python benchmarks/pretrain_quality.py --quick    # a smoke run, about 30 seconds
 """
 
 from __future__ import annotations
