@@ -42,6 +42,7 @@ from benchmarks.machine import RESULTS_DIR, BenchmarkRun, benchmark_parser
 from benchmarks.pretrain_throughput import (
     REFERENCE_WORKERS,
     build_train,
+    reference_backbone,
     reference_loader,
     reference_training,
 )
@@ -114,14 +115,10 @@ def random_init(case: dict, seed: int):
     zero-initializes (the last of each residual block) set to one, as `random_init_like` does."""
     import torch
 
-    from ssl_pipeline import create_backbone
     from ssl_pipeline.evaluation import revive_zero_init_norms
 
-    bundle = case["bundle"]
     torch.manual_seed(seed)
-    return revive_zero_init_norms(create_backbone(
-        BACKBONE, in_chans=bundle.channels, input_size=bundle.image_size,
-        mean=tuple(bundle.mean), std=tuple(bundle.std), stem=case["stem"]))
+    return revive_zero_init_norms(reference_backbone(case))
 
 
 def summarize(rows: list[dict]) -> dict:

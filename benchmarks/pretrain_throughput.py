@@ -230,6 +230,17 @@ def reference_loader(case: dict, train):
         shuffle=True, drop_last=True, num_workers=REFERENCE_WORKERS)
 
 
+def reference_backbone(case: dict):
+    """The case's backbone, freshly initialized from torch's global generator: timm ResNet-18
+    at the data's channels, size and normalization, `case["stem"]` (default `auto`)."""
+    from ssl_pipeline import create_backbone
+
+    bundle = case["bundle"]
+    return create_backbone("timm:resnet18", in_chans=bundle.channels, input_size=bundle.image_size,
+                           mean=tuple(bundle.mean), std=tuple(bundle.std),
+                           stem=case.get("stem", "auto"))
+
+
 def reference_training(case: dict, seed: int = 0):
     """lightly's documented SimCLR setup, seeded: `(backbone, step)`, where `step(x0, x1)` runs
     one plain fp32 training step of the backbone + `SimCLRProjectionHead(512, 2048, 128)` with
@@ -239,13 +250,8 @@ def reference_training(case: dict, seed: int = 0):
     from lightly.loss import NTXentLoss
     from lightly.models.modules import SimCLRProjectionHead
 
-    from ssl_pipeline import create_backbone
-
-    bundle = case["bundle"]
     torch.manual_seed(seed)
-    backbone = create_backbone("timm:resnet18", in_chans=bundle.channels, input_size=bundle.image_size,
-                               mean=tuple(bundle.mean), std=tuple(bundle.std),
-                               stem=case.get("stem", "auto"))
+    backbone = reference_backbone(case)
     model = torch.nn.Sequential(backbone, SimCLRProjectionHead(backbone.feature_dim, 2048, 128))
     criterion = NTXentLoss(temperature=0.5)
     optimizer = torch.optim.SGD(model.parameters(), lr=SGD_LR * case["batch"] / 256,

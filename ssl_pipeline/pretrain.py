@@ -341,12 +341,11 @@ def monitor_results(progress, checkpoint: ModelCheckpoint) -> dict[str, Any]:
     `monitor_knn_top1_by_epoch` and `best_monitor_knn_top1`, or for multi-label data
     `monitor_knn_auc_*` (mean per-label AUC); `monitor_metric` says which (None: no monitor)."""
     metric = progress.monitor.metric if progress.monitor is not None else None
-    out: dict[str, Any] = {"monitor_metric": metric}
-    for name in ("knn_top1", "knn_auc") if metric is None else (metric,):
-        out[f"monitor_{name}_by_epoch"] = {str(h["epoch"]): h[name] for h in progress.history
-                                          if name in h}
-        out[f"best_monitor_{name}"] = _best(checkpoint) if metric else None
-    return out
+    name = metric or "knn_top1"  # no monitor: the top-1 keys, empty and None, as before
+    return {"monitor_metric": metric,
+            f"monitor_{name}_by_epoch": {str(h["epoch"]): h[name] for h in progress.history
+                                         if name in h},
+            f"best_monitor_{name}": _best(checkpoint)}
 
 
 def _best(checkpoint: ModelCheckpoint) -> float | None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from ssl_pipeline.monitor import MONITOR_KEY, VAL_ACCURACY_KEY, OnlineKNNMonitor
+from ssl_pipeline.monitor import VAL_ACCURACY_KEY, OnlineKNNMonitor
 from ssl_pipeline.pretrain import epoch_curve
 
 
@@ -58,7 +58,7 @@ def test_knn_and_head_accuracy_measured_on_the_validation_split():
     assert monitor.by_epoch[1] == pytest.approx(1.0)  # k-NN gets all four
     assert monitor.val_accuracy_by_epoch[1] == pytest.approx(0.75)  # (0.4, 0.6) -> class 0
     assert module.logged[VAL_ACCURACY_KEY] == pytest.approx(0.75)
-    assert module.logged[MONITOR_KEY] == pytest.approx(1.0)
+    assert monitor.key == "monitor/knn_top1" and module.logged[monitor.key] == pytest.approx(1.0)
 
 
 def test_ssl_methods_get_no_head_accuracy_and_skipped_epochs_are_not_measured():
