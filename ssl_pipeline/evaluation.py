@@ -329,8 +329,9 @@ def baseline_key(ctx: RunContext, stage: str, subject: Subject) -> str:
 
 def map_embeddings(ctx: RunContext, subject: Subject) -> None:
     """The 2-D map of the backbone's test embeddings for the report, made once per invocation
-    (so it always shows the backbone this invocation evaluated)."""
-    if ctx.cache.get(EMBEDDING_MAP) or ctx.data.multi_label:  # (colored by one class per point)
+    (so it always shows the backbone this invocation evaluated). Multi-label data keeps each
+    point's label vector; the report draws one panel per label."""
+    if ctx.cache.get(EMBEDDING_MAP):
         return
     x, y = features(ctx, subject, "test")
     ctx.cache[EMBEDDING_MAP] = write_embedding_map(ctx.run_dir, x, y, seed=ctx.recipe.seed)

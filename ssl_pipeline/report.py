@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -410,6 +411,8 @@ def _embedding_figure(saved, results: dict, recipe: dict) -> Figure | None:
     if saved is None:
         return None
     coords, labels, method = saved
+    if labels.ndim == 2:
+        return _multi_label_embedding_figure(coords, labels, method, results, recipe)
     classes = sorted(set(labels.tolist()))
     names = _class_names({}, results, recipe, max(classes) + 1 if classes else 0)
     fig = new_figure(7, 6)
@@ -423,6 +426,36 @@ def _embedding_figure(saved, results: dict, recipe: dict) -> Figure | None:
            xticks=[], yticks=[])
     if len(classes) <= 20:
         ax.legend(markerscale=2, fontsize=7, loc="best", ncols=2 if len(classes) > 10 else 1)
+    return fig
+
+
+MAX_LABEL_PANELS = 16
+
+
+def _multi_label_embedding_figure(coords: np.ndarray, labels: np.ndarray, method: str,
+                                  results: dict, recipe: dict) -> Figure:
+    """Multi-label data: one small panel per label (the most frequent `MAX_LABEL_PANELS`),
+    every image in grey and the images that have the label in colour: a point has several
+    labels or none, so one colour per point cannot show them."""
+    names = _class_names({}, results, recipe, labels.shape[1])
+    positives = labels.sum(0)
+    shown = sorted(np.argsort(-positives, kind="stable")[:MAX_LABEL_PANELS].tolist())
+    cols = min(4, len(shown))
+    rows = -(-len(shown) // cols)
+    fig = new_figure(2.6 * cols, 2.4 * rows + 0.5)
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    for ax, j in zip(axes, shown):
+        has = labels[:, j] > 0
+        ax.scatter(coords[~has, 0], coords[~has, 1], s=3, alpha=0.3, color="0.75")
+        ax.scatter(coords[has, 0], coords[has, 1], s=6, alpha=0.9, color=_qualitative_color("tab10", 0))
+        ax.set_title(f"{names[j]} ({int(positives[j])})", fontsize=8)
+        ax.set(xticks=[], yticks=[])
+    for ax in axes[len(shown):]:
+        ax.set_axis_off()
+    which = "" if len(shown) == labels.shape[1] else \
+        f"; the {len(shown)} most frequent of {labels.shape[1]} labels"
+    fig.suptitle(f"Test embeddings of the backbone ({method}, {len(labels)} images), in colour the "
+                 f"images with each label{which}", fontsize=9)
     return fig
 
 

@@ -104,22 +104,3 @@ def test_quickstart_as_a_user_runs_it(tmp_path):
         assert f"{stage} test top-1" in result.stdout
         assert 0.5 < results[stage]["top1"] <= 1.0  # digits: far above chance (0.1)
         assert results["baselines"]["random_init"][stage]["top1"] > 0.1
-
-
-@pytest.mark.slow
-def test_two_process_ddp_on_cpu_trains_and_rank_0_evaluates(tmp_path, tiny_overrides):
-    """DDP over gloo with 2 CPU processes: one run directory, written by rank 0 only, and the
-    evaluation stage after training runs once."""
-    import json
-
-    sets = [x for o in tiny_overrides if not o.startswith("trainer.devices") for x in ("--set", o)]
-    result = cli("run", "recipes/quickstart.yaml", "--out", str(tmp_path / "ddp"), *sets,
-                 "--set", "trainer.devices=2", "--set", "pretrain.batch_size=16",
-                 "--set", "stages=[pretrain, knn]", "--set", f"eval.cache_dir={tmp_path / 'c'}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "ddp"]  # one run directory
-    recipe = (tmp_path / "ddp" / "recipe.yaml").read_text()
-    assert "world_size: 2" in recipe and "per_device_batch_size: 8" in recipe
-    results = json.loads((tmp_path / "ddp" / "results.json").read_text())
-    assert results["pretrain"]["steps"] > 0 and 0 <= results["knn"]["top1"] <= 1
-    assert result.stdout.count("stage knn: running") == 1

@@ -195,6 +195,10 @@ def test_two_process_ddp_runs_pretraining_and_evaluation_end_to_end(tmp_path, me
     assert results["knn"]["top1"] is not None and results["linear_probe"]["top1"] is not None
     assert json.loads((run_dir / "run_state.json").read_text())["stages"]["knn"]["status"] == "done"
     assert done.stdout.count("done in") == 1  # only rank 0 reports
+    assert done.stdout.count("stage knn: running") == 1  # evaluation after training runs once
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "reports"]  # nothing stray
+    written = (run_dir / "recipe.yaml").read_text()
+    assert "world_size: 2" in written and "per_device_batch_size: 8" in written
     assert "features: 2 processes extract each split together" in done.stdout
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if not p.name.startswith(".")) \
         == ["best.ckpt", "last.ckpt", "previous.ckpt"]

@@ -204,6 +204,8 @@ def test_the_transfer_recipe_on_multi_label_chestmnist(tmp_path, tiny_overrides)
         assert stage in results["baselines"]["random_init"]
     report = (out / "report.md").read_text()
     assert "Published reference" in report and "0.768 / 0.947" in report
+    assert "![embedding_map](plots/embedding_map.png)" in report  # a panel per finding
+    assert np.load(out / "embedding_map.npz")["labels"].shape[1] == 14
     assert main(["transfer-report", str(out), "--out", str(tmp_path / "transfer")]) == 0
     table = (tmp_path / "transfer" / "transfer.md").read_text()
     assert "| chestmnist (28 px) | backbone |" in table and "0.768 / 0.947" in table

@@ -220,6 +220,39 @@ def test_embedding_map_is_plotted_when_the_run_saved_one(tmp_path):
     assert "![embedding_map](plots/embedding_map.png)" in out["md"].read_text()
 
 
+
+def test_multi_label_embedding_map_has_a_panel_per_label_colouring_its_images(tmp_path, monkeypatch):
+    """Multi-label: every point may have several labels or none, so each label gets a panel
+    with its own images in colour and the rest in grey; many labels: the most frequent ones."""
+    from ssl_pipeline import report
+    from ssl_pipeline.embedding_map import read_embedding_map, write_embedding_map
+
+    run = _make_run(tmp_path / "run")
+    rng = np.random.default_rng(0)
+    labels = (rng.random((50, 3)) < [0.5, 0.2, 0.05]).astype(np.int64)
+    labels[:3, 2] = 1  # at least 3 images with the rare label
+    write_embedding_map(run, rng.normal(size=(50, 16)), labels)
+    saved = read_embedding_map(run)
+    assert saved[1].shape == (50, 3)
+    results = {"knn": {"class_names": ["effusion", "mass", "hernia"]}}
+    fig = report._embedding_figure(saved, results, {})
+    assert [ax.get_title() for ax in fig.axes] == \
+        [f"{name} ({int(n)})" for name, n in zip(["effusion", "mass", "hernia"], labels.sum(0))]
+    for ax, column in zip(fig.axes, labels.T):
+        grey, coloured = ax.collections
+        assert len(coloured.get_offsets()) == column.sum()
+        assert len(grey.get_offsets()) == len(column) - column.sum()
+    assert "images with each label" in fig.get_suptitle()
+    out = write_report(run)
+    assert "embedding_map.png" in [p.name for p in out["plots"]]
+
+    monkeypatch.setattr(report, "MAX_LABEL_PANELS", 2)  # the 2 most frequent, in label order
+    fig = report._embedding_figure(saved, results, {})
+    frequent = sorted(np.argsort(-labels.sum(0), kind="stable")[:2].tolist())
+    assert [ax.get_title().split(" (")[0] for ax in fig.axes if ax.axison] == \
+        [["effusion", "mass", "hernia"][j] for j in frequent]
+    assert "the 2 most frequent of 3 labels" in fig.get_suptitle()
+
 def test_timings_show_images_per_second_of_each_stage(tmp_path):
     run = _make_run(tmp_path / "run")
     stages = {"pretrain": {"status": "done", "seconds": 13.0, "images_per_second": 7.7},
