@@ -50,7 +50,7 @@ def test_each_method_runs_and_leaves_a_complete_run_directory(tmp_path, tiny_ove
     assert recorded["method"]["name"] == method
     resolved = recorded["resolved"]
     assert resolved["per_device_batch_size"] == 16 and resolved["world_size"] == 1
-    assert resolved["effective_lr"] == pytest.approx(0.001)  # quickstart: lr_scaling none
+    assert resolved["effective_lr"] == pytest.approx(0.02)  # quickstart: lr_scaling none
     assert resolved["data"]["channels"] == 3 and resolved["data"]["image_size"] == 16
     assert set(resolved["data"]["split_hashes"]) == {"train", "val", "test"}
 
