@@ -14,7 +14,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -290,7 +290,7 @@ def evaluate_subjects(ctx: RunContext, stage: str, evaluate) -> dict[str, Any]:
 def baseline_result(ctx: RunContext, stage: str, subject: Subject, evaluate) -> dict[str, Any] | None:
     """A baseline's result for `stage`, reused from `<eval.cache_dir>/baselines/` when an
     earlier run evaluated exactly this baseline (same weights, data splits, eval transform,
-    evaluation settings, seed and precision), e.g. the other variants of a suite; computed and
+    evaluation settings, seed, precision and package code), e.g. the other variants of a suite; computed and
     stored otherwise. Reused results carry `"reused": true`. `eval.reuse_baselines: false`
     always recomputes."""
     if not ctx.recipe.eval.reuse_baselines:
@@ -308,8 +308,18 @@ def baseline_result(ctx: RunContext, stage: str, subject: Subject, evaluate) -> 
     return result
 
 
+@cache
+def code_fingerprint(root: Path = Path(ssl_pipeline.__file__).parent) -> str:
+    """A hash of the package's own source files under `root`: a baseline that other code
+    computed (an earlier commit, a patched checkout) is not reused, even at the same version."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(root).rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def baseline_key(ctx: RunContext, stage: str, subject: Subject) -> str:
-    """Everything a baseline's result depends on, hashed."""
+    """Everything a baseline's result depends on, hashed: the code that computed it too."""
     recipe = ctx.recipe
     parts = {
         "stage": stage,
@@ -323,6 +333,7 @@ def baseline_key(ctx: RunContext, stage: str, subject: Subject) -> str:
         "seed": recipe.seed,
         "precision": ctx.resolved.precision,
         "version": ssl_pipeline.__version__,
+        "code": code_fingerprint(),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 

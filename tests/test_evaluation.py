@@ -10,6 +10,7 @@ import safetensors.torch
 import torch
 
 import ssl_pipeline
+from ssl_pipeline import evaluation
 from ssl_pipeline.cli import main
 from ssl_pipeline.compute import channels_last
 from ssl_pipeline.features import cache_key, cached_features, extract_features, weights_hash
@@ -83,7 +84,8 @@ def test_features_are_cached_and_reused(evaluated_run, tmp_path):
     assert again.results["knn"]["top1"] == result.results["knn"]["top1"]
 
 
-def test_baselines_are_reused_across_runs_only_when_everything_matches(tiny_overrides, tmp_path):
+def test_baselines_are_reused_across_runs_only_when_everything_matches(tiny_overrides, tmp_path,
+                                                                       monkeypatch):
     cache = tmp_path / "cache"
     base = [*tiny_overrides, "stages=[pretrain, knn, linear_probe]", "pretrain.epochs=1",
             "eval.seeds=2", "eval.linear_probe.epochs=3", f"eval.cache_dir={cache}"]
@@ -113,6 +115,25 @@ def test_baselines_are_reused_across_runs_only_when_everything_matches(tiny_over
     fifth = run("fifth")
     assert fifth["raw_pixels"]["knn"]["top1"] == first["raw_pixels"]["knn"]["top1"]
     assert "reused" not in fifth["raw_pixels"]["knn"]
+    # other code (an edited or upgraded checkout) computes its own baselines
+    monkeypatch.setattr(evaluation, "code_fingerprint", lambda: "edited")
+    sixth = run("sixth")
+    assert not any("reused" in r for b in sixth.values() for r in b.values())
+
+
+def test_code_fingerprint_follows_the_source_files(tmp_path):
+    (tmp_path / "pkg" / "sub").mkdir(parents=True)
+    (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
+    (tmp_path / "pkg" / "sub" / "b.py").write_text("y = 2\n")
+    (tmp_path / "pkg" / "notes.txt").write_text("not code")
+    fingerprint = evaluation.code_fingerprint.__wrapped__  # uncached
+    first = fingerprint(tmp_path / "pkg")
+    assert fingerprint(tmp_path / "pkg") == first
+    (tmp_path / "pkg" / "notes.txt").write_text("still not code")
+    assert fingerprint(tmp_path / "pkg") == first
+    (tmp_path / "pkg" / "sub" / "b.py").write_text("y = 3\n")
+    assert fingerprint(tmp_path / "pkg") != first
+    assert evaluation.code_fingerprint() == evaluation.code_fingerprint()  # the package's, cached
 
 
 def test_cache_key_changes_with_weights_transform_and_split(tmp_path):
