@@ -290,9 +290,9 @@ def evaluate_subjects(ctx: RunContext, stage: str, evaluate) -> dict[str, Any]:
 def baseline_result(ctx: RunContext, stage: str, subject: Subject, evaluate) -> dict[str, Any] | None:
     """A baseline's result for `stage`, reused from `<eval.cache_dir>/baselines/` when an
     earlier run evaluated exactly this baseline (same weights, data splits, eval transform,
-    evaluation settings, seed, precision and package code), e.g. the other variants of a suite; computed and
-    stored otherwise. Reused results carry `"reused": true`. `eval.reuse_baselines: false`
-    always recomputes."""
+    evaluation settings, seed, precision and package code), e.g. the other variants of a suite;
+    computed and stored otherwise. Reused results carry `"reused": true`.
+    `eval.reuse_baselines: false` always recomputes."""
     if not ctx.recipe.eval.reuse_baselines:
         return evaluate(ctx, subject)
     path = Path(ctx.recipe.eval.cache_dir) / "baselines" / f"{baseline_key(ctx, stage, subject)}.json"

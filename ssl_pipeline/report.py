@@ -443,7 +443,7 @@ def _multi_label_embedding_figure(coords: np.ndarray, labels: np.ndarray, method
     cols = min(4, len(shown))
     rows = -(-len(shown) // cols)
     fig = new_figure(2.6 * cols, 2.4 * rows + 0.5)
-    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, j in zip(axes, shown):
         has = labels[:, j] > 0
         ax.scatter(coords[~has, 0], coords[~has, 1], s=3, alpha=0.3, color="0.75")
