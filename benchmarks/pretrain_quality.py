@@ -40,14 +40,13 @@ if __package__ in (None, ""):  # run as a file: make the `benchmarks` package im
 
 from benchmarks.machine import RESULTS_DIR, BenchmarkRun, benchmark_parser
 from benchmarks.pretrain_throughput import (
+    BACKBONE,
     REFERENCE_WORKERS,
     build_train,
     reference_backbone,
     reference_loader,
     reference_training,
 )
-
-BACKBONE = "timm:resnet18"
 
 
 def case_settings(args) -> dict:

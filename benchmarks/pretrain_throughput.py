@@ -63,6 +63,7 @@ if __package__ in (None, ""):  # run as a file: make the `benchmarks` package im
 from benchmarks.machine import BenchmarkRun, benchmark_parser, RESULTS_DIR
 
 REFERENCE_WORKERS = 2  # lightly's examples use DataLoader workers; this machine has 2 cores
+BACKBONE = "timm:resnet18"  # both sides: the reference loop and run_ours
 SGD_LR, SGD_MOMENTUM, SGD_WEIGHT_DECAY = 0.06, 0.9, 5e-4  # our pretrain defaults (and lightly's)
 # Our speed options, each one recipe setting changed from the defaults (--options)
 OPTIONS = {
@@ -169,7 +170,8 @@ def run_ours(case: dict, precision: str, workdir: Path, label: str = "",
         return build_trainer(ctx, [*callbacks, StepTimer()], loggers)
 
     overrides = [f"data.{k}={v}" for k, v in data_settings(case).items()] + [
-        "stages=[pretrain]", "method.name=simclr", f"pretrain.batch_size={case['batch']}",
+        "stages=[pretrain]", "method.name=simclr", f"backbone.name={BACKBONE}",
+        f"pretrain.batch_size={case['batch']}",
         "pretrain.epochs=1", f"pretrain.max_steps={case['warmup'] + case['steps']}",
         "pretrain.monitor_every_n_epochs=0", "tracking.wandb.mode=disabled",
         f"trainer.precision={precision}", "trainer.accelerator=cpu", *settings,
@@ -236,7 +238,7 @@ def reference_backbone(case: dict):
     from ssl_pipeline import create_backbone
 
     bundle = case["bundle"]
-    return create_backbone("timm:resnet18", in_chans=bundle.channels, input_size=bundle.image_size,
+    return create_backbone(BACKBONE, in_chans=bundle.channels, input_size=bundle.image_size,
                            mean=tuple(bundle.mean), std=tuple(bundle.std),
                            stem=case.get("stem", "auto"))
 
