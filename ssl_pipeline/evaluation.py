@@ -30,7 +30,7 @@ from ssl_pipeline.data.transforms import eval_transform, fit_views, supervised_t
 from ssl_pipeline.embedding_map import FILE as EMBEDDING_MAP, write_embedding_map
 from ssl_pipeline.errors import SSLPipelineError
 from ssl_pipeline.evals.few_shot import few_shot, vtab_1k
-from ssl_pipeline.evals.finetune import FinetuneSettings, finetune
+from ssl_pipeline.evals.finetune import FinetuneSettings, fit_finetuner, held_out_metrics
 from ssl_pipeline.evals.knn import knn_classify
 from ssl_pipeline.evals.linear_probe import linear_probe
 from ssl_pipeline.evals.metrics import classification_metrics
@@ -422,11 +422,25 @@ def finetune_result(ctx: RunContext, subject: Subject) -> dict[str, Any] | None:
             "seeds": len(runs), "train_samples": runs[0]["train_samples"],
             "subset": runs[0]["subset"], "by_seed": runs,
             "stopped_by_budget": any(r["stopped_by_budget"] for r in runs),
+            **chosen_settings(runs),
         }
     headline = by_fraction[str(max(cfg.label_fractions))]
     return {"top1": headline["top1"], "top1_std": headline["top1_std"], "auc": headline["auc"],
+            **{k: headline[k] for k in ("chosen",) if k in headline},
             "by_fraction": by_fraction,
             "stopped_by_budget": any(f["stopped_by_budget"] for f in by_fraction.values())}
+
+
+def chosen_settings(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """`{"chosen": {"lr": ..., "backbone_lr_ratio": ...}}` when the runs chose from a grid on
+    validation: one value where every seed chose the same, else each seed's in seed order."""
+    if not any("grid" in r for r in runs):
+        return {}
+    chosen = {}
+    for key in ("lr", "backbone_lr_ratio"):
+        values = [r[key] for r in runs]
+        chosen[key] = values[0] if len(set(values)) == 1 else values
+    return {"chosen": chosen}
 
 
 def mean_and_std(top1: list[float]) -> dict[str, float]:
@@ -457,9 +471,7 @@ def finetune_once(ctx: RunContext, subject: Subject, fraction: float, seed: int,
     """One fine-tuning run; `classic`: the classic linear probe instead (frozen backbone)."""
     cfg, bundle = ctx.recipe.eval.finetune, ctx.data
     probe = ctx.recipe.eval.linear_probe_classic
-    torch.manual_seed(ctx.recipe.seed + seed)
-    backbone = copy.deepcopy(subject.backbone).train()
-    p = backbone.preprocessing
+    p = subject.backbone.preprocessing
     train = bundle.train
     subset = "all"
     if fraction < 1.0 and fraction in cfg.subset_files:
@@ -483,26 +495,51 @@ def finetune_once(ctx: RunContext, subject: Subject, fraction: float, seed: int,
     ]
     if classic:
         lr = probe.lr * batch / probe.lr_reference_batch
-        settings = FinetuneSettings(probe.epochs, probe.optimizer, lr, 0.0, probe.weight_decay,
-                                    probe.max_minutes, frozen=True)
+        grid = [FinetuneSettings(probe.epochs, probe.optimizer, lr, 0.0, probe.weight_decay,
+                                 probe.max_minutes, frozen=True)]
         name = f"linear_probe_classic/{subject.name}/seed{seed}"
     else:
-        lr = cfg.lr
-        settings = FinetuneSettings(cfg.epochs, cfg.optimizer, cfg.lr, cfg.backbone_lr_ratio,
-                                    cfg.weight_decay, cfg.max_minutes)
+        grid = [FinetuneSettings(cfg.epochs, cfg.optimizer, lr, ratio, cfg.weight_decay, cfg.max_minutes)
+                for lr in as_grid(cfg.lr) for ratio in as_grid(cfg.backbone_lr_ratio)]
         name = f"finetune/{subject.name}/{fraction}/seed{seed}"
-    logger = JSONLLogger(ctx.run_dir / "metrics.jsonl", stage=name)
-    trainer_kwargs = dict(accelerator=ctx.resolved.accelerator, devices=1,
-                          precision=ctx.resolved.precision, logger=[logger],
-                          enable_progress_bar=not ctx.quiet and on_terminal(sys.stdout),
-                          enable_model_summary=False,
-                          enable_checkpointing=False, log_every_n_steps=1,
-                          callbacks=[ChannelsLast()] if ctx.recipe.trainer.channels_last else [])
-    result = finetune(backbone, bundle.num_classes, *loaders, settings, trainer_kwargs,
-                      bundle.class_names, multi_label=bundle.multi_label)
-    ctx.count_images(len(train) * result["epochs_run"], result["seconds"])  # training images
-    return {"seed": seed, "train_samples": len(train), "subset": subset, "lr": lr,
+    tried, best = [], None
+    for settings in grid:
+        torch.manual_seed(ctx.recipe.seed + seed)  # every setting: the same head init and batches
+        backbone = copy.deepcopy(subject.backbone).train()
+        stage = name if len(grid) == 1 else \
+            f"{name}/lr{settings.lr:g}_ratio{settings.backbone_lr_ratio:g}"
+        model, fit = fit_finetuner(backbone, bundle.num_classes, *loaders[:2], settings,
+                                   finetune_trainer_kwargs(ctx, stage), bundle.multi_label)
+        ctx.count_images(len(train) * fit["epochs_run"], fit["seconds"])  # training images
+        tried.append({"lr": settings.lr, "backbone_lr_ratio": settings.backbone_lr_ratio, **fit})
+        if best is None or fit["val_top1"] > best[1]["val_top1"]:  # ties: the earlier setting
+            best = (model, fit, settings)
+        del model
+    model, fit, settings = best
+    result = {**held_out_metrics(model, loaders[2], bundle.class_names), **fit}
+    if len(grid) > 1:
+        result["seconds"] = round(sum(t["seconds"] for t in tried), 2)
+        result["stopped_by_budget"] = any(t["stopped_by_budget"] for t in tried)
+        result["grid"] = [{k: t[k] for k in ("lr", "backbone_lr_ratio", "val_top1", "best_epoch")}
+                          for t in tried]
+    return {"seed": seed, "train_samples": len(train), "subset": subset, "lr": settings.lr,
+            **({} if classic else {"backbone_lr_ratio": settings.backbone_lr_ratio}),
             "batch_size": batch, **result}
+
+
+def as_grid(value: float | list[float]) -> list[float]:
+    """A recipe value that is one number or a list of them to choose from, as a list."""
+    return list(value) if isinstance(value, list) else [value]
+
+
+def finetune_trainer_kwargs(ctx: RunContext, stage: str) -> dict[str, Any]:
+    """Lightning Trainer arguments of one fine-tuning run, logging under `stage`."""
+    return dict(accelerator=ctx.resolved.accelerator, devices=1,
+                precision=ctx.resolved.precision,
+                logger=[JSONLLogger(ctx.run_dir / "metrics.jsonl", stage=stage)],
+                enable_progress_bar=not ctx.quiet and on_terminal(sys.stdout),
+                enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1,
+                callbacks=[ChannelsLast()] if ctx.recipe.trainer.channels_last else [])
 
 
 _register_stages()

@@ -12,7 +12,7 @@ import copy
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
@@ -237,14 +237,31 @@ class LinearProbeConfig(Strict):
     max_minutes: float | None = Field(None, gt=0)
 
 
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+
+
 class FinetuneConfig(Strict):
     # SimCLR v2 protocol: class-balanced seeded label subsets; best epoch chosen on validation.
     label_fractions: list[float] = Field(default_factory=lambda: [1.0])
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(128, ge=1)
     optimizer: Literal["sgd", "adamw"] = "adamw"
-    lr: float = Field(1e-3, gt=0)  # the new head's lr
-    backbone_lr_ratio: float = Field(0.1, ge=0)  # backbone lr = lr x ratio (lower: keep features)
+    lr: PositiveFloat | list[PositiveFloat] = 1e-3  # the new head's lr
+    backbone_lr_ratio: NonNegativeFloat | list[NonNegativeFloat] = 0.1  # backbone lr = lr x ratio
+    # A list for either (or both) is a grid: each (lr, ratio) pair fine-tunes from the same start
+    # (same head init, same batches) and the pair whose best epoch scores highest on validation
+    # is the one reported on test, chosen for each backbone, baseline, fraction and seed. One
+    # fixed pair favours one backbone over another (a random init wants a low ratio, a
+    # pretrained backbone often a higher one); the cost is one fine-tuning run per pair.
+
+    @field_validator("lr", "backbone_lr_ratio")
+    @classmethod
+    def _grid_values(cls, value: Any) -> Any:
+        if isinstance(value, list) and (not value or len(set(value)) != len(value)):
+            raise ValueError(f"a list here is a grid to choose from on validation: it needs "
+                             f"at least one value and no repeats, got {value}")
+        return value
     weight_decay: float = Field(1e-4, ge=0)
     max_minutes: float | None = Field(None, gt=0)  # per fine-tuning run
     # A fraction's images from a list file instead of a class-balanced seeded draw, e.g.

@@ -253,3 +253,48 @@ def test_channels_last_extraction_gives_the_same_features_hash_and_export(tmp_pa
     export_backbone(fast, tmp_path / "fast")
     assert (tmp_path / "plain" / "backbone.safetensors").read_bytes() == \
         (tmp_path / "fast" / "backbone.safetensors").read_bytes()
+
+
+def test_finetune_grid_is_chosen_on_validation_and_tested_once(tiny_overrides, tmp_path, monkeypatch):
+    """A grid of (lr, backbone_lr_ratio) pairs: every pair trains from the same start, the pair
+    with the best validation score is reported, and only its model ever sees the test split."""
+    real_fit, real_test = evaluation.fit_finetuner, evaluation.held_out_metrics
+    preferred = (1e-9, 1.0)  # the pair the scripted validation scores favour
+    tested = []
+
+    def fit(backbone, num_classes, train, val, settings, trainer_kwargs, multi_label=False):
+        model, info = real_fit(backbone, num_classes, train, val, settings, trainer_kwargs, multi_label)
+        pair = (settings.lr, settings.backbone_lr_ratio)
+        return model, {**info, "val_top1": 0.9 if pair == preferred else 0.5}
+
+    def held_out(model, loader, class_names=None):
+        tested.append((model.settings.lr, model.settings.backbone_lr_ratio))
+        return real_test(model, loader, class_names)
+
+    monkeypatch.setattr(evaluation, "fit_finetuner", fit)
+    monkeypatch.setattr(evaluation, "held_out_metrics", held_out)
+    overrides = [*tiny_overrides, "pretrain.epochs=1", "stages=[pretrain, finetune]",
+                 "eval.finetune.epochs=1", "eval.finetune.label_fractions=[1.0]",
+                 "eval.finetune.lr=[0.01, 1e-9]", "eval.finetune.backbone_lr_ratio=[0.1, 1.0]",
+                 "eval.baselines=[random_init]", f"eval.cache_dir={tmp_path / 'cache'}"]
+    result = ssl_pipeline.run(QUICKSTART, overrides=overrides, out_dir=tmp_path / "run", quiet=True)
+    results = json.loads((result.run_dir / "results.json").read_text())
+    for finetune in (results["finetune"], results["baselines"]["random_init"]["finetune"]):
+        run = finetune["by_fraction"]["1.0"]["by_seed"][0]
+        pairs = [(g["lr"], g["backbone_lr_ratio"]) for g in run["grid"]]
+        assert pairs == [(0.01, 0.1), (0.01, 1.0), (1e-9, 0.1), (1e-9, 1.0)]
+        assert (run["lr"], run["backbone_lr_ratio"]) == preferred and run["val_top1"] == 0.9
+        assert finetune["chosen"] == {"lr": 1e-9, "backbone_lr_ratio": 1.0}
+        assert 0 <= finetune["top1"] <= 1
+    assert tested == [preferred, preferred]  # the test split: once per subject, chosen model only
+    stages = {json.loads(line).get("stage") for line in (result.run_dir / "metrics.jsonl").open()}
+    assert {f"finetune/backbone/1.0/seed0/lr{lr:g}_ratio{r:g}" for lr, r in pairs} <= stages
+    assert "chosen lr=1e-09, backbone_lr_ratio=1" in (result.run_dir / "report.md").read_text()
+
+
+def test_finetune_grid_values_are_checked(tmp_path, capsys):
+    for bad, why in [("[]", "at least one value"), ("[0.01, 0.01]", "no repeats"),
+                     ("[0.01, -1]", "greater than 0")]:
+        code = main(["validate", str(QUICKSTART), "--set", f"eval.finetune.lr={bad}"])
+        err = capsys.readouterr().err
+        assert code == 2 and "eval.finetune.lr" in err and why in err, err

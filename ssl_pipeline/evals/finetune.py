@@ -142,6 +142,22 @@ def finetune(
     multi_label: bool = False,
 ) -> dict:
     """Fine-tune `backbone` (modified in place) and report test metrics of the best epoch."""
+    model, fit = fit_finetuner(backbone, num_classes, train_loader, val_loader, settings,
+                               trainer_kwargs, multi_label)
+    return {**held_out_metrics(model, test_loader, class_names), **fit}
+
+
+def fit_finetuner(
+    backbone: nn.Module,
+    num_classes: int,
+    train_loader: torch.utils.data.DataLoader,
+    val_loader: torch.utils.data.DataLoader,
+    settings: FinetuneSettings,
+    trainer_kwargs: dict,
+    multi_label: bool = False,
+) -> tuple[FineTuner, dict]:
+    """Fine-tune `backbone` (modified in place): the model, holding its best validation epoch's
+    weights, and how the training went. The test split is not touched."""
     model = FineTuner(backbone, num_classes, settings, multi_label)
     keep = KeepBest()
     max_time = None if settings.max_minutes is None else {"minutes": settings.max_minutes}
@@ -153,9 +169,7 @@ def finetune(
     trainer.fit(model, train_loader, val_loader)
     seconds = time.time() - start
     keep.restore(model)
-    scores, labels = predict(model, test_loader)
-    return {
-        **classification_metrics(scores, labels, class_names),
+    return model, {
         "val_top1": keep.best_score,
         "best_epoch": keep.best_epoch,
         "val_top1_by_epoch": keep.history,
@@ -163,6 +177,12 @@ def finetune(
         "seconds": round(seconds, 2),
         "stopped_by_budget": time_ran_out(trainer),
     }
+
+
+def held_out_metrics(model: nn.Module, loader, class_names: list[str] | None = None) -> dict:
+    """Classification metrics of `model` on a held-out split (the test split, once chosen)."""
+    scores, labels = predict(model, loader)
+    return classification_metrics(scores, labels, class_names)
 
 
 @torch.no_grad()
