@@ -447,7 +447,7 @@ def _multi_label_embedding_figure(coords: np.ndarray, labels: np.ndarray, method
     for ax, j in zip(axes, shown):
         has = labels[:, j] > 0
         ax.scatter(coords[~has, 0], coords[~has, 1], s=3, alpha=0.3, color="0.75")
-        ax.scatter(coords[has, 0], coords[has, 1], s=6, alpha=0.9, color=_qualitative_color("tab10", 0))
+        ax.scatter(coords[has, 0], coords[has, 1], s=6, alpha=0.9, color="C0")
         ax.set_title(f"{names[j]} ({int(positives[j])})", fontsize=8)
         ax.set(xticks=[], yticks=[])
     for ax in axes[len(shown):]:
