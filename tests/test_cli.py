@@ -89,7 +89,7 @@ def test_a_failing_stage_exits_1(tmp_path, monkeypatch, capsys, tiny_overrides):
 @pytest.mark.slow
 def test_quickstart_as_a_user_runs_it(tmp_path):
     """The README's quickstart command: progress, a summary naming the run directory, and a
-    loss at least 10% lower at the last epoch than at the first, k-NN above 0.9."""
+    loss at least 10% lower at the last epoch than at the first, k-NN above 0.85."""
     import json
 
     result = cli("run", "recipes/quickstart.yaml", "--out", str(tmp_path / "qs"))
@@ -104,6 +104,6 @@ def test_quickstart_as_a_user_runs_it(tmp_path):
         assert f"{stage} test top-1" in result.stdout
         assert 0.5 < results[stage]["top1"] <= 1.0  # digits: far above chance (0.1)
         assert results["baselines"]["random_init"][stage]["top1"] > 0.1
-    # the recipe's views and lr for 8 px digits: k-NN 0.936 measured (0.839 with the fitted
-    # defaults and lr 1e-3), level with a random-init network's 0.933
-    assert results["knn"]["top1"] > 0.9
+    # the recipe's views and lr for 8 px digits: k-NN 0.875-0.939 measured over seeds 0-2 in
+    # fp32 and bf16 (Zen 5) and 0.936 (seed 0, Zen 3); 0.839 with the fitted views and lr 1e-3
+    assert results["knn"]["top1"] > 0.85
