@@ -468,7 +468,8 @@ def classic_probe_result(ctx: RunContext, subject: Subject) -> dict[str, Any] | 
 
 def finetune_once(ctx: RunContext, subject: Subject, fraction: float, seed: int,
                   classic: bool = False) -> dict[str, Any]:
-    """One fine-tuning run; `classic`: the classic linear probe instead (frozen backbone)."""
+    """One fine-tuning run, or one per (lr, backbone_lr_ratio) pair of a grid with the pair
+    best on validation reported; `classic`: the classic linear probe instead (frozen backbone)."""
     cfg, bundle = ctx.recipe.eval.finetune, ctx.data
     probe = ctx.recipe.eval.linear_probe_classic
     p = subject.backbone.preprocessing

@@ -298,3 +298,13 @@ def test_finetune_grid_values_are_checked(tmp_path, capsys):
         code = main(["validate", str(QUICKSTART), "--set", f"eval.finetune.lr={bad}"])
         err = capsys.readouterr().err
         assert code == 2 and "eval.finetune.lr" in err and why in err, err
+
+
+def test_chosen_settings_name_each_seeds_choice_when_they_differ():
+    grid = [{"lr": 0.01, "backbone_lr_ratio": 0.1}]  # present: the runs chose from a grid
+    same = [{"lr": 0.01, "backbone_lr_ratio": 1.0, "grid": grid}] * 2
+    assert evaluation.chosen_settings(same) == {"chosen": {"lr": 0.01, "backbone_lr_ratio": 1.0}}
+    differ = [{"lr": 0.01, "backbone_lr_ratio": r, "grid": grid} for r in (0.1, 1.0, 0.1)]
+    assert evaluation.chosen_settings(differ) == {
+        "chosen": {"lr": 0.01, "backbone_lr_ratio": [0.1, 1.0, 0.1]}}
+    assert evaluation.chosen_settings([{"lr": 0.01, "backbone_lr_ratio": 0.1}]) == {}  # no grid
