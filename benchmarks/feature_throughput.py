@@ -212,24 +212,30 @@ def observe_our_call(case: dict, bundle, backbone, tmp: Path) -> dict:
     from ssl_pipeline.compute import cpu_has_native_bf16
 
     seen: dict = {}
-    conv = next(m for m in backbone.modules() if isinstance(m, torch.nn.Conv2d))
+    # the layout is seen at the second convolution, on the network's own activations: the
+    # images enter as the loader made them (for one gray channel both layouts are the same
+    # strides), and a channels_last first convolution hands its layout on
+    conv = [m for m in backbone.modules() if isinstance(m, torch.nn.Conv2d)][1]
 
     def record(module, args):
         (x,) = args
         seen.setdefault("batch_sizes", []).append(int(x.shape[0]))
         seen.update(input_dtype=str(x.dtype), weight_dtype=str(conv.weight.dtype),
                     autocast_cpu=torch.is_autocast_enabled("cpu"), grad_enabled=torch.is_grad_enabled(),
-                    input_channels_last=bool(x.dim() == 4 and x.shape[1] > 1
-                                             and x.is_contiguous(memory_format=torch.channels_last)),
-                    weight_channels_last=conv.weight.is_contiguous(memory_format=torch.channels_last)
-                    and conv.weight.shape[1] > 1, training=module.training)
+                    training=module.training)
+
+    def record_layout(module, args):
+        (x,) = args
+        seen.update(input_channels_last=x.is_contiguous(memory_format=torch.channels_last),
+                    weight_channels_last=module.weight.is_contiguous(memory_format=torch.channels_last))
 
     ctx = run_context(case, bundle, tmp / "observe_cache", tmp)
-    handle = backbone.register_forward_pre_hook(record)
+    handles = [backbone.register_forward_pre_hook(record), conv.register_forward_pre_hook(record_layout)]
     try:
         ours(case, bundle, backbone, tmp / "observe_cache", tmp)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     return {
         "trainer_precision_recipe": ctx.recipe.trainer.precision,
         "trainer_precision_resolved": ctx.resolved.precision,
@@ -356,7 +362,7 @@ def print_case(c: dict) -> None:
           f"{o['trainer_precision_resolved']} (native bf16: {o['cpu_native_bf16']}); in the "
           f"forward: {o['observed_in_forward'].get('input_dtype')}, autocast "
           f"{o['observed_in_forward'].get('autocast_cpu')}, channels_last weights "
-          f"{o['observed_in_forward'].get('weight_channels_last')} (images "
+          f"{o['observed_in_forward'].get('weight_channels_last')} (activations "
           f"{o['observed_in_forward'].get('input_channels_last')}); {o['data_num_workers']} workers")
     print(f"{'row':<28} {'images/s':>9} {'median s':>9}  rounds s")
     for name, r in c["rows"].items():
@@ -435,8 +441,9 @@ def main(argv=None) -> dict:
             " model (ours: eval_transform, data.num_workers; reference: 2 workers).",
             "inputs_ours_vs_reference: our eval_transform (torchvision v2 ToImage + ToDtype) vs"
             " v1 ToTensor + Normalize on the first 64 images: the tensors both models see.",
-            "ours.observed_in_forward: dtype, autocast, channels_last and batch sizes seen by a"
-            " forward pre-hook on the backbone during a warm-up call of ours.",
+            "ours.observed_in_forward: dtype, autocast and batch sizes seen by a forward pre-hook"
+            " on the backbone during a warm-up call of ours; channels_last of the weights and"
+            " activations at the backbone's second convolution.",
         ],
     })
     return result

@@ -254,6 +254,11 @@ class FinetuneConfig(Strict):
     # is the one reported on test, chosen for each backbone, baseline, fraction and seed. One
     # fixed pair favours one backbone over another (a random init wants a low ratio, a
     # pretrained backbone often a higher one); the cost is one fine-tuning run per pair.
+    weight_decay: float = Field(1e-4, ge=0)
+    max_minutes: float | None = Field(None, gt=0)  # per fine-tuning run
+    # A fraction's images from a list file instead of a class-balanced seeded draw, e.g.
+    # SimCLR's ImageNet lists: {0.01: 1percent.txt, 0.1: 10percent.txt} (one file name per line).
+    subset_files: dict[float, str] = Field(default_factory=dict)
 
     @field_validator("lr", "backbone_lr_ratio")
     @classmethod
@@ -262,11 +267,6 @@ class FinetuneConfig(Strict):
             raise ValueError(f"a list here is a grid to choose from on validation: it needs "
                              f"at least one value and no repeats, got {value}")
         return value
-    weight_decay: float = Field(1e-4, ge=0)
-    max_minutes: float | None = Field(None, gt=0)  # per fine-tuning run
-    # A fraction's images from a list file instead of a class-balanced seeded draw, e.g.
-    # SimCLR's ImageNet lists: {0.01: 1percent.txt, 0.1: 10percent.txt} (one file name per line).
-    subset_files: dict[float, str] = Field(default_factory=dict)
 
 
 class ClassicProbeConfig(Strict):

@@ -72,7 +72,10 @@ def test_feature_throughput_quick_run_compares_equal_work(tmp_path, fashion_mnis
         for agreement in case["agreement_with_reference"].values():
             assert agreement["same_shape"] and agreement["cosine_min"] > 0.9999
         # what our side ran with was observed in its forward, for every image of the call
-        assert sum(case["ours"]["observed_in_forward"]["batch_sizes"]) == case["setup"]["warmup_images"]
+        seen = case["ours"]["observed_in_forward"]
+        assert sum(seen["batch_sizes"]) == case["setup"]["warmup_images"]
+        # channels_last by default, at 28 px (gray) as at 224 px (RGB)
+        assert seen["weight_channels_last"] and seen["input_channels_last"], seen
 
 
 @pytest.mark.slow
