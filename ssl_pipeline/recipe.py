@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -446,17 +447,39 @@ def dump_recipe(recipe: Recipe) -> str:
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: {explain_error(e)}" for e in err.errors()]
+    lines = [f"{source}: {explain_error(e)}" for e in other_branches_dropped(err.errors())]
     return "\n".join(lines[:5]) + ("" if len(lines) <= 5 else f"\n... and {len(lines) - 5} more")
 
 
+def key_path(error: dict[str, Any]) -> list[str]:
+    """The recipe key of an error, without pydantic's names for the branches of a value that
+    may be one number or a list of them (`lr.list[constrained-float].1` -> `lr.1`)."""
+    return [str(p) for p in error["loc"] if not (isinstance(p, str) and _BRANCH_TAG.fullmatch(p))]
+
+
+_BRANCH_TAG = re.compile(r"(constrained-)?(float|int)|list\[.*\]")
+
+
+def other_branches_dropped(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For a value that may be a number or a list of numbers, pydantic reports a bad value
+    against both; keep the errors of the branch the value took (a list: its items' errors)."""
+    def wrong_branch(e: dict[str, Any]) -> bool:
+        return (e["type"] in ("float_type", "float_parsing", "int_type") and isinstance(e.get("input"), list)) \
+            or (e["type"] == "list_type" and len(e["loc"]) > 1 and _BRANCH_TAG.fullmatch(str(e["loc"][-1])) is not None)
+
+    keys = [".".join(key_path(e)) for e in errors]
+    kept = [e for e, key in zip(errors, keys)
+            if not (wrong_branch(e) and sum(k.startswith(key) for k in keys) > 1)]
+    return kept or errors
+
+
 def explain_error(error: dict[str, Any]) -> str:
-    loc = [str(part) for part in error["loc"]]
+    loc = key_path(error)
     key = ".".join(loc)
     if error["type"] == "extra_forbidden":
         hint = nearest_key(loc)
         return f"unknown key '{key}'" + (f"; did you mean '{hint}'?" if hint else "")
-    if error["type"] == "value_error" and "unknown" in error["msg"]:
+    if error["type"] == "value_error":  # our validators' messages say what is wrong and why
         return f"{key}: {error['msg'].removeprefix('Value error, ')}"
     got = error.get("input")
     shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"

@@ -293,11 +293,17 @@ def test_finetune_grid_is_chosen_on_validation_and_tested_once(tiny_overrides, t
 
 
 def test_finetune_grid_values_are_checked(tmp_path, capsys):
-    for bad, why in [("[]", "at least one value"), ("[0.01, 0.01]", "no repeats"),
-                     ("[0.01, -1]", "greater than 0")]:
+    """One clear line per bad value, naming the key (and the list item), not pydantic's union
+    branches ("constrained-float", "list[...]") nor the branch the value did not take."""
+    for bad, key, why in [("[]", "eval.finetune.lr:", "at least one value"),
+                          ("[0.01, 0.01]", "eval.finetune.lr:", "no repeats"),
+                          ("[0.01, -1]", "eval.finetune.lr.1:", "greater than 0 (got -1)"),
+                          ("-1", "eval.finetune.lr:", "greater than 0 (got -1)"),
+                          ("abc", "eval.finetune.lr:", "valid number")]:
         code = main(["validate", str(QUICKSTART), "--set", f"eval.finetune.lr={bad}"])
         err = capsys.readouterr().err
-        assert code == 2 and "eval.finetune.lr" in err and why in err, err
+        assert code == 2 and f"{key} " in err and why in err, err
+        assert len(err.strip().splitlines()) == 1 and "constrained" not in err and "Value error" not in err, err
 
 
 def test_chosen_settings_name_each_seeds_choice_when_they_differ():
