@@ -464,8 +464,11 @@ def other_branches_dropped(errors: list[dict[str, Any]]) -> list[dict[str, Any]]
     """For a value that may be a number or a list of numbers, pydantic reports a bad value
     against both; keep the errors of the branch the value took (a list: its items' errors)."""
     def wrong_branch(e: dict[str, Any]) -> bool:
-        return (e["type"] in ("float_type", "float_parsing", "int_type") and isinstance(e.get("input"), list)) \
-            or (e["type"] == "list_type" and len(e["loc"]) > 1 and _BRANCH_TAG.fullmatch(str(e["loc"][-1])) is not None)
+        a_list_as_a_number = e["type"] in ("float_type", "float_parsing", "int_type") \
+            and isinstance(e.get("input"), list)
+        a_number_as_a_list = e["type"] == "list_type" \
+            and _BRANCH_TAG.fullmatch(str(e["loc"][-1])) is not None
+        return a_list_as_a_number or a_number_as_a_list
 
     keys = [".".join(key_path(e)) for e in errors]
     kept = [e for e, key in zip(errors, keys)
