@@ -412,7 +412,8 @@ def finetune_result(ctx: RunContext, subject: Subject) -> dict[str, Any] | None:
     cfg, seeds = ctx.recipe.eval.finetune, ctx.recipe.eval.seeds
     by_fraction = {}
     for fraction in cfg.label_fractions:
-        runs = [finetune_once(ctx, subject, fraction, seed)
+        runs = [kept_run(ctx, subject, f"finetune/{subject.name}/{fraction}/seed{seed}",
+                         partial(finetune_once, ctx, subject, fraction, seed))
                 for seed in range(seeds if fraction < 1.0 else 1)]
         top1 = [r["top1"] for r in runs]
         aucs = [r.get("auc") for r in runs]
@@ -429,6 +430,31 @@ def finetune_result(ctx: RunContext, subject: Subject) -> dict[str, Any] | None:
             **{k: headline[k] for k in ("chosen",) if k in headline},
             "by_fraction": by_fraction,
             "stopped_by_budget": any(f["stopped_by_budget"] for f in by_fraction.values())}
+
+
+def kept_run(ctx: RunContext, subject: Subject, name: str, compute) -> dict[str, Any]:
+    """`compute()`, a fine-tuning run's result, kept in `<run dir>/runs/<name>.json` once it
+    finishes: a stage killed part-way and resumed (`--resume`) does not redo the runs it had
+    finished. A kept result counts only for the same weights, evaluation settings, seed and
+    precision; anything else is computed again."""
+    path = ctx.run_dir / "runs" / f"{name}.json"
+    hashes = ctx.cache.setdefault("weights_sha", {})
+    if subject.name not in hashes:
+        hashes[subject.name] = weights_hash(subject.backbone)
+    key = hashlib.sha256(json.dumps({
+        "weights": hashes[subject.name], "eval": ctx.recipe.eval.model_dump(mode="json"),
+        "seed": ctx.recipe.seed, "precision": ctx.resolved.precision,
+    }, sort_keys=True).encode()).hexdigest()[:16]
+    try:
+        kept = json.loads(path.read_text())
+        if kept.get("key") == key:
+            return kept["result"]
+    except (OSError, ValueError, AttributeError):
+        pass  # none yet, or torn: computed below
+    result = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps({"key": key, "result": result}))
+    return result
 
 
 def chosen_settings(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -454,7 +480,9 @@ def classic_probe_result(ctx: RunContext, subject: Subject) -> dict[str, Any] | 
     if subject.backbone is None:
         return None  # raw pixels have no backbone to freeze
     cfg = ctx.recipe.eval.linear_probe_classic
-    runs = [finetune_once(ctx, subject, 1.0, seed, classic=True) for seed in range(cfg.seeds)]
+    runs = [kept_run(ctx, subject, f"linear_probe_classic/{subject.name}/seed{seed}",
+                     partial(finetune_once, ctx, subject, 1.0, seed, classic=True))
+            for seed in range(cfg.seeds)]
     top1 = [r["top1"] for r in runs]
     return {
         **mean_and_std(top1),

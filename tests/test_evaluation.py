@@ -314,3 +314,38 @@ def test_chosen_settings_name_each_seeds_choice_when_they_differ():
     assert evaluation.chosen_settings(differ) == {
         "chosen": {"lr": 0.01, "backbone_lr_ratio": [0.1, 1.0, 0.1]}}
     assert evaluation.chosen_settings([{"lr": 0.01, "backbone_lr_ratio": 0.1}]) == {}  # no grid
+
+
+def test_a_finetune_stage_killed_part_way_resumes_without_redoing_finished_runs(tiny_overrides, tmp_path,
+                                                                                monkeypatch):
+    """Each fine-tuning run's result is kept as it finishes; `--resume` after a crash in the
+    stage redoes only the unfinished run and the ones after it, and the kept results are used."""
+    real_fit = evaluation.fit_finetuner
+    calls = {"n": 0, "crash_at": 5}
+
+    def fit(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == calls["crash_at"]:
+            raise RuntimeError("simulated crash in the middle of the fine-tuning stage")
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "fit_finetuner", fit)
+    overrides = [*tiny_overrides, "pretrain.epochs=1", "stages=[pretrain, finetune]", "eval.seeds=2",
+                 "eval.finetune.epochs=1", "eval.finetune.label_fractions=[0.5, 1.0]",
+                 "eval.finetune.backbone_lr_ratio=[0.1, 1.0]", "eval.baselines=[random_init]",
+                 "eval.reuse_baselines=false", f"eval.cache_dir={tmp_path / 'cache'}"]
+    out = tmp_path / "run"
+    # backbone: fraction 0.5 seeds 0 and 1, fraction 1.0 seed 0, two pairs each: fits 1-6; the
+    # crash is in the third run (fit 5), after two runs finished
+    with pytest.raises(Exception, match="simulated crash"):
+        ssl_pipeline.run(QUICKSTART, overrides=overrides, out_dir=out, quiet=True)
+    kept = sorted(p.relative_to(out / "runs").as_posix() for p in (out / "runs").rglob("*.json"))
+    assert kept == ["finetune/backbone/0.5/seed0.json", "finetune/backbone/0.5/seed1.json"]
+    first = json.loads((out / "runs/finetune/backbone/0.5/seed1.json").read_text())["result"]
+
+    calls.update(n=0, crash_at=-1)
+    ssl_pipeline.run(resume=out, quiet=True)
+    assert calls["n"] == 2 + 6  # the backbone's unfinished run (2 pairs), then random init's 3 runs
+    results = json.loads((out / "results.json").read_text())
+    assert results["finetune"]["by_fraction"]["0.5"]["by_seed"][1] == first
+    assert "finetune" in results["baselines"]["random_init"]
