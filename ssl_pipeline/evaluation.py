@@ -151,10 +151,7 @@ def features(ctx: RunContext, subject: Subject, split: str,
         num_workers=ctx.recipe.data.num_workers,
     )
     model = subject.backbone if subject.backbone is not None else torch.nn.Flatten()
-    hashes = ctx.cache.setdefault("weights_sha", {})
-    if subject.name not in hashes:
-        hashes[subject.name] = weights_hash(model)
-    key = cache_key(f"{subject.name}:{hashes[subject.name]}", transform,
+    key = cache_key(f"{subject.name}:{subject_weights_sha(ctx, subject)}", transform,
                     split_key(ctx.data, split, data_fingerprint(ctx)))
     progress = bar(ctx, f"features {split}", subject)
     device = "cuda" if ctx.resolved.accelerator == "gpu" else "cpu"
@@ -168,6 +165,15 @@ def features(ctx: RunContext, subject: Subject, split: str,
         ctx.count_images(len(dataset), time.time() - start)
     memo[(subject.name, split)] = (x, y)
     return x, y
+
+
+def subject_weights_sha(ctx: RunContext, subject: Subject) -> str:
+    """The hash of a subject's weights (raw pixels: of none), computed once per run."""
+    hashes = ctx.cache.setdefault("weights_sha", {})
+    if subject.name not in hashes:
+        hashes[subject.name] = weights_hash(
+            subject.backbone if subject.backbone is not None else torch.nn.Flatten())
+    return hashes[subject.name]
 
 
 def data_fingerprint(ctx: RunContext) -> str:
@@ -295,7 +301,7 @@ def baseline_result(ctx: RunContext, stage: str, subject: Subject, evaluate) -> 
     `eval.reuse_baselines: false` always recomputes."""
     if not ctx.recipe.eval.reuse_baselines:
         return evaluate(ctx, subject)
-    path = Path(ctx.recipe.eval.cache_dir) / "baselines" / f"{baseline_key(ctx, stage, subject)}.json"
+    path = Path(ctx.recipe.eval.cache_dir) / "baselines" / f"{result_key(ctx, stage, subject)}.json"
     if path.is_file():
         try:
             return {**json.loads(path.read_text()), "reused": True}
@@ -318,13 +324,14 @@ def code_fingerprint(root: Path = Path(ssl_pipeline.__file__).parent) -> str:
     return digest.hexdigest()[:16]
 
 
-def baseline_key(ctx: RunContext, stage: str, subject: Subject) -> str:
-    """Everything a baseline's result depends on, hashed: the code that computed it too."""
+def result_key(ctx: RunContext, stage: str, subject: Subject) -> str:
+    """Everything an evaluation result of `subject` under the name `stage` depends on, hashed:
+    the code that computed it too (a stored baseline, a kept fine-tuning run)."""
     recipe = ctx.recipe
     parts = {
         "stage": stage,
         "subject": subject.name,
-        "weights": "none" if subject.backbone is None else weights_hash(subject.backbone),
+        "weights": subject_weights_sha(ctx, subject),
         "transform": repr(transform_for(subject, ctx)),
         "splits": ctx.resolved.data.get("split_hashes"),
         "data": data_fingerprint(ctx),
@@ -435,16 +442,10 @@ def finetune_result(ctx: RunContext, subject: Subject) -> dict[str, Any] | None:
 def kept_run(ctx: RunContext, subject: Subject, name: str, compute) -> dict[str, Any]:
     """`compute()`, a fine-tuning run's result, kept in `<run dir>/runs/<name>.json` once it
     finishes: a stage killed part-way and resumed (`--resume`) does not redo the runs it had
-    finished. A kept result counts only for the same weights, evaluation settings, seed and
-    precision; anything else is computed again."""
+    finished. A kept result counts only under the same `result_key` (weights, data, transform,
+    evaluation settings, seed, precision, code); anything else is computed again."""
     path = ctx.run_dir / "runs" / f"{name}.json"
-    hashes = ctx.cache.setdefault("weights_sha", {})
-    if subject.name not in hashes:
-        hashes[subject.name] = weights_hash(subject.backbone)
-    key = hashlib.sha256(json.dumps({
-        "weights": hashes[subject.name], "eval": ctx.recipe.eval.model_dump(mode="json"),
-        "seed": ctx.recipe.seed, "precision": ctx.resolved.precision,
-    }, sort_keys=True).encode()).hexdigest()[:16]
+    key = result_key(ctx, name, subject)
     try:
         kept = json.loads(path.read_text())
         if kept.get("key") == key:
@@ -545,10 +546,10 @@ def finetune_once(ctx: RunContext, subject: Subject, fraction: float, seed: int,
             best = (model, fit, settings)
         del model
     model, fit, settings = best
-    result = {**held_out_metrics(model, loaders[2], bundle.class_names), **fit}
+    result = {**held_out_metrics(model, loaders[2], bundle.class_names), **fit,
+              "seconds": round(sum(t["seconds"] for t in tried), 2),  # every setting's training
+              "stopped_by_budget": any(t["stopped_by_budget"] for t in tried)}
     if len(grid) > 1:
-        result["seconds"] = round(sum(t["seconds"] for t in tried), 2)
-        result["stopped_by_budget"] = any(t["stopped_by_budget"] for t in tried)
         result["grid"] = [{k: t[k] for k in ("lr", "backbone_lr_ratio", "val_top1", "best_epoch")}
                           for t in tried]
     return {"seed": seed, "train_samples": len(train), "subset": subset, "lr": settings.lr,
