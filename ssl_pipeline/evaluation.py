@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import shutil
 import sys
 import time
 import warnings
@@ -30,7 +31,8 @@ from ssl_pipeline.data.transforms import eval_transform, fit_views, supervised_t
 from ssl_pipeline.embedding_map import FILE as EMBEDDING_MAP, write_embedding_map
 from ssl_pipeline.errors import SSLPipelineError
 from ssl_pipeline.evals.few_shot import few_shot, vtab_1k
-from ssl_pipeline.evals.finetune import FinetuneSettings, fit_finetuner, held_out_metrics
+from ssl_pipeline.evals.finetune import (FinetuneSettings, fit_finetuner, held_out_metrics,
+                                         seeded_train_loader)
 from ssl_pipeline.evals.knn import knn_classify
 from ssl_pipeline.evals.linear_probe import linear_probe
 from ssl_pipeline.evals.metrics import classification_metrics
@@ -336,7 +338,7 @@ def result_key(ctx: RunContext, stage: str, subject: Subject) -> str:
         "splits": ctx.resolved.data.get("split_hashes"),
         "data": data_fingerprint(ctx),
         "eval": recipe.eval.model_dump(mode="json", exclude={"backbone", "baselines", "cache_dir",
-                                                             "reuse_baselines"}),
+                                                             "reuse_baselines", "checkpoint_minutes"}),
         "seed": recipe.seed,
         "precision": ctx.resolved.precision,
         "version": ssl_pipeline.__version__,
@@ -440,10 +442,14 @@ def finetune_result(ctx: RunContext, subject: Subject) -> dict[str, Any] | None:
 
 
 def kept_run(ctx: RunContext, subject: Subject, name: str, compute) -> dict[str, Any]:
-    """`compute()`, a fine-tuning run's result, kept in `<run dir>/runs/<name>.json` once it
-    finishes: a stage killed part-way and resumed (`--resume`) does not redo the runs it had
-    finished. A kept result counts only under the same `result_key` (weights, data, transform,
-    evaluation settings, seed, precision, code); anything else is computed again."""
+    """`compute(scratch)`, a fine-tuning run's result, kept in `<run dir>/runs/<name>.json`
+    once it finishes: a stage killed part-way and resumed (`--resume`) does not redo the runs it
+    had finished. A kept result counts only under the same `result_key` (weights, data,
+    transform, evaluation settings, seed, precision, code); anything else is computed again.
+
+    `scratch` (`<name>.partial/`) holds the unfinished run's epoch checkpoints, so the run
+    itself goes on from its last finished epoch; it is emptied when its key differs and
+    removed once the result is kept."""
     path = ctx.run_dir / "runs" / f"{name}.json"
     key = result_key(ctx, name, subject)
     try:
@@ -452,9 +458,14 @@ def kept_run(ctx: RunContext, subject: Subject, name: str, compute) -> dict[str,
             return kept["result"]
     except (OSError, ValueError, AttributeError):
         pass  # none yet, or torn: computed below
-    result = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = path.with_suffix(".partial")
+    if (scratch / "key").exists() and (scratch / "key").read_text() != key:
+        shutil.rmtree(scratch)  # another backbone's, or other settings': of no use
+    scratch.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(scratch / "key", key)
+    result = compute(scratch)
     write_text_atomic(path, json.dumps({"key": key, "result": result}))
+    shutil.rmtree(scratch, ignore_errors=True)
     return result
 
 
@@ -496,9 +507,10 @@ def classic_probe_result(ctx: RunContext, subject: Subject) -> dict[str, Any] | 
 
 
 def finetune_once(ctx: RunContext, subject: Subject, fraction: float, seed: int,
-                  classic: bool = False) -> dict[str, Any]:
+                  scratch: Path | None = None, classic: bool = False) -> dict[str, Any]:
     """One fine-tuning run, or one per (lr, backbone_lr_ratio) pair of a grid with the pair
-    best on validation reported; `classic`: the classic linear probe instead (frozen backbone)."""
+    best on validation reported; `classic`: the classic linear probe instead (frozen backbone).
+    With `scratch`, each setting's epoch checkpoints go there and a rerun goes on from them."""
     cfg, bundle = ctx.recipe.eval.finetune, ctx.data
     probe = ctx.recipe.eval.linear_probe_classic
     p = subject.backbone.preprocessing
@@ -518,8 +530,7 @@ def finetune_once(ctx: RunContext, subject: Subject, fraction: float, seed: int,
     workers = ctx.recipe.data.num_workers
     batch = min(probe.batch_size if classic else cfg.batch_size, len(train))
     loaders = [
-        torch.utils.data.DataLoader(TransformedDataset(train, augment), batch_size=batch,
-                                    shuffle=True, drop_last=len(train) > batch, num_workers=workers),
+        seeded_train_loader(train, augment, batch, ctx.recipe.seed + seed, workers),
         *(torch.utils.data.DataLoader(TransformedDataset(split, plain), batch_size=ctx.recipe.eval.batch_size,
                                       num_workers=workers) for split in (bundle.val, bundle.test)),
     ]
@@ -533,14 +544,19 @@ def finetune_once(ctx: RunContext, subject: Subject, fraction: float, seed: int,
                 for lr in as_grid(cfg.lr) for ratio in as_grid(cfg.backbone_lr_ratio)]
         name = f"finetune/{subject.name}/{fraction}/seed{seed}"
     tried, best = [], None
-    for settings in grid:
+    minutes = ctx.recipe.eval.checkpoint_minutes
+    for i, settings in enumerate(grid):
+        checkpoint = None if scratch is None or minutes is None else scratch / f"setting{i}.ckpt"
         torch.manual_seed(ctx.recipe.seed + seed)  # every setting: the same head init and batches
         backbone = copy.deepcopy(subject.backbone).train()
         stage = name if len(grid) == 1 else \
             f"{name}/lr{settings.lr:g}_ratio{settings.backbone_lr_ratio:g}"
         model, fit = fit_finetuner(backbone, bundle.num_classes, *loaders[:2], settings,
-                                   finetune_trainer_kwargs(ctx, stage), bundle.multi_label)
-        ctx.count_images(len(train) * fit["epochs_run"], fit["seconds"])  # training images
+                                   finetune_trainer_kwargs(ctx, stage), bundle.multi_label,
+                                   checkpoint=checkpoint, checkpoint_minutes=minutes or 0.0,
+                                   metrics=ctx.run_dir / "metrics.jsonl", stage=stage)
+        this_call = fit.pop("this_call")
+        ctx.count_images(len(train) * this_call["epochs"], this_call["seconds"])  # training images
         tried.append({"lr": settings.lr, "backbone_lr_ratio": settings.backbone_lr_ratio, **fit})
         if best is None or fit["val_top1"] > best[1]["val_top1"]:  # ties: the earlier setting
             best = (model, fit, settings)

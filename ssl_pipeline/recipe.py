@@ -312,6 +312,10 @@ class EvalConfig(Strict):
     reuse_baselines: bool = True
     seeds: int = Field(3, ge=1)  # linear probe and label-fraction repeats
     batch_size: int = Field(256, ge=1)  # feature extraction
+    # Fine-tuning and classic-probe runs save a checkpoint (under <run dir>/runs/) at the end of
+    # the first epoch that ends this many minutes after the last save (0: every epoch) and when
+    # they finish; `--resume` goes on from it. null: none (a run cut off starts over).
+    checkpoint_minutes: float | None = Field(5.0, ge=0)
     cache_dir: str = "data/cache/features"
     knn: KNNConfig = KNNConfig()
     linear_probe: LinearProbeConfig = LinearProbeConfig()

@@ -102,7 +102,7 @@ class ResumableSampler(torch.utils.data.Sampler):
             yield index, sample_seed(self.seed, epoch, index)
 
 
-def _rng_states() -> dict[str, Any]:
+def rng_states() -> dict[str, Any]:
     """This process's generator states, as tensors and plain values (checkpoints stay loadable
     with torch.load(weights_only=True))."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -114,7 +114,7 @@ def _rng_states() -> dict[str, Any]:
     return states
 
 
-def _set_rng_states(states: dict[str, Any]) -> None:
+def set_rng_states(states: dict[str, Any]) -> None:
     version, internal, gauss_next = states["python"]
     random.setstate((version, tuple(internal), gauss_next))
     kind, keys, pos, has_gauss, cached = states["numpy"]
@@ -179,7 +179,7 @@ class TrainingCheckpoints(pl.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         # Called on every process while the checkpoint is assembled: gather all their RNG states.
-        states = _rng_states()
+        states = rng_states()
         _, world = _rank_and_world()
         if world > 1:
             gathered: list[Any] = [None] * world
@@ -223,7 +223,7 @@ class TrainingCheckpoints(pl.Callback):
             return
         rank = trainer.global_rank
         if rank < len(self._restored_rng):
-            _set_rng_states(self._restored_rng[rank])
+            set_rng_states(self._restored_rng[rank])
         self._restored_rng = None
         if trainer.is_global_zero and self.resumed_from:
             step = self.resumed_from.get("global_step", 0)
@@ -235,7 +235,7 @@ class TrainingCheckpoints(pl.Callback):
                          f"{self.metrics.name}" if dropped else ""), flush=True)
 
 
-def _reads_back_whole(path: Path) -> bool:
+def reads_back_whole(path: Path) -> bool:
     """A torch checkpoint is a zip archive: a cut-short or damaged one fails its CRC check."""
     try:
         with zipfile.ZipFile(path) as archive:
@@ -254,7 +254,7 @@ def resume_checkpoint(directory: Path, run_dir: Path | None = None) -> Path | No
         if hpc and (not found or hpc[-1].stat().st_mtime > found[0].stat().st_mtime):
             found.insert(0, hpc[-1])
     for i, path in enumerate(found):
-        if _reads_back_whole(path):
+        if reads_back_whole(path):
             if i:
                 warnings.warn(f"{found[0]} is damaged or incomplete (a save cut short?); "
                               f"resuming from {path} instead", stacklevel=2)

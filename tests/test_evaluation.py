@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import safetensors.torch
+import pytorch_lightning as pl
 import torch
 
 import ssl_pipeline
@@ -262,8 +263,9 @@ def test_finetune_grid_is_chosen_on_validation_and_tested_once(tiny_overrides, t
     preferred = (1e-9, 1.0)  # the pair the scripted validation scores favour
     tested = []
 
-    def fit(backbone, num_classes, train, val, settings, trainer_kwargs, multi_label=False):
-        model, info = real_fit(backbone, num_classes, train, val, settings, trainer_kwargs, multi_label)
+    def fit(backbone, num_classes, train, val, settings, trainer_kwargs, multi_label=False, **kwargs):
+        model, info = real_fit(backbone, num_classes, train, val, settings, trainer_kwargs, multi_label,
+                               **kwargs)
         pair = (settings.lr, settings.backbone_lr_ratio)
         return model, {**info, "val_top1": 0.9 if pair == preferred else 0.5}
 
@@ -349,3 +351,48 @@ def test_a_finetune_stage_killed_part_way_resumes_without_redoing_finished_runs(
     results = json.loads((out / "results.json").read_text())
     assert results["finetune"]["by_fraction"]["0.5"]["by_seed"][1] == first
     assert "finetune" in results["baselines"]["random_init"]
+
+
+def test_a_finetuning_run_killed_mid_run_goes_on_from_its_last_epoch(tiny_overrides, tmp_path,
+                                                                    monkeypatch):
+    """Within a run, `--resume` goes on from the last finished epoch's checkpoint (kept under
+    runs/<name>.partial/ until the run's result is kept) instead of starting the run over."""
+    real_fit = evaluation.fit_finetuner
+    this_calls = []
+
+    class CrashAt(pl.Callback):  # after epoch 3's step and validation are logged, before its checkpoint
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 2:
+                raise RuntimeError("simulated crash in epoch 3")
+
+    def fit(*args, **kwargs):
+        trainer_kwargs = dict(args[5])
+        if not this_calls:  # the first run dies in its third epoch
+            trainer_kwargs["callbacks"] = [*trainer_kwargs.get("callbacks", []), CrashAt()]
+            this_calls.append(None)
+        model, info = real_fit(*args[:5], trainer_kwargs, *args[6:], **kwargs)
+        this_calls.append(info["this_call"]["epochs"])
+        return model, info
+
+    monkeypatch.setattr(evaluation, "fit_finetuner", fit)
+    overrides = [*tiny_overrides, "pretrain.epochs=1", "stages=[pretrain, finetune]",
+                 "eval.finetune.epochs=4", "eval.finetune.label_fractions=[1.0]", "eval.baselines=[]",
+                 "eval.checkpoint_minutes=0"]  # every epoch
+    out = tmp_path / "run"
+    with pytest.raises(Exception, match="simulated crash"):
+        ssl_pipeline.run(QUICKSTART, overrides=overrides, out_dir=out, quiet=True)
+    scratch = out / "runs/finetune/backbone/1.0/seed0.partial"
+    assert (scratch / "setting0.ckpt").is_file() and (scratch / "key").is_file()
+
+    ssl_pipeline.run(resume=out, quiet=True)
+    assert this_calls == [None, 2, 4]  # the first setting's epochs 3 and 4 only; the second's 4
+    run = json.loads((out / "results.json").read_text())["finetune"]["by_fraction"]["1.0"]["by_seed"][0]
+    assert run["epochs_run"] == 4 and len(run["val_top1_by_epoch"]) == 4
+    assert not scratch.exists()  # removed once the run's result is kept
+    records = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    epochs = [r["epoch"] for r in records if r.get("stage") == "finetune/backbone/1.0/seed0/lr0.01_ratio0.1"
+              and "finetune/val_top1" in r]
+    assert epochs == [0, 1, 2, 3]  # each epoch's validation logged once
+    steps = [r["step"] for r in records if r.get("stage") == "finetune/backbone/1.0/seed0/lr0.01_ratio0.1"
+             and "finetune/loss_step" in r]
+    assert steps == sorted(set(steps))  # no training step logged twice

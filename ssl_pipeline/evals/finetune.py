@@ -7,22 +7,39 @@ images (SimSiam's and MoCo's protocol: LARS, 90 epochs, random resized crops and
 
 The best weights are kept as a copy (not a reference: MedMNIST's reference script kept a
 reference to its "best" model and so saved the last epoch).
+
+Given a checkpoint path, a run saves its whole state there at every epoch end (weights,
+optimizer, schedule, the best epoch's copy, the time budget spent, the random-number
+generators) and, started again with the same path, goes on from its last finished epoch: on
+the same device it ends with the weights an uninterrupted run would have.
 """
 
 from __future__ import annotations
 
 import copy
 import time
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from ssl_pipeline.atomic import write_atomic
 from ssl_pipeline.budget import time_ran_out
+from ssl_pipeline.data.base import TransformedDataset
 from ssl_pipeline.evals.metrics import classification_metrics, multi_label_metrics
 from ssl_pipeline.methods.base import OptimSettings, build_optimizer, lr_factor
+from ssl_pipeline.resume import (
+    ResumableSampler,
+    drop_records_after,
+    reads_back_whole,
+    rng_states,
+    set_rng_states,
+)
 
 
 @dataclass(frozen=True)
@@ -34,6 +51,20 @@ class FinetuneSettings:
     weight_decay: float = 1e-4
     max_minutes: float | None = None
     frozen: bool = False  # only the head trains; the backbone stays in eval mode
+
+
+def seeded_train_loader(dataset: torch.utils.data.Dataset, transform, batch_size: int, seed: int,
+                        num_workers: int = 0) -> torch.utils.data.DataLoader:
+    """Shuffled batches of `transform`ed `(image, label)` items, every epoch's order drawn from
+    `(seed, epoch)` and every image's augmentation from `(seed, epoch, index)`: the same batches
+    whatever else drew random numbers, how many workers made them, or where a run resumed."""
+    batch_size = min(batch_size, len(dataset))
+    return torch.utils.data.DataLoader(
+        TransformedDataset(dataset, transform), batch_size=batch_size,
+        sampler=ResumableSampler(len(dataset), seed), drop_last=len(dataset) > batch_size,
+        num_workers=num_workers,
+        # its own generator: making the iterator does not draw from the global one
+        generator=torch.Generator().manual_seed(seed))
 
 
 class FineTuner(pl.LightningModule):
@@ -129,6 +160,73 @@ class KeepBest(pl.Callback):
         if self.best_state is not None:  # None: the time budget ended training before any validation
             self.kept(model).load_state_dict(self.best_state)
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_score": self.best_score, "best_epoch": self.best_epoch,
+                "best_state": self.best_state, "history": self.history}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best_score, self.best_epoch = state["best_score"], state["best_epoch"]
+        self.best_state, self.history = state["best_state"], list(state["history"])
+
+
+class EpochCheckpoint(pl.Callback):
+    """The run's whole state in `path` (written beside it, then renamed): at the end of the
+    first epoch that ends `every_minutes` after the last save (0: every epoch) and when the run
+    finishes. It holds the random-number generators' states and the seconds trained so far;
+    after a resume it puts the generators back and drops from `metrics` (metrics.jsonl) the
+    records `stage` logged after that checkpoint: the resumed run logs those steps again."""
+
+    def __init__(self, path: Path, every_minutes: float = 0.0, metrics: Path | None = None,
+                 stage: str | None = None):
+        self.path, self.every_seconds = Path(path), 60 * every_minutes
+        self.metrics, self.stage = metrics, stage
+        self.seconds_before = 0.0  # trained before this fit call (from the checkpoint)
+        self.resumed_epoch = 0
+        self._restored: dict[str, Any] | None = None
+        self._started = self._saved_at = time.time()
+        self._step = self._epochs = 0
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._started = self._saved_at = time.time()
+        if self._restored is None:
+            return
+        set_rng_states(self._restored["rng"])
+        # the loops' own state is restored later: the epochs come from ours
+        self.resumed_epoch = self._epochs = self._restored["epochs"]
+        self._step = self._restored["step"]
+        if self.metrics is not None and self.stage is not None:
+            drop_records_after(self.metrics, self.stage, self._restored["step"])
+        self._restored = None
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if time.time() - self._saved_at >= self.every_seconds:
+            self.save(trainer, epochs=trainer.current_epoch + 1)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if self._epochs != trainer.current_epoch or not self.path.exists():
+            # finished: a crash later in the run (another grid pair) does not redo this one
+            self.save(trainer, epochs=trainer.current_epoch)
+
+    def save(self, trainer: pl.Trainer, epochs: int) -> None:
+        """Write the checkpoint, `epochs` epochs trained."""
+        self._step, self._epochs = trainer.global_step, epochs
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.path, trainer.save_checkpoint)
+        self._saved_at = time.time()
+
+    @property
+    def seconds(self) -> float:
+        """Seconds trained, the part before a resume included."""
+        return self.seconds_before + time.time() - self._started
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": rng_states(), "step": self._step, "epochs": self._epochs,
+                "seconds": self.seconds}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._restored = state
+        self.seconds_before = float(state["seconds"])
+
 
 def finetune(
     backbone: nn.Module,
@@ -144,6 +242,7 @@ def finetune(
     """Fine-tune `backbone` (modified in place) and report test metrics of the best epoch."""
     model, fit = fit_finetuner(backbone, num_classes, train_loader, val_loader, settings,
                                trainer_kwargs, multi_label)
+    fit.pop("this_call")
     return {**held_out_metrics(model, test_loader, class_names), **fit}
 
 
@@ -155,18 +254,39 @@ def fit_finetuner(
     settings: FinetuneSettings,
     trainer_kwargs: dict,
     multi_label: bool = False,
+    checkpoint: Path | None = None,
+    checkpoint_minutes: float = 0.0,
+    metrics: Path | None = None,
+    stage: str | None = None,
 ) -> tuple[FineTuner, dict]:
     """Fine-tune `backbone` (modified in place): the model, holding its best validation epoch's
-    weights, and how the training went. The test split is not touched."""
+    weights, and how the training went. The test split is not touched.
+
+    With `checkpoint`, the run's state is saved there at the end of an epoch every
+    `checkpoint_minutes` (0: every epoch) and when it finishes, and a run started again with
+    the same path goes on from it (a finished run's checkpoint returns its model at
+    once); a checkpoint that does not read back whole is set aside with a warning. `metrics`
+    and `stage` name the metrics.jsonl records a resume replaces. The fit's `this_call` holds
+    the epochs and seconds of this call alone (`epochs_run` and `seconds` count the whole run).
+    """
     model = FineTuner(backbone, num_classes, settings, multi_label)
     keep = KeepBest()
     max_time = None if settings.max_minutes is None else {"minutes": settings.max_minutes}
     trainer_kwargs = dict(trainer_kwargs)
     callbacks = [keep, *trainer_kwargs.pop("callbacks", [])]
+    saver, resume_from = None, None
+    if checkpoint is not None:
+        saver = EpochCheckpoint(checkpoint, checkpoint_minutes, metrics, stage)
+        callbacks.append(saver)
+        if checkpoint.exists() and reads_back_whole(checkpoint):
+            resume_from = checkpoint
+        elif checkpoint.exists():
+            warnings.warn(f"{checkpoint} does not read back whole (cut short?); this fine-tuning "
+                          "run starts over", stacklevel=2)
     trainer = pl.Trainer(max_epochs=settings.epochs, max_time=max_time, callbacks=callbacks,
                          num_sanity_val_steps=0, **trainer_kwargs)
     start = time.time()
-    trainer.fit(model, train_loader, val_loader)
+    trainer.fit(model, train_loader, val_loader, ckpt_path=resume_from)
     seconds = time.time() - start
     keep.restore(model)
     return model, {
@@ -174,8 +294,10 @@ def fit_finetuner(
         "best_epoch": keep.best_epoch,
         "val_top1_by_epoch": keep.history,
         "epochs_run": trainer.current_epoch,
-        "seconds": round(seconds, 2),
+        "seconds": round(saver.seconds if saver is not None else seconds, 2),  # before a resume too
         "stopped_by_budget": time_ran_out(trainer),
+        "this_call": {"epochs": trainer.current_epoch - (saver.resumed_epoch if saver else 0),
+                      "seconds": seconds},
     }
 
 
