@@ -15,7 +15,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from functools import cache, partial
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from ssl_pipeline.features import (
     cache_key, cached_features, process_group, weights_hash,
 )
 from ssl_pipeline.progress import on_terminal
+from ssl_pipeline.provenance import code_fingerprint
 from ssl_pipeline.stages import RunContext, stage_registry
 from ssl_pipeline.tracking import JSONLLogger
 
@@ -314,16 +315,6 @@ def baseline_result(ctx: RunContext, stage: str, subject: Subject, evaluate) -> 
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, json.dumps(result))
     return result
-
-
-@cache
-def code_fingerprint(root: Path = Path(ssl_pipeline.__file__).parent) -> str:
-    """A hash of the package's own source files under `root`: a baseline that other code
-    computed (an earlier commit, a patched checkout) is not reused, even at the same version."""
-    digest = hashlib.sha256()
-    for path in sorted(Path(root).rglob("*.py")):
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:16]
 
 
 def result_key(ctx: RunContext, stage: str, subject: Subject) -> str:

@@ -25,6 +25,7 @@ from torch import nn
 import ssl_pipeline
 from ssl_pipeline.atomic import write_atomic
 from ssl_pipeline.progress import progress_bar
+from ssl_pipeline.provenance import code_fingerprint
 
 
 def weights_hash(module: nn.Module) -> str:
@@ -39,7 +40,9 @@ def weights_hash(module: nn.Module) -> str:
 
 
 def cache_key(weights_sha: str, transform: object, split_hash: str) -> str:
-    text = f"{weights_sha}|{transform!r}|{split_hash}|{ssl_pipeline.__version__}"
+    """The cache entry of one split's features: the weights, the transform, the split's
+    images and the code that extracts them (an edited checkout extracts its own)."""
+    text = f"{weights_sha}|{transform!r}|{split_hash}|{ssl_pipeline.__version__}|{code_fingerprint()}"
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 

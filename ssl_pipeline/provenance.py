@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import platform
 import subprocess
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import torch
 
 PACKAGES = ("ssl_pipeline", "torch", "torchvision", "lightly", "timm", "pytorch-lightning",
             "faiss-cpu", "scikit-learn", "numpy", "wandb")
+
+
+@cache
+def code_fingerprint(root: Path = Path(__file__).parent) -> str:
+    """A hash of the package's own source files under `root`: cached features and baselines
+    that other code computed (an earlier commit, a patched checkout) are not reused, even at
+    the same version."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(root).rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def git_commit() -> str | None:

@@ -14,7 +14,9 @@ import ssl_pipeline
 from ssl_pipeline import evaluation
 from ssl_pipeline.cli import main
 from ssl_pipeline.compute import channels_last
+from ssl_pipeline import features as features_module
 from ssl_pipeline.features import cache_key, cached_features, extract_features, weights_hash
+from ssl_pipeline.provenance import code_fingerprint
 from ssl_pipeline.backbones import create_backbone, export_backbone
 from conftest import TINY
 
@@ -127,17 +129,17 @@ def test_code_fingerprint_follows_the_source_files(tmp_path):
     (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
     (tmp_path / "pkg" / "sub" / "b.py").write_text("y = 2\n")
     (tmp_path / "pkg" / "notes.txt").write_text("not code")
-    fingerprint = evaluation.code_fingerprint.__wrapped__  # uncached
+    fingerprint = code_fingerprint.__wrapped__  # uncached
     first = fingerprint(tmp_path / "pkg")
     assert fingerprint(tmp_path / "pkg") == first
     (tmp_path / "pkg" / "notes.txt").write_text("still not code")
     assert fingerprint(tmp_path / "pkg") == first
     (tmp_path / "pkg" / "sub" / "b.py").write_text("y = 3\n")
     assert fingerprint(tmp_path / "pkg") != first
-    assert evaluation.code_fingerprint() == evaluation.code_fingerprint()  # the package's, cached
+    assert code_fingerprint() == code_fingerprint()  # the package's, cached
 
 
-def test_cache_key_changes_with_weights_transform_and_split(tmp_path):
+def test_cache_key_changes_with_weights_transform_split_and_code(tmp_path, monkeypatch):
     torch.manual_seed(0)
     a = create_backbone("timm:resnet18", in_chans=1, input_size=8)
     b = create_backbone("timm:resnet18", in_chans=1, input_size=8)
@@ -146,6 +148,8 @@ def test_cache_key_changes_with_weights_transform_and_split(tmp_path):
     assert base == cache_key(weights_hash(a), "t1", "s1")
     assert len({base, cache_key(weights_hash(b), "t1", "s1"), cache_key(weights_hash(a), "t2", "s1"),
                 cache_key(weights_hash(a), "t1", "s2")}) == 4
+    monkeypatch.setattr(features_module, "code_fingerprint", lambda: "edited")
+    assert cache_key(weights_hash(a), "t1", "s1") != base  # other code extracts its own
     images = torch.rand(10, 1, 8, 8)
     loader = torch.utils.data.DataLoader(list(zip(images, range(10))), batch_size=4)
     x1, y1, hit1 = cached_features(a, loader, tmp_path, base)
