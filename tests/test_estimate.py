@@ -45,13 +45,13 @@ def test_a_time_budget_caps_the_projection(tiny_overrides):
 
 
 def test_slow_data_is_named_as_the_bound(tiny_overrides, monkeypatch):
-    real = TransformedDataset.__getitem__
+    real = TransformedDataset._item
 
-    def slow(self, key):
+    def slow(self, key, restore):
         time.sleep(0.01)  # 16 images per step: 0.16 s of waiting per step
-        return real(self, key)
+        return real(self, key, restore)
 
-    monkeypatch.setattr(TransformedDataset, "__getitem__", slow)
+    monkeypatch.setattr(TransformedDataset, "_item", slow)
     e = estimate(QUICKSTART, [*tiny_overrides, "data.num_workers=0"], steps=2, warmup=1, quiet=True)
     assert e["bound_by"] == "data loading" and e["data_wait_per_step"] > 0.15
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 import errno
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -80,6 +82,30 @@ def test_views_depend_on_the_image_seed_not_on_the_process_stream():
     torch.manual_seed(1)
     data[(2, 12345)]
     assert torch.equal(torch.random.get_rng_state(), before)  # the stream itself is untouched
+
+
+def test_a_batch_of_seeded_items_equals_them_one_by_one_and_unseeded_ones_draw_afresh():
+    """`__getitems__` (the DataLoader's batched fetch) saves the process's generator states
+    once per batch: the same views as one by one, the streams untouched; unseeded items still
+    draw from the process's stream, so two batches of them differ."""
+    class Noise:
+        def __call__(self, image):
+            return image + torch.rand(3) + float(np.random.rand()) + random.random()
+
+    data = TransformedDataset([(torch.zeros(3), 0)] * 4, Noise())
+    keys = [(i, 1000 + i) for i in range(4)]
+    torch.manual_seed(1), np.random.seed(1), random.seed(1)
+    states = (torch.random.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    batch = data.__getitems__(keys)
+    assert torch.equal(torch.random.get_rng_state(), states[0])
+    assert (np.random.get_state()[1] == states[1]).all() and random.getstate() == states[2]
+    assert all(torch.equal(b[0], data[k][0]) for b, k in zip(batch, keys, strict=True))
+    assert len({float(b[0][0]) for b in batch}) == 4  # each image its own draw
+    first, second = data.__getitems__([0, 1]), data.__getitems__([0, 1])
+    assert not torch.equal(first[0][0], second[0][0])
+    loader = torch.utils.data.DataLoader(data, batch_size=2, sampler=ResumableSampler(4, seed=3))
+    assert torch.equal(torch.cat([x for x, _ in loader]),
+                       torch.stack([data[k][0] for k in ResumableSampler(4, seed=3)]))
 
 
 # ---------------------------------------------------------------------- checkpoints

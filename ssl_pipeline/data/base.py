@@ -94,21 +94,36 @@ def convert_channels(image: Image.Image, channels: int) -> Image.Image:
 
 class SeededRNG:
     """Within the block, `random`, numpy and torch (CPU) draw from `seed`; after it, each
-    continues where it was (in the main process), so the process's own streams are untouched."""
+    continues where it was (in the main process), so the process's own streams are untouched.
+    `restore=False` leaves them seeded: for a caller that saved them itself (`KeptRNG`)."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, restore: bool = True):
         self.seed = seed
+        self.restore = restore
 
     def __enter__(self) -> None:
-        # In a DataLoader worker nothing else draws from these streams: skip saving them (the
-        # numpy state alone costs ~100 us per image).
-        in_worker = torch.utils.data.get_worker_info() is not None
-        self._states = None if in_worker else (
-            random.getstate(), np.random.get_state(), torch.random.get_rng_state())
+        self._kept = KeptRNG() if self.restore else None
+        if self._kept is not None:
+            self._kept.__enter__()
         random.seed(self.seed)
         np.random.seed(self.seed % 2**32)
         # The CPU generator only: torch.manual_seed also seeds every GPU's, 50x slower per image.
         torch.default_generator.manual_seed(self.seed)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._kept is not None:
+            self._kept.__exit__(*exc)
+
+
+class KeptRNG:
+    """The `random`, numpy and torch (CPU) generator states are put back after the block, in
+    the main process. In a DataLoader worker nothing else draws from them: nothing is saved
+    (the numpy state alone costs ~50 us to save and restore)."""
+
+    def __enter__(self) -> None:
+        in_worker = torch.utils.data.get_worker_info() is not None
+        self._states = None if in_worker else (
+            random.getstate(), np.random.get_state(), torch.random.get_rng_state())
 
     def __exit__(self, *exc: object) -> None:
         if self._states is None:
@@ -134,12 +149,24 @@ class TransformedDataset(torch.utils.data.Dataset):
         return len(self.base)
 
     def __getitem__(self, key):
+        return self._item(key, restore=True)
+
+    def __getitems__(self, keys: list) -> list:
+        """A batch's items (the DataLoader asks for them together): the same as one by one,
+        with the generators' states saved and put back once per batch, not once per image,
+        when every item carries its seed (unseeded items draw from the process's streams)."""
+        if not all(isinstance(key, tuple) for key in keys):
+            return [self._item(key, restore=True) for key in keys]
+        with KeptRNG():
+            return [self._item(key, restore=False) for key in keys]
+
+    def _item(self, key, restore: bool):
         index, seed = key if isinstance(key, tuple) else (key, None)
         image, label = self.base[index]
         try:
             if seed is None:
                 return self.transform(image), label
-            with SeededRNG(seed):
+            with SeededRNG(seed, restore):
                 return self.transform(image), label
         except (OSError, SyntaxError, EOFError) as error:
             # Pillow decodes a lazily opened file on first pixel access, inside the transform
