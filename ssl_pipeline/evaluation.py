@@ -545,7 +545,8 @@ def finetune_once(ctx: RunContext, subject: Subject, fraction: float, seed: int,
         model, fit = fit_finetuner(backbone, bundle.num_classes, *loaders[:2], settings,
                                    finetune_trainer_kwargs(ctx, stage), bundle.multi_label,
                                    checkpoint=checkpoint, checkpoint_minutes=minutes or 0.0,
-                                   metrics=ctx.run_dir / "metrics.jsonl", stage=stage)
+                                   metrics=ctx.run_dir / "metrics.jsonl", stage=stage,
+                                   quiet=ctx.quiet)
         this_call = fit.pop("this_call")
         ctx.count_images(len(train) * this_call["epochs"], this_call["seconds"])  # training images
         tried.append({"lr": settings.lr, "backbone_lr_ratio": settings.backbone_lr_ratio, **fit})

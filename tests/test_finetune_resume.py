@@ -58,7 +58,7 @@ class CrashAt(pl.Callback):
 SETTINGS = FinetuneSettings(epochs=4, optimizer="adamw", lr=3e-3, backbone_lr_ratio=0.5, weight_decay=1e-4)
 
 
-def fit(backbone, tmp_path, name, crash_at=None, seed=0, minutes=0.0):
+def fit(backbone, tmp_path, name, crash_at=None, seed=0, minutes=0.0, quiet=True):
     torch.manual_seed(seed)
     loaders = [seeded_train_loader(separable(48, 0), noisy, 16, seed=5),
                torch.utils.data.DataLoader(separable(32, 1), batch_size=16)]
@@ -69,8 +69,7 @@ def fit(backbone, tmp_path, name, crash_at=None, seed=0, minutes=0.0):
                   callbacks=[CrashAt(crash_at)] if crash_at is not None else [])
     model, result = fit_finetuner(copy.deepcopy(backbone), 2, *loaders, SETTINGS, kwargs,
                                   checkpoint=tmp_path / f"{name}.ckpt", checkpoint_minutes=minutes,
-                                  metrics=metrics,
-                                  stage="finetune/x")
+                                  metrics=metrics, stage="finetune/x", quiet=quiet)
     return model, result, metrics
 
 
@@ -78,7 +77,7 @@ def records(path):
     return [{k: v for k, v in json.loads(line).items() if k != "time"} for line in path.open()]
 
 
-def test_a_finetuning_run_resumed_after_a_crash_ends_as_an_uninterrupted_one(tmp_path):
+def test_a_finetuning_run_resumed_after_a_crash_ends_as_an_uninterrupted_one(tmp_path, capsys):
     torch.manual_seed(0)
     backbone = WithDropout()
     whole, whole_fit, whole_metrics = fit(backbone, tmp_path, "whole")
@@ -86,7 +85,10 @@ def test_a_finetuning_run_resumed_after_a_crash_ends_as_an_uninterrupted_one(tmp
     with pytest.raises(RuntimeError, match="simulated crash"):
         fit(backbone, tmp_path, "cut", crash_at=2)  # in epoch 3, after epochs 1 and 2 were saved
     # another seed: a resume that did not restore the generators would drop other features
-    resumed, resumed_fit, resumed_metrics = fit(backbone, tmp_path, "cut", seed=123)
+    resumed, resumed_fit, resumed_metrics = fit(backbone, tmp_path, "cut", seed=123, quiet=False)
+    said = capsys.readouterr().out
+    assert "finetune/x: resumed after epoch 2 of 4" in said
+    assert "2 records logged after it dropped from cut.jsonl" in said  # epoch 3's two steps
 
     assert resumed_fit["this_call"]["epochs"] == 2 and whole_fit["this_call"]["epochs"] == 4
     for key in ("val_top1", "best_epoch", "val_top1_by_epoch", "epochs_run", "stopped_by_budget"):

@@ -177,9 +177,9 @@ class EpochCheckpoint(pl.Callback):
     records `stage` logged after that checkpoint: the resumed run logs those steps again."""
 
     def __init__(self, path: Path, every_minutes: float = 0.0, metrics: Path | None = None,
-                 stage: str | None = None):
+                 stage: str | None = None, quiet: bool = True):
         self.path, self.every_seconds = Path(path), 60 * every_minutes
-        self.metrics, self.stage = metrics, stage
+        self.metrics, self.stage, self.quiet = metrics, stage, quiet
         self.seconds_before = 0.0  # trained before this fit call (from the checkpoint)
         self.resumed_epoch = 0
         self._restored: dict[str, Any] | None = None
@@ -194,8 +194,14 @@ class EpochCheckpoint(pl.Callback):
         # the loops' own state is restored later: the epochs come from ours
         self.resumed_epoch = self._epochs = self._restored["epochs"]
         self._step = self._restored["step"]
+        dropped = 0
         if self.metrics is not None and self.stage is not None:
-            drop_records_after(self.metrics, self.stage, self._restored["step"])
+            dropped = drop_records_after(self.metrics, self.stage, self._restored["step"])
+        if not self.quiet:
+            print(f"{self.stage or 'fine-tuning'}: resumed after epoch {self._epochs} of "
+                  f"{trainer.max_epochs} from {self.path}"
+                  + (f"; {dropped} records logged after it dropped from {self.metrics.name}"
+                     if dropped else ""), flush=True)
         self._restored = None
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
@@ -258,6 +264,7 @@ def fit_finetuner(
     checkpoint_minutes: float = 0.0,
     metrics: Path | None = None,
     stage: str | None = None,
+    quiet: bool = True,
 ) -> tuple[FineTuner, dict]:
     """Fine-tune `backbone` (modified in place): the model, holding its best validation epoch's
     weights, and how the training went. The test split is not touched.
@@ -266,7 +273,8 @@ def fit_finetuner(
     `checkpoint_minutes` (0: every epoch) and when it finishes, and a run started again with
     the same path goes on from it (a finished run's checkpoint returns its model at
     once); a checkpoint that does not read back whole is set aside with a warning. `metrics`
-    and `stage` name the metrics.jsonl records a resume replaces. The fit's `this_call` holds
+    and `stage` name the metrics.jsonl records a resume replaces; unless `quiet`, a resume
+    says so. The fit's `this_call` holds
     the epochs and seconds of this call alone (`epochs_run` and `seconds` count the whole run).
     """
     model = FineTuner(backbone, num_classes, settings, multi_label)
@@ -276,7 +284,7 @@ def fit_finetuner(
     callbacks = [keep, *trainer_kwargs.pop("callbacks", [])]
     saver, resume_from = None, None
     if checkpoint is not None:
-        saver = EpochCheckpoint(checkpoint, checkpoint_minutes, metrics, stage)
+        saver = EpochCheckpoint(checkpoint, checkpoint_minutes, metrics, stage, quiet)
         callbacks.append(saver)
         if checkpoint.exists() and reads_back_whole(checkpoint):
             resume_from = checkpoint
