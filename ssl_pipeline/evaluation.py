@@ -573,7 +573,7 @@ def as_grid(value: float | list[float]) -> list[float]:
 def finetune_trainer_kwargs(ctx: RunContext, stage: str) -> dict[str, Any]:
     """Lightning Trainer arguments of one fine-tuning run, logging under `stage`."""
     return dict(accelerator=ctx.resolved.accelerator, devices=1,
-                precision=ctx.resolved.precision,
+                precision=ctx.resolved.precision, deterministic=ctx.recipe.trainer.deterministic,
                 logger=[JSONLLogger(ctx.run_dir / "metrics.jsonl", stage=stage)],
                 enable_progress_bar=not ctx.quiet and on_terminal(sys.stdout),
                 enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1,

@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -256,6 +257,39 @@ def test_sigkill_and_resume_ends_with_the_weights_of_an_uninterrupted_run(
     # own line (logged just after the checkpoint is saved: a kill in between loses it).
     missing = set(step_records(tmp_path / "whole")) - set(records)
     assert {s for s, _ in missing} <= {step - 1}, sorted(missing)
+
+
+@pytest.mark.slow
+def test_sigkill_during_finetuning_and_resume_ends_as_an_uninterrupted_run(tmp_path, tiny_overrides):
+    """Killed with SIGKILL after a fine-tuning epoch checkpoint, `--resume` goes on from that
+    epoch and the run's result is the uninterrupted one's (validation history and test top-1)."""
+    overrides = [*tiny_overrides, "trainer.deterministic=true", "backbone.name=timm:test_resnet",
+                 "stages=[pretrain, finetune]", "pretrain.epochs=1", "eval.finetune.epochs=30",
+                 "eval.finetune.label_fractions=[1.0]", "eval.finetune.backbone_lr_ratio=0.1",
+                 "eval.baselines=[]", "eval.checkpoint_minutes=0"]
+    whole = cli_run([str(QUICKSTART), "--quiet", "--out", str(tmp_path / "whole"), *sets(overrides)])
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+
+    cut = tmp_path / "cut"
+    proc = cli_run([str(QUICKSTART), "--out", str(cut), *sets(overrides)], wait=False)
+    ckpt = cut / "runs/finetune/backbone/1.0/seed0.partial/setting0.ckpt"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and not ckpt.exists():
+        time.sleep(0.02)
+    time.sleep(0.5)  # a few epochs more: the kill lands mid-run, after the first checkpoint
+    assert proc.poll() is None, "the run ended before it could be killed: make it longer"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    resumed = cli_run(["--resume", str(cut)])
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    said = re.search(r"finetune/backbone/1.0/seed0: resumed after epoch (\d+) of 30", resumed.stdout)
+    assert said and 1 <= int(said.group(1)) < 30, resumed.stdout  # mid-run, not over
+    runs = [json.loads((d / "results.json").read_text())["finetune"]["by_fraction"]["1.0"]["by_seed"][0]
+            for d in (tmp_path / "whole", cut)]
+    for key in ("val_top1_by_epoch", "best_epoch", "top1", "epochs_run"):
+        assert runs[0][key] == runs[1][key], key
+    assert not ckpt.parent.exists()
 
 
 def _safe_records(run_dir: Path) -> list[tuple[int, str]]:
