@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(evaluate)
 
     estimate = sub.add_parser(
-        "estimate", help="time a few training steps here and project the pretraining stage's duration")
+        "estimate", help="time a few training steps here and project the duration of pretraining, "
+                         "feature extraction and fine-tuning")
     estimate.add_argument("recipe")
     estimate.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
     estimate.add_argument("--warmup", type=int, default=3, help="untimed first steps (default 3)")

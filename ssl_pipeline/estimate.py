@@ -1,4 +1,4 @@
-"""`ssl-pipeline estimate`: how long will the pretraining stage take on this hardware?
+"""`ssl-pipeline estimate`: how long will the recipe's stages take on this hardware?
 
 It builds the stage exactly as `run` does (data, views, backbone, method, loader, trainer and
 precision from the recipe), trains `warmup + steps` optimizer steps (a few dozen, far fewer
@@ -9,7 +9,12 @@ plus the k-NN). The projection is
 
     startup + steps x seconds per step + saves x seconds per save + monitor passes x seconds per pass
 
-capped by `pretrain.max_minutes`. Nothing is written outside a temporary directory.
+capped by `pretrain.max_minutes`. The evaluation stages are projected from timings of the
+same kind, on the pretraining architecture: feature extraction (images per second, times the
+splits and backbones that k-NN, the probes and few-shot extract once), and for fine-tuning and
+the classic probe a few training steps, one validation pass, one test pass and one checkpoint
+save, times the runs (backbones x label fractions x seeds x grid pairs), their epochs and
+`max_minutes` budgets. Nothing is written outside a temporary directory.
 """
 
 from __future__ import annotations
@@ -34,12 +39,15 @@ class StepTimer(pl.Callback):
     """When each training batch started and ended (after the optimizer step)."""
 
     def __init__(self):
-        self.fit_start = 0.0
+        self.fit_start = self.fit_end = 0.0
         self.starts: list[float] = []
         self.ends: list[float] = []
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.fit_start = time.perf_counter()
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self.fit_end = time.perf_counter()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.starts.append(time.perf_counter())
@@ -105,8 +113,127 @@ def estimate(recipe_path: str, overrides: list[str] = (), steps: int = 20, warmu
         save_seconds = _time(lambda: trainer.save_checkpoint(Path(tmp) / "timing.ckpt"))
         monitor = monitor_callback(ctx)
         monitor_seconds = _time(lambda: _monitor_pass(monitor, method)) if monitor else 0.0
-    return _project(recipe, resolved, timer, warmup, len(loader_), save_seconds, monitor_seconds,
-                    trainer.world_size)
+        figures = _project(recipe, resolved, timer, warmup, len(loader_), save_seconds,
+                           monitor_seconds, trainer.world_size)
+        evaluation = _evaluation(ctx, method.backbone, steps, warmup, quiet)
+    if evaluation:
+        figures["evaluation"] = evaluation
+        figures["projected_total_seconds"] = round(
+            figures["projected_seconds"] + evaluation["projected_seconds"], 1)
+    return figures
+
+
+FEATURE_STAGES = ("knn", "linear_probe", "few_shot")
+
+
+def _evaluation(ctx, backbone, steps: int, warmup: int, quiet: bool) -> dict[str, Any]:
+    """Projected seconds of the recipe's evaluation stages, from timings on `backbone` (the
+    pretraining architecture; its speed does not depend on its weights)."""
+    from ssl_pipeline.evaluation import Subject
+
+    recipe = ctx.recipe
+    backbones = 1 + ("random_init" in recipe.eval.baselines)  # the same architecture, same speed
+    subject = Subject("backbone", backbone)
+    out: dict[str, Any] = {}
+    if any(stage in recipe.stages for stage in FEATURE_STAGES):
+        if not quiet:
+            print("estimate: timing feature extraction", flush=True)
+        out["features"] = _feature_projection(ctx, subject, steps, backbones)
+        out["features"]["not_projected"] = ("the k-NN searches, linear-probe fits and few-shot "
+                                            "draws on the cached features")
+    for stage, classic in (("finetune", False), ("linear_probe_classic", True)):
+        if stage in recipe.stages:
+            if not quiet:
+                print(f"estimate: timing {stage} steps", flush=True)
+            out[stage] = _finetune_projection(ctx, subject, classic, steps, warmup, backbones)
+    if out:
+        out["projected_seconds"] = round(sum(part["projected_seconds"] for part in out.values()), 1)
+    return out
+
+
+def _feature_projection(ctx, subject, steps: int, backbones: int) -> dict[str, Any]:
+    from ssl_pipeline.compute import channels_last
+    from ssl_pipeline.data import TransformedDataset
+    from ssl_pipeline.evaluation import transform_for
+    from ssl_pipeline.features import extract_features
+
+    bundle, batch = ctx.data, ctx.recipe.eval.batch_size
+    images = min(len(bundle.train), batch * (steps + 1))
+    sample = torch.utils.data.Subset(bundle.train, range(images))
+    loader = torch.utils.data.DataLoader(TransformedDataset(sample, transform_for(subject, ctx)),
+                                         batch_size=batch, num_workers=ctx.recipe.data.num_workers)
+    device = "cuda" if ctx.resolved.accelerator == "gpu" else "cpu"
+    model = subject.backbone.to(device)
+    if ctx.recipe.trainer.channels_last:
+        channels_last(model)
+    extract_features(model, [next(iter(loader))], device)  # warm-up: kernels, thread pools
+    seconds = _time(lambda: extract_features(model, loader, device))
+    rate = images / seconds
+    total = sum(len(getattr(bundle, split)) for split in ("train", "val", "test"))
+    return {"images_per_second": round(rate, 1), "images": total * backbones,
+            "backbones": backbones,
+            "projected_seconds": round(total * backbones / rate, 1),
+            "note": "at most: features already in eval.cache_dir are read, not extracted"}
+
+
+def _finetune_projection(ctx, subject, classic: bool, steps: int, warmup: int,
+                         backbones: int) -> dict[str, Any]:
+    """Time `warmup + steps` steps of one run (its first grid pair), one validation and one
+    test pass and one checkpoint save; project every run of the stage."""
+    import copy
+    import dataclasses
+
+    from ssl_pipeline.evals.finetune import fit_finetuner, predict
+    from ssl_pipeline.evaluation import finetune_plan, finetune_trainer_kwargs
+
+    recipe, bundle = ctx.recipe, ctx.data
+    plan = finetune_plan(ctx, subject, 1.0, 0, classic)
+    settings = dataclasses.replace(plan.grid[0], epochs=10**6, max_minutes=None)
+    timer = StepTimer()
+    kwargs = finetune_trainer_kwargs(ctx, "estimate")
+    kwargs.update(logger=False, enable_progress_bar=False, max_steps=warmup + steps,
+                  limit_val_batches=0, callbacks=[timer, *kwargs.get("callbacks", [])])
+    torch.manual_seed(recipe.seed)
+    with tempfile.TemporaryDirectory(prefix="ssl_pipeline_estimate_ft_") as tmp:
+        model, _ = fit_finetuner(copy.deepcopy(subject.backbone).train(), bundle.num_classes,
+                                 *plan.loaders[:2], settings, kwargs, bundle.multi_label,
+                                 checkpoint=Path(tmp) / "timing.ckpt", checkpoint_minutes=1e9)
+        save_seconds = time.perf_counter() - timer.fit_end  # the one save, when the fit ends
+    val_seconds = _time(lambda: predict(model, plan.loaders[1]))
+    test_seconds = _time(lambda: predict(model, plan.loaders[2]))
+    n = len(timer.ends) - warmup
+    step = (timer.ends[-1] - timer.ends[warmup - 1] if warmup else timer.ends[-1] - timer.starts[0]) / n
+    minutes = recipe.eval.checkpoint_minutes
+    if classic:
+        probe = recipe.eval.linear_probe_classic
+        fractions = [(1.0, len(bundle.train), probe.seeds)]
+        epochs, budget = probe.epochs, probe.max_minutes
+    else:
+        cfg = recipe.eval.finetune
+        fractions = [(f, len(finetune_plan(ctx, subject, f, 0).train), recipe.eval.seeds if f < 1.0 else 1)
+                     for f in cfg.label_fractions]
+        epochs, budget = cfg.epochs, cfg.max_minutes
+    pairs = len(plan.grid)
+    total, count, by_fraction = 0.0, 0, []
+    for fraction, images, seeds in fractions:
+        steps_per_epoch = max(images // min(plan.batch, images), 1)
+        epoch_seconds = steps_per_epoch * step + val_seconds
+        epochs_run = epochs
+        if budget is not None and epochs * epoch_seconds > 60 * budget:
+            epochs_run = min(epochs, math.ceil(60 * budget / epoch_seconds))  # Lightning's max_time
+        train = min(epochs * epoch_seconds, 60 * budget) if budget is not None else epochs * epoch_seconds
+        saves = 0 if minutes is None else (epochs_run if minutes == 0 else 1 + int(train // (60 * minutes)))
+        run_seconds = pairs * (train + saves * save_seconds) + test_seconds
+        total += backbones * seeds * run_seconds
+        count += backbones * seeds * pairs
+        by_fraction.append({"fraction": fraction, "images": images, "steps_per_epoch": steps_per_epoch,
+                            "seeds": seeds, "epochs_run": epochs_run, "checkpoint_saves": saves,
+                            "seconds_per_run": round(run_seconds, 2)})
+    return {"seconds_per_step": round(step, 4), "images_per_second": round(plan.batch / step, 1),
+            "validation_pass_seconds": round(val_seconds, 3), "test_pass_seconds": round(test_seconds, 3),
+            "checkpoint_save_seconds": round(save_seconds, 3), "runs": count, "epochs": epochs,
+            "grid_pairs": pairs, "backbones": backbones, "by_fraction": by_fraction,
+            "projected_seconds": round(total, 1)}
 
 
 def _time(work) -> float:
@@ -198,6 +325,21 @@ def describe(e: dict[str, Any]) -> str:
          f"{e['startup_seconds']:.1f} s)"
          + (" - capped by pretrain.max_minutes" if e["stopped_by_budget"] else "")),
     ]
+    ev = e.get("evaluation")
+    if ev:
+        parts = []
+        if "features" in ev:
+            f = ev["features"]
+            parts.append(f"features {_duration(f['projected_seconds'])} (at most: {f['images']} "
+                         f"images at {f['images_per_second']:.0f}/s; not counted: {f['not_projected']})")
+        for stage in ("finetune", "linear_probe_classic"):
+            if stage in ev:
+                f = ev[stage]
+                parts.append(f"{stage} {_duration(f['projected_seconds'])} ({f['runs']} runs of "
+                             f"{f['epochs']} epochs at {f['images_per_second']:.0f} images/s, "
+                             f"validation {f['validation_pass_seconds']:.1f} s per epoch)")
+        lines.append(f"projected evaluation: {_duration(ev['projected_seconds'])}: " + "; ".join(parts))
+        lines.append(f"projected total: {_duration(e['projected_total_seconds'])}")
     return "\n".join(lines)
 
 

@@ -497,11 +497,20 @@ def classic_probe_result(ctx: RunContext, subject: Subject) -> dict[str, Any] | 
     }
 
 
-def finetune_once(ctx: RunContext, subject: Subject, fraction: float, seed: int,
-                  scratch: Path | None = None, classic: bool = False) -> dict[str, Any]:
-    """One fine-tuning run, or one per (lr, backbone_lr_ratio) pair of a grid with the pair
-    best on validation reported; `classic`: the classic linear probe instead (frozen backbone).
-    With `scratch`, each setting's epoch checkpoints go there and a rerun goes on from them."""
+@dataclass
+class FinetunePlan:
+    """One fine-tuning (or classic-probe) run's data and settings: what `finetune_once` trains
+    and `ssl-pipeline estimate` times."""
+    name: str  # the run's name under runs/ and in metrics.jsonl
+    train: torch.utils.data.Dataset  # the label fraction's images
+    subset: str  # how they were drawn
+    batch: int
+    loaders: list[torch.utils.data.DataLoader]  # train (augmented, seeded), val, test
+    grid: list[FinetuneSettings]  # one per (lr, backbone_lr_ratio) pair
+
+
+def finetune_plan(ctx: RunContext, subject: Subject, fraction: float, seed: int,
+                  classic: bool = False) -> FinetunePlan:
     cfg, bundle = ctx.recipe.eval.finetune, ctx.data
     probe = ctx.recipe.eval.linear_probe_classic
     p = subject.backbone.preprocessing
@@ -534,6 +543,18 @@ def finetune_once(ctx: RunContext, subject: Subject, fraction: float, seed: int,
         grid = [FinetuneSettings(cfg.epochs, cfg.optimizer, lr, ratio, cfg.weight_decay, cfg.max_minutes)
                 for lr in as_grid(cfg.lr) for ratio in as_grid(cfg.backbone_lr_ratio)]
         name = f"finetune/{subject.name}/{fraction}/seed{seed}"
+    return FinetunePlan(name, train, subset, batch, loaders, grid)
+
+
+def finetune_once(ctx: RunContext, subject: Subject, fraction: float, seed: int,
+                  scratch: Path | None = None, classic: bool = False) -> dict[str, Any]:
+    """One fine-tuning run, or one per (lr, backbone_lr_ratio) pair of a grid with the pair
+    best on validation reported; `classic`: the classic linear probe instead (frozen backbone).
+    With `scratch`, each setting's epoch checkpoints go there and a rerun goes on from them."""
+    bundle = ctx.data
+    plan = finetune_plan(ctx, subject, fraction, seed, classic)
+    name, train, subset, batch, loaders, grid = (plan.name, plan.train, plan.subset, plan.batch,
+                                                 plan.loaders, plan.grid)
     tried, best = [], None
     minutes = ctx.recipe.eval.checkpoint_minutes
     for i, settings in enumerate(grid):

@@ -64,3 +64,40 @@ def test_what_cannot_be_estimated_is_a_clear_error(tiny_overrides, override, mes
     with pytest.raises(SSLPipelineError, match=message):
         estimate(QUICKSTART, [*tiny_overrides, override, "eval.backbone=x"], steps=4, warmup=1,
                  quiet=True)
+
+
+def test_estimate_projects_finetuning_runs_and_feature_extraction(tiny_overrides):
+    """Every fine-tuning run is projected (backbone and random init, each label fraction's
+    seeds, each grid pair), from the timed step, validation, test and save; per-run budgets
+    cap the training; features are projected for every split of both backbones."""
+    overrides = [*tiny_overrides, "data.fake.train_samples=64", "stages=[pretrain, knn, finetune]",
+                 "eval.baselines=[random_init, raw_pixels]", "eval.seeds=2",
+                 "eval.finetune.label_fractions=[0.5, 1.0]", "eval.finetune.epochs=3",
+                 "eval.finetune.batch_size=16", "eval.finetune.lr=[0.01, 0.001]",
+                 "eval.finetune.backbone_lr_ratio=0.1", "eval.checkpoint_minutes=0"]
+    e = estimate(QUICKSTART, overrides, steps=3, warmup=1, quiet=True)
+    ft = e["evaluation"]["finetune"]
+    assert ft["runs"] == 2 * (2 + 1) * 2 and ft["grid_pairs"] == 2 and ft["backbones"] == 2
+    half, whole = ft["by_fraction"]
+    assert (half["seeds"], whole["seeds"]) == (2, 1) and whole["images"] == 64
+    assert whole["steps_per_epoch"] == 4 and half["steps_per_epoch"] == half["images"] // 16
+    expected = 0.0
+    for part in (half, whole):
+        pair = 3 * (part["steps_per_epoch"] * ft["seconds_per_step"] + ft["validation_pass_seconds"]) \
+            + 3 * ft["checkpoint_save_seconds"]  # a save every epoch (checkpoint_minutes=0)
+        expected += 2 * part["seeds"] * (2 * pair + ft["test_pass_seconds"])
+    assert ft["projected_seconds"] == pytest.approx(expected, abs=0.06), (ft["projected_seconds"], expected)
+    features = e["evaluation"]["features"]
+    assert features["images"] == 2 * (64 + 16 + 16)
+    assert features["projected_seconds"] == pytest.approx(
+        features["images"] / features["images_per_second"], abs=0.1)
+    assert e["projected_total_seconds"] == pytest.approx(
+        e["projected_seconds"] + e["evaluation"]["projected_seconds"], abs=0.2)
+
+    budget = 1e-4  # minutes per run: each run stops after its first epoch
+    capped = estimate(QUICKSTART, [*overrides, f"eval.finetune.max_minutes={budget}"], steps=3,
+                      warmup=1, quiet=True)["evaluation"]["finetune"]
+    assert all(part["epochs_run"] == 1 and part["checkpoint_saves"] == 1 for part in capped["by_fraction"])
+    most = sum(2 * p["seeds"] * (2 * (60 * budget + capped["checkpoint_save_seconds"])
+                                 + capped["test_pass_seconds"]) for p in capped["by_fraction"])
+    assert capped["projected_seconds"] == pytest.approx(most, abs=0.06), (capped["projected_seconds"], most)
