@@ -69,15 +69,16 @@ class ResumableSampler(torch.utils.data.Sampler):
     the next iteration start `skip` images into that epoch's share.
     """
 
-    def __init__(self, size: int, seed: int, shuffle: bool = True):
+    def __init__(self, size: int, seed: int, shuffle: bool = True, shard: bool = True):
         if size < 1:
             raise SSLPipelineError("the training split is empty: nothing to pretrain on")
         self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.shard = shard  # False: the whole epoch for this process, in a process group too
         self.epoch = 0
         self.skip = 0
 
     def __len__(self) -> int:
-        return self.size // _rank_and_world()[1]  # a full epoch, also when resuming part-way
+        return self.size // self._rank_and_world()[1]  # a full epoch, also when resuming part-way
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
@@ -93,8 +94,11 @@ class ResumableSampler(torch.utils.data.Sampler):
         generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch))
         return torch.randperm(self.size, generator=generator)
 
+    def _rank_and_world(self) -> tuple[int, int]:
+        return _rank_and_world() if self.shard else (0, 1)
+
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        rank, world = _rank_and_world()
+        rank, world = self._rank_and_world()
         epoch, skip = self.epoch, self.skip
         self.skip = 0  # only the first iteration after a resume starts part-way
         share = self.order(epoch)[: (self.size // world) * world][rank::world]

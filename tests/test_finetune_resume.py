@@ -10,6 +10,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
+from ssl_pipeline import resume
 from ssl_pipeline.backbones import create_backbone
 from ssl_pipeline.evals.finetune import (
     EpochCheckpoint,
@@ -137,3 +138,13 @@ def test_checkpoints_come_every_n_minutes_and_when_the_run_finishes(tmp_path, mo
     _, again, _ = fit(backbone, tmp_path, "slow", minutes=60)
     assert again["this_call"]["epochs"] == 0 and saved_epochs == [4]  # nothing to train or save
     assert again["val_top1_by_epoch"] == result["val_top1_by_epoch"]
+
+
+def test_the_finetuning_loader_takes_every_image_in_a_process_group_too(monkeypatch):
+    """Rank 0 fine-tunes alone after DDP pretraining, with the process group still up: its
+    loader must not take only its DDP share of the images."""
+    monkeypatch.setattr(resume, "_rank_and_world", lambda: (0, 2))
+    loader = seeded_train_loader(separable(48, 0), noisy, 16, seed=5)
+    labels = torch.cat([y for _, y in loader])
+    assert len(labels) == 48 and len(loader) == 3
+    assert len(resume.ResumableSampler(48, seed=5)) == 24  # pretraining's sampler does shard

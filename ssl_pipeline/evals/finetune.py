@@ -8,10 +8,10 @@ images (SimSiam's and MoCo's protocol: LARS, 90 epochs, random resized crops and
 The best weights are kept as a copy (not a reference: MedMNIST's reference script kept a
 reference to its "best" model and so saved the last epoch).
 
-Given a checkpoint path, a run saves its whole state there at every epoch end (weights,
-optimizer, schedule, the best epoch's copy, the time budget spent, the random-number
-generators) and, started again with the same path, goes on from its last finished epoch: on
-the same device it ends with the weights an uninterrupted run would have.
+Given a checkpoint path, a run saves its whole state there (weights, optimizer, schedule, the
+best epoch's copy, the time budget spent, the random-number generators) at epoch ends, every
+epoch or every few minutes, and when it finishes; started again with the same path, it goes on
+from there: on the same device it ends with the weights an uninterrupted run would have.
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ def seeded_train_loader(dataset: torch.utils.data.Dataset, transform, batch_size
     batch_size = min(batch_size, len(dataset))
     return torch.utils.data.DataLoader(
         TransformedDataset(dataset, transform), batch_size=batch_size,
-        sampler=ResumableSampler(len(dataset), seed), drop_last=len(dataset) > batch_size,
+        # not sharded: fine-tuning runs in one process, also on rank 0 after DDP pretraining
+        sampler=ResumableSampler(len(dataset), seed, shard=False), drop_last=len(dataset) > batch_size,
         num_workers=num_workers,
         # its own generator: making the iterator does not draw from the global one
         generator=torch.Generator().manual_seed(seed))
@@ -271,11 +272,11 @@ def fit_finetuner(
 
     With `checkpoint`, the run's state is saved there at the end of an epoch every
     `checkpoint_minutes` (0: every epoch) and when it finishes, and a run started again with
-    the same path goes on from it (a finished run's checkpoint returns its model at
-    once); a checkpoint that does not read back whole is set aside with a warning. `metrics`
-    and `stage` name the metrics.jsonl records a resume replaces; unless `quiet`, a resume
-    says so. The fit's `this_call` holds
-    the epochs and seconds of this call alone (`epochs_run` and `seconds` count the whole run).
+    the same path goes on from it (a finished run's checkpoint returns its model at once); a
+    checkpoint that does not read back whole is set aside with a warning. `metrics` and
+    `stage` name the metrics.jsonl records a resume replaces; unless `quiet`, a resume says
+    so. The fit's `this_call` holds the epochs and seconds of this call alone (`epochs_run`
+    and `seconds` count the whole run).
     """
     model = FineTuner(backbone, num_classes, settings, multi_label)
     keep = KeepBest()
