@@ -216,6 +216,25 @@ def test_two_process_ddp_runs_pretraining_and_evaluation_end_to_end(tmp_path, me
         assert all(torch.equal(first[k], second[k]) for k in first)
 
 
+@pytest.mark.slow
+def test_rank_0_finetunes_on_every_image_after_ddp_pretraining(tmp_path):
+    """After DDP pretraining the process group is still up while rank 0 fine-tunes alone: its
+    loader takes every training image (not its DDP half), with a checkpoint each epoch."""
+    overrides = [*DDP, "stages=[pretrain,finetune]", "eval.baselines=[]", "eval.finetune.epochs=2",
+                 "eval.finetune.batch_size=16", "eval.finetune.label_fractions=[1.0]",
+                 "eval.finetune.backbone_lr_ratio=0.1", "eval.checkpoint_minutes=0",
+                 f"eval.cache_dir={tmp_path / 'cache'}"]
+    done = cli([str(QUICKSTART), "--out", str(tmp_path / "run"), *sets(overrides)], cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    run = results["finetune"]["by_fraction"]["1.0"]["by_seed"][0]
+    assert run["train_samples"] == 64 and run["epochs_run"] == 2
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    steps = [r for r in records if r.get("stage") == "finetune/backbone/1.0/seed0" and "finetune/loss_step" in r]
+    assert len(steps) == 2 * 64 // 16  # 4 batches of 16 per epoch: all 64 images, not 32
+    assert not (tmp_path / "run" / "runs/finetune/backbone/1.0/seed0.partial").exists()
+
+
 def assert_features_as_one_process_extracts_them(run_dir: Path, cache: Path) -> None:
     """The 2 processes extracted the features of each split together (a shard each, gathered
     on rank 0): the cached arrays are what one process extracts, row for row."""
