@@ -210,8 +210,8 @@ def _finetune_projection(ctx, subject, classic: bool, steps: int, warmup: int,
         epochs, budget = probe.epochs, probe.max_minutes
     else:
         cfg = recipe.eval.finetune
-        fractions = [(f, len(finetune_plan(ctx, subject, f, 0).train), recipe.eval.seeds if f < 1.0 else 1)
-                     for f in cfg.label_fractions]
+        fractions = [(f, len(finetune_plan(ctx, subject, f, 0).train),
+                      recipe.eval.seeds if f < 1.0 else cfg.full_data_seeds) for f in cfg.label_fractions]
         epochs, budget = cfg.epochs, cfg.max_minutes
     pairs = len(plan.grid)
     total, count, by_fraction = 0.0, 0, []

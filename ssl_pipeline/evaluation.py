@@ -414,7 +414,7 @@ def finetune_result(ctx: RunContext, subject: Subject) -> dict[str, Any] | None:
     for fraction in cfg.label_fractions:
         runs = [kept_run(ctx, subject, f"finetune/{subject.name}/{fraction}/seed{seed}",
                          partial(finetune_once, ctx, subject, fraction, seed))
-                for seed in range(seeds if fraction < 1.0 else 1)]
+                for seed in range(seeds if fraction < 1.0 else cfg.full_data_seeds)]
         top1 = [r["top1"] for r in runs]
         aucs = [r.get("auc") for r in runs]
         by_fraction[str(fraction)] = {

@@ -257,6 +257,9 @@ class FinetuneConfig(Strict):
     # pretrained backbone often a higher one); the cost is one fine-tuning run per pair.
     weight_decay: float = Field(1e-4, ge=0)
     max_minutes: float | None = Field(None, gt=0)  # per fine-tuning run
+    # Runs at 100% of the labels (seeds 0..N-1: head init, batch order and augmentation); fractions
+    # below 1 repeat over eval.seeds (their subsets differ too). 1 follows SimCLR's protocol.
+    full_data_seeds: int = Field(1, ge=1)
     # A fraction's images from a list file instead of a class-balanced seeded draw, e.g.
     # SimCLR's ImageNet lists: {0.01: 1percent.txt, 0.1: 10percent.txt} (one file name per line).
     subset_files: dict[float, str] = Field(default_factory=dict)

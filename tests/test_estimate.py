@@ -74,12 +74,13 @@ def test_estimate_projects_finetuning_runs_and_feature_extraction(tiny_overrides
                  "eval.baselines=[random_init, raw_pixels]", "eval.seeds=2",
                  "eval.finetune.label_fractions=[0.5, 1.0]", "eval.finetune.epochs=3",
                  "eval.finetune.batch_size=16", "eval.finetune.lr=[0.01, 0.001]",
-                 "eval.finetune.backbone_lr_ratio=0.1", "eval.checkpoint_minutes=0"]
+                 "eval.finetune.backbone_lr_ratio=0.1", "eval.checkpoint_minutes=0",
+                 "eval.finetune.full_data_seeds=3"]
     e = estimate(QUICKSTART, overrides, steps=3, warmup=1, quiet=True)
     ft = e["evaluation"]["finetune"]
-    assert ft["runs"] == 2 * (2 + 1) * 2 and ft["grid_pairs"] == 2 and ft["backbones"] == 2
+    assert ft["runs"] == 2 * (2 + 3) * 2 and ft["grid_pairs"] == 2 and ft["backbones"] == 2
     half, whole = ft["by_fraction"]
-    assert (half["seeds"], whole["seeds"]) == (2, 1) and whole["images"] == 64
+    assert (half["seeds"], whole["seeds"]) == (2, 3) and whole["images"] == 64
     assert whole["steps_per_epoch"] == 4 and half["steps_per_epoch"] == half["images"] // 16
     expected = 0.0
     for part in (half, whole):

@@ -400,3 +400,25 @@ def test_a_finetuning_run_killed_mid_run_goes_on_from_its_last_epoch(tiny_overri
     steps = [r["step"] for r in records if r.get("stage") == "finetune/backbone/1.0/seed0/lr0.01_ratio0.1"
              and "finetune/loss_step" in r]
     assert steps == sorted(set(steps))  # no training step logged twice
+
+
+def test_full_data_finetuning_repeats_over_its_own_seeds(tiny_overrides, tmp_path):
+    """`finetune.full_data_seeds` runs 100% of the labels that many times (the seed draws the
+    head's init, the batch order and the augmentations) and reports their mean and std."""
+    overrides = [*tiny_overrides, "pretrain.epochs=1", "stages=[pretrain, finetune]", "eval.baselines=[]",
+                 "eval.finetune.epochs=2", "eval.finetune.label_fractions=[1.0]",
+                 "eval.finetune.backbone_lr_ratio=0.1", "eval.finetune.full_data_seeds=2"]
+    result = ssl_pipeline.run(QUICKSTART, overrides=overrides, out_dir=tmp_path / "run", quiet=True)
+    full = result.results["finetune"]["by_fraction"]["1.0"]
+    assert full["seeds"] == 2 and [r["seed"] for r in full["by_seed"]] == [0, 1]
+    histories = [r["val_top1_by_epoch"] for r in full["by_seed"]]
+    losses = {}
+    for line in (result.run_dir / "metrics.jsonl").open():
+        record = json.loads(line)
+        if "finetune/loss_step" in record:
+            losses.setdefault(record["stage"], []).append(record["finetune/loss_step"])
+    assert set(losses) == {"finetune/backbone/1.0/seed0", "finetune/backbone/1.0/seed1"}
+    assert losses["finetune/backbone/1.0/seed0"] != losses["finetune/backbone/1.0/seed1"]  # other draws
+    top1 = [r["top1"] for r in full["by_seed"]]
+    assert full["top1"] == pytest.approx(np.mean(top1)) and full["top1_std"] == pytest.approx(np.std(top1, ddof=1))
+    assert all(len(h) == 2 for h in histories)
