@@ -11,7 +11,8 @@ plus the k-NN). The projection is
 
 capped by `pretrain.max_minutes`. The evaluation stages are projected from timings of the
 same kind, on the pretraining architecture: feature extraction (images per second, times the
-splits and backbones that k-NN, the probes and few-shot extract once), and for fine-tuning and
+splits and backbones that k-NN, the probes and few-shot extract once), k-NN and the linear
+probe on random features of the real dimensions (a sample of the real sizes, scaled), and for fine-tuning and
 the classic probe a few training steps, one validation pass, one test pass and one checkpoint
 save, times the runs (backbones x label fractions x seeds x grid pairs), their epochs and
 `max_minutes` budgets. Nothing is written outside a temporary directory.
@@ -139,8 +140,11 @@ def _evaluation(ctx, backbone, steps: int, warmup: int, quiet: bool) -> dict[str
         if not quiet:
             print("estimate: timing feature extraction", flush=True)
         out["features"] = _feature_projection(ctx, subject, steps, backbones)
-        out["features"]["not_projected"] = ("the k-NN searches, linear-probe fits and few-shot "
-                                            "draws on the cached features")
+    for stage in ("knn", "linear_probe"):
+        if stage in recipe.stages:
+            if not quiet:
+                print(f"estimate: timing {stage} on features of the data's sizes", flush=True)
+            out[stage] = _cached_feature_projection(ctx, stage, backbone.feature_dim, backbones)
     for stage, classic in (("finetune", False), ("linear_probe_classic", True)):
         if stage in recipe.stages:
             if not quiet:
@@ -174,6 +178,58 @@ def _feature_projection(ctx, subject, steps: int, backbones: int) -> dict[str, A
             "backbones": backbones,
             "projected_seconds": round(total * backbones / rate, 1),
             "note": "at most: features already in eval.cache_dir are read, not extracted"}
+
+
+def _cached_feature_projection(ctx, stage: str, feature_dim: int, backbones: int) -> dict[str, Any]:
+    """k-NN or the linear probe on random features of the real dimensions, timed on a sample
+    of the real sizes and scaled: brute-force k-NN by bank rows x queries, the probe by
+    training rows x epochs (its settings train together, then its seeds)."""
+    import numpy as np
+
+    from ssl_pipeline.evals.knn import knn_classify
+    from ssl_pipeline.evals.linear_probe import linear_probe
+
+    recipe, bundle = ctx.recipe, ctx.data
+    n_train, n_val, n_test = (len(getattr(bundle, split)) for split in ("train", "val", "test"))
+    dims = [feature_dim] * backbones
+    pixels = bundle.channels * bundle.image_size ** 2
+    if "raw_pixels" in recipe.eval.baselines and pixels <= recipe.eval.raw_pixels_max_dims:
+        dims.append(pixels)
+    classes, rng = bundle.num_classes, np.random.default_rng(0)
+
+    def features(n: int, d: int) -> tuple[np.ndarray, np.ndarray]:
+        return rng.standard_normal((n, d), dtype=np.float32), rng.integers(0, classes, n)
+
+    seconds, timed = 0.0, {}
+    for d in dims:
+        if d not in timed:
+            if stage == "knn":
+                ks = [k for k, _ in recipe.eval.knn.settings]
+                bank, queries = min(n_train, 20_000), min(n_test, 2_000)
+                (x, y), (q, _) = features(bank, d), features(queries, d)
+                knn_classify(x[:100], y[:100], q[:10], classes, ks=(1,))  # warm-up
+                t = _time(lambda: knn_classify(x, y, q, classes, ks=tuple(ks), temperature=0.1))
+                timed[d] = t * (n_train * n_test) / (bank * queries)
+            else:
+                cfg = recipe.eval.linear_probe
+                rows = min(n_train, 50 * cfg.batch_size)
+                train, val, test = features(rows, d), features(min(n_val, rows), d), features(min(n_test, rows), d)
+                grid = {"lr": tuple(cfg.lr_grid), "weight_decay": tuple(cfg.weight_decay_grid)}
+
+                def probe(epochs: int) -> float:
+                    return _time(lambda: linear_probe(*train, *val, *test, classes, grid=grid,
+                                                      seeds=recipe.eval.seeds, epochs=epochs,
+                                                      batch_size=cfg.batch_size))
+
+                probe(1)  # warm-up
+                one, three = probe(1), probe(3)  # the epochs' cost apart from the fixed part
+                per_epoch = max(three - one, 0.0) / 2
+                timed[d] = (max(one - per_epoch, 0.0) + per_epoch * cfg.epochs) * n_train / rows
+                if cfg.max_minutes is not None:
+                    timed[d] = min(timed[d], 60 * cfg.max_minutes)
+        seconds += timed[d]
+    return {"subjects": len(dims), "dimensions": sorted(set(dims)),
+            "projected_seconds": round(seconds, 1)}
 
 
 def _finetune_projection(ctx, subject, classic: bool, steps: int, warmup: int,
@@ -331,7 +387,11 @@ def describe(e: dict[str, Any]) -> str:
         if "features" in ev:
             f = ev["features"]
             parts.append(f"features {_duration(f['projected_seconds'])} (at most: {f['images']} "
-                         f"images at {f['images_per_second']:.0f}/s; not counted: {f['not_projected']})")
+                         f"images at {f['images_per_second']:.0f}/s)")
+        for stage in ("knn", "linear_probe"):
+            if stage in ev:
+                parts.append(f"{stage} {_duration(ev[stage]['projected_seconds'])} "
+                             f"({ev[stage]['subjects']} backbones and baselines)")
         for stage in ("finetune", "linear_probe_classic"):
             if stage in ev:
                 f = ev[stage]

@@ -35,6 +35,8 @@ def test_estimate_projects_the_stage_from_a_few_steps(tmp_path, tiny_overrides, 
     assert e["images_per_second"] == pytest.approx(16 / e["seconds_per_step"], rel=0.01)
     assert e["peak_memory_mb"] > 0 and e["bound_by"] in ("compute", "data loading")
     assert "projected:" in printed and "bound by:" in printed
+    assert set(e["evaluation"]) == {"features", "knn", "linear_probe", "finetune", "projected_seconds"}
+    assert "projected evaluation:" in printed and "projected total:" in printed
     assert not list(tmp_path.glob("reports*"))  # nothing written but the JSON asked for
 
 
@@ -92,6 +94,10 @@ def test_estimate_projects_finetuning_runs_and_feature_extraction(tiny_overrides
     assert features["images"] == 2 * (64 + 16 + 16)
     assert features["projected_seconds"] == pytest.approx(
         features["images"] / features["images_per_second"], abs=0.1)
+    knn = e["evaluation"]["knn"]  # the backbone, random init and raw pixels (3 x 16 x 16 = 768)
+    assert knn["subjects"] == 3 and knn["dimensions"] == [512, 768]  # ResNet-18's features, pixels
+    parts = [e["evaluation"][k]["projected_seconds"] for k in ("features", "knn", "finetune")]
+    assert e["evaluation"]["projected_seconds"] == pytest.approx(sum(parts), abs=0.2)
     assert e["projected_total_seconds"] == pytest.approx(
         e["projected_seconds"] + e["evaluation"]["projected_seconds"], abs=0.2)
 
