@@ -225,3 +225,12 @@ def test_each_imagenet_recipe_runs_end_to_end_on_a_miniature_ilsvrc_folder(tmp_p
     assert data["sizes"]["test"] == (100 if hundred else 16)  # ImageNet's val set is the test split
     state = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert state["global_step"] == 3
+
+    # the estimate projects the fine-tuning runs the pipeline did: both backbones' fractions x seeds
+    from ssl_pipeline.estimate import estimate
+
+    projected = estimate(str(path), overrides, steps=2, warmup=1, quiet=True)["evaluation"]
+    done = [results["finetune"], results["baselines"]["random_init"]["finetune"]]
+    assert projected["finetune"]["runs"] == sum(len(f["by_seed"]) for r in done
+                                                for f in r["by_fraction"].values())
+    assert projected["projected_seconds"] > 0
