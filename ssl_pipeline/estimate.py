@@ -61,10 +61,47 @@ class StepTimer(pl.Callback):
 
 def estimate(recipe_path: str, overrides: list[str] = (), steps: int = 20, warmup: int = 3,
              quiet: bool = False) -> dict[str, Any]:
-    """Time `warmup + steps` training steps of the recipe and project its pretraining stage."""
+    """Time `warmup + steps` training steps of the recipe and project its pretraining stage,
+    then its evaluation stages. Without a pretrain stage, the evaluation stages alone, on the
+    recipe's `eval.backbone`."""
+    from ssl_pipeline.evaluation import evaluated_backbone
+    from ssl_pipeline.pipeline import _quiet_lightning, data_facts, resolve
+    from ssl_pipeline.recipe import load_recipe
+    from ssl_pipeline.stages import RunContext
+
+    if steps < 1 or warmup < 0:
+        raise SSLPipelineError("estimate needs --steps of at least 1 and --warmup of at least 0")
+    recipe = load_recipe(recipe_path, list(overrides))
+    pretrain = "pretrain" in recipe.stages
+    if not pretrain and recipe.eval.backbone is None:
+        raise SSLPipelineError(
+            f"{recipe_path} has no pretrain stage and no eval.backbone: nothing to estimate "
+            "(give the backbone to evaluate with --set eval.backbone=PATH)")
+    short = recipe.model_copy(update={"pretrain": recipe.pretrain.model_copy(
+        update={"max_steps": warmup + steps, "max_minutes": None})})
+    _quiet_lightning()
+    resolved = resolve(short)
+    with tempfile.TemporaryDirectory(prefix="ssl_pipeline_estimate_") as tmp:
+        ctx = RunContext(short, Path(tmp), resolved, quiet=True)
+        resolved.data = data_facts(ctx)
+        if pretrain:
+            figures, backbone = _pretraining(ctx, recipe, recipe_path, steps, warmup, quiet)
+        else:
+            backbone = evaluated_backbone(ctx)
+            figures = {"projected_seconds": 0.0, "device": resolved.accelerator,
+                       "precision": resolved.precision, "world_size": 1}
+        evaluation = _evaluation(ctx, backbone, steps, warmup, quiet)
+    if evaluation:
+        figures["evaluation"] = evaluation
+        figures["projected_total_seconds"] = round(
+            figures["projected_seconds"] + evaluation["projected_seconds"], 1)
+    return figures
+
+
+def _pretraining(ctx, recipe, recipe_path: str, steps: int, warmup: int, quiet: bool):
+    """The pretraining stage's projection and the backbone it trained a few steps."""
     from ssl_pipeline.compute import ChannelsLast
     from ssl_pipeline.data.transforms import fit_views
-    from ssl_pipeline.pipeline import _quiet_lightning, data_facts, resolve
     from ssl_pipeline.pretrain import (
         build_backbone,
         build_method,
@@ -73,55 +110,36 @@ def estimate(recipe_path: str, overrides: list[str] = (), steps: int = 20, warmu
         monitor_callback,
         train_loader,
     )
-    from ssl_pipeline.recipe import load_recipe
-    from ssl_pipeline.stages import RunContext
 
-    if steps < 1 or warmup < 0:
-        raise SSLPipelineError("estimate needs --steps of at least 1 and --warmup of at least 0")
-    recipe = load_recipe(recipe_path, list(overrides))
-    if "pretrain" not in recipe.stages:
-        raise SSLPipelineError(f"{recipe_path} has no pretrain stage to estimate")
+    short, resolved, tmp = ctx.recipe, ctx.resolved, ctx.run_dir
     measured_steps = warmup + steps
-    short = recipe.model_copy(update={"pretrain": recipe.pretrain.model_copy(
-        update={"max_steps": measured_steps, "max_minutes": None})})
-    _quiet_lightning()
-    resolved = resolve(short)
-    with tempfile.TemporaryDirectory(prefix="ssl_pipeline_estimate_") as tmp:
-        ctx = RunContext(short, Path(tmp), resolved, quiet=True)
-        resolved.data = data_facts(ctx)
-        views = fit_views(resolved.data["image_size"], resolved.data["channels"],
-                          short.views.model_dump())
-        resolved.views = asdict(views)
-        if not quiet:
-            print(f"estimate: timing {measured_steps} training steps of {recipe_path} "
-                  f"({warmup} to warm up, then {steps})", flush=True)
-        pl.seed_everything(short.seed, verbose=False)
-        backbone = build_backbone(short, ctx)
-        method = build_method(short, backbone, ctx.data.num_classes, resolved.effective_lr)
-        method.device_views = device_views(ctx, method)
-        if short.trainer.compile:
-            method.backbone.compile()
-        loader_ = train_loader(ctx, method)
-        timer = StepTimer()
-        callbacks = [timer] + ([ChannelsLast()] if short.trainer.channels_last else [])
-        trainer = build_trainer(ctx, callbacks, loggers=[])
-        trainer.fit(method, loader_)
-        if len(timer.ends) < measured_steps:
-            raise SSLPipelineError(
-                f"only {len(timer.ends)} steps ran ({len(loader_)} batches per epoch); "
-                "lower --steps, or give the recipe more data"
-            )
-        save_seconds = _time(lambda: trainer.save_checkpoint(Path(tmp) / "timing.ckpt"))
-        monitor = monitor_callback(ctx)
-        monitor_seconds = _time(lambda: _monitor_pass(monitor, method)) if monitor else 0.0
-        figures = _project(recipe, resolved, timer, warmup, len(loader_), save_seconds,
-                           monitor_seconds, trainer.world_size)
-        evaluation = _evaluation(ctx, method.backbone, steps, warmup, quiet)
-    if evaluation:
-        figures["evaluation"] = evaluation
-        figures["projected_total_seconds"] = round(
-            figures["projected_seconds"] + evaluation["projected_seconds"], 1)
-    return figures
+    views = fit_views(resolved.data["image_size"], resolved.data["channels"], short.views.model_dump())
+    resolved.views = asdict(views)
+    if not quiet:
+        print(f"estimate: timing {measured_steps} training steps of {recipe_path} "
+              f"({warmup} to warm up, then {steps})", flush=True)
+    pl.seed_everything(short.seed, verbose=False)
+    backbone = build_backbone(short, ctx)
+    method = build_method(short, backbone, ctx.data.num_classes, resolved.effective_lr)
+    method.device_views = device_views(ctx, method)
+    if short.trainer.compile:
+        method.backbone.compile()
+    loader_ = train_loader(ctx, method)
+    timer = StepTimer()
+    callbacks = [timer] + ([ChannelsLast()] if short.trainer.channels_last else [])
+    trainer = build_trainer(ctx, callbacks, loggers=[])
+    trainer.fit(method, loader_)
+    if len(timer.ends) < measured_steps:
+        raise SSLPipelineError(
+            f"only {len(timer.ends)} steps ran ({len(loader_)} batches per epoch); "
+            "lower --steps, or give the recipe more data"
+        )
+    save_seconds = _time(lambda: trainer.save_checkpoint(Path(tmp) / "timing.ckpt"))
+    monitor = monitor_callback(ctx)
+    monitor_seconds = _time(lambda: _monitor_pass(monitor, method)) if monitor else 0.0
+    figures = _project(recipe, resolved, timer, warmup, len(loader_), save_seconds,
+                       monitor_seconds, trainer.world_size)
+    return figures, method.backbone
 
 
 FEATURE_STAGES = ("knn", "linear_probe", "few_shot")
@@ -184,52 +202,55 @@ def _cached_feature_projection(ctx, stage: str, feature_dim: int, backbones: int
     """k-NN or the linear probe on random features of the real dimensions, timed on a sample
     of the real sizes and scaled: brute-force k-NN by bank rows x queries, the probe by
     training rows x epochs (its settings train together, then its seeds)."""
-    import numpy as np
-
-    from ssl_pipeline.evals.knn import knn_classify
-    from ssl_pipeline.evals.linear_probe import linear_probe
-
     recipe, bundle = ctx.recipe, ctx.data
-    n_train, n_val, n_test = (len(getattr(bundle, split)) for split in ("train", "val", "test"))
     dims = [feature_dim] * backbones
     pixels = bundle.channels * bundle.image_size ** 2
     if "raw_pixels" in recipe.eval.baselines and pixels <= recipe.eval.raw_pixels_max_dims:
         dims.append(pixels)
-    classes, rng = bundle.num_classes, np.random.default_rng(0)
+    sizes = {split: len(getattr(bundle, split)) for split in ("train", "val", "test")}
+    timing = _knn_seconds if stage == "knn" else _probe_seconds
+    timed = {d: timing(recipe, sizes, d, bundle.num_classes) for d in sorted(set(dims))}
+    return {"subjects": len(dims), "dimensions": sorted(timed),
+            "projected_seconds": round(sum(timed[d] for d in dims), 1)}
 
-    def features(n: int, d: int) -> tuple[np.ndarray, np.ndarray]:
-        return rng.standard_normal((n, d), dtype=np.float32), rng.integers(0, classes, n)
 
-    seconds, timed = 0.0, {}
-    for d in dims:
-        if d not in timed:
-            if stage == "knn":
-                ks = [k for k, _ in recipe.eval.knn.settings]
-                bank, queries = min(n_train, 20_000), min(n_test, 2_000)
-                (x, y), (q, _) = features(bank, d), features(queries, d)
-                knn_classify(x[:100], y[:100], q[:10], classes, ks=(1,))  # warm-up
-                t = _time(lambda: knn_classify(x, y, q, classes, ks=tuple(ks), temperature=0.1))
-                timed[d] = t * (n_train * n_test) / (bank * queries)
-            else:
-                cfg = recipe.eval.linear_probe
-                rows = min(n_train, 50 * cfg.batch_size)
-                train, val, test = features(rows, d), features(min(n_val, rows), d), features(min(n_test, rows), d)
-                grid = {"lr": tuple(cfg.lr_grid), "weight_decay": tuple(cfg.weight_decay_grid)}
+def _random_features(n: int, d: int, classes: int, seed: int = 0):
+    import numpy as np
 
-                def probe(epochs: int) -> float:
-                    return _time(lambda: linear_probe(*train, *val, *test, classes, grid=grid,
-                                                      seeds=recipe.eval.seeds, epochs=epochs,
-                                                      batch_size=cfg.batch_size))
+    rng = np.random.default_rng([seed, n, d])
+    return rng.standard_normal((n, d), dtype=np.float32), rng.integers(0, classes, n)
 
-                probe(1)  # warm-up
-                one, three = probe(1), probe(3)  # the epochs' cost apart from the fixed part
-                per_epoch = max(three - one, 0.0) / 2
-                timed[d] = (max(one - per_epoch, 0.0) + per_epoch * cfg.epochs) * n_train / rows
-                if cfg.max_minutes is not None:
-                    timed[d] = min(timed[d], 60 * cfg.max_minutes)
-        seconds += timed[d]
-    return {"subjects": len(dims), "dimensions": sorted(set(dims)),
-            "projected_seconds": round(seconds, 1)}
+
+def _knn_seconds(recipe, sizes: dict[str, int], d: int, classes: int) -> float:
+    from ssl_pipeline.evals.knn import knn_classify
+
+    ks = tuple(k for k, _ in recipe.eval.knn.settings)
+    bank, queries = min(sizes["train"], 20_000), min(sizes["test"], 2_000)
+    (x, y), (q, _) = _random_features(bank, d, classes), _random_features(queries, d, classes, 1)
+    knn_classify(x[:100], y[:100], q[:10], classes, ks=(1,))  # warm-up
+    seconds = _time(lambda: knn_classify(x, y, q, classes, ks=ks, temperature=0.1))
+    return seconds * (sizes["train"] * sizes["test"]) / (bank * queries)
+
+
+def _probe_seconds(recipe, sizes: dict[str, int], d: int, classes: int) -> float:
+    from ssl_pipeline.evals.linear_probe import linear_probe
+
+    cfg = recipe.eval.linear_probe
+    rows = min(sizes["train"], 50 * cfg.batch_size)
+    splits = [_random_features(min(sizes[split], rows), d, classes, i)
+              for i, split in enumerate(("train", "val", "test"))]
+    grid = {"lr": tuple(cfg.lr_grid), "weight_decay": tuple(cfg.weight_decay_grid)}
+
+    def probe(epochs: int) -> float:
+        return _time(lambda: linear_probe(*splits[0], *splits[1], *splits[2], classes, grid=grid,
+                                          seeds=recipe.eval.seeds, epochs=epochs,
+                                          batch_size=cfg.batch_size))
+
+    probe(1)  # warm-up
+    one, three = probe(1), probe(3)  # the epochs' cost apart from the fixed part
+    per_epoch = max(three - one, 0.0) / 2
+    seconds = (max(one - per_epoch, 0.0) + per_epoch * cfg.epochs) * sizes["train"] / rows
+    return seconds if cfg.max_minutes is None else min(seconds, 60 * cfg.max_minutes)
 
 
 def _finetune_projection(ctx, subject, classic: bool, steps: int, warmup: int,
@@ -363,7 +384,14 @@ def _project(recipe, resolved, timer: StepTimer, warmup: int, batches_per_epoch:
 
 def describe(e: dict[str, Any]) -> str:
     """The estimate as the lines `ssl-pipeline estimate` prints."""
-    lines = [
+    lines = _pretraining_lines(e) if "measured_steps" in e else [
+        (f"no pretrain stage: the evaluation stages on eval.backbone ({e['device']}, precision "
+         f"{e['precision']})")]
+    return "\n".join(lines + _evaluation_lines(e))
+
+
+def _pretraining_lines(e: dict[str, Any]) -> list[str]:
+    return [
         f"measured: {e['measured_steps']} steps after {e['warmup_steps']} warm-up steps on "
         f"{e['world_size']} {e['device']} process(es), precision {e['precision']}",
         f"  {e['images_per_second']} images/s; {e['seconds_per_step']:.3f} s per step, of which "
@@ -381,26 +409,29 @@ def describe(e: dict[str, Any]) -> str:
          f"{e['startup_seconds']:.1f} s)"
          + (" - capped by pretrain.max_minutes" if e["stopped_by_budget"] else "")),
     ]
+
+
+def _evaluation_lines(e: dict[str, Any]) -> list[str]:
     ev = e.get("evaluation")
-    if ev:
-        parts = []
-        if "features" in ev:
-            f = ev["features"]
-            parts.append(f"features {_duration(f['projected_seconds'])} (at most: {f['images']} "
-                         f"images at {f['images_per_second']:.0f}/s)")
-        for stage in ("knn", "linear_probe"):
-            if stage in ev:
-                parts.append(f"{stage} {_duration(ev[stage]['projected_seconds'])} "
-                             f"({ev[stage]['subjects']} backbones and baselines)")
-        for stage in ("finetune", "linear_probe_classic"):
-            if stage in ev:
-                f = ev[stage]
-                parts.append(f"{stage} {_duration(f['projected_seconds'])} ({f['runs']} runs of "
-                             f"{f['epochs']} epochs at {f['images_per_second']:.0f} images/s, "
-                             f"validation {f['validation_pass_seconds']:.1f} s per epoch)")
-        lines.append(f"projected evaluation: {_duration(ev['projected_seconds'])}: " + "; ".join(parts))
-        lines.append(f"projected total: {_duration(e['projected_total_seconds'])}")
-    return "\n".join(lines)
+    if not ev:
+        return []
+    parts = []
+    if "features" in ev:
+        f = ev["features"]
+        parts.append(f"features {_duration(f['projected_seconds'])} (at most: {f['images']} "
+                     f"images at {f['images_per_second']:.0f}/s)")
+    for stage in ("knn", "linear_probe"):
+        if stage in ev:
+            parts.append(f"{stage} {_duration(ev[stage]['projected_seconds'])} "
+                         f"({ev[stage]['subjects']} backbones and baselines)")
+    for stage in ("finetune", "linear_probe_classic"):
+        if stage in ev:
+            f = ev[stage]
+            parts.append(f"{stage} {_duration(f['projected_seconds'])} ({f['runs']} runs of "
+                         f"{f['epochs']} epochs at {f['images_per_second']:.0f} images/s, "
+                         f"validation {f['validation_pass_seconds']:.1f} s per epoch)")
+    return [f"projected evaluation: {_duration(ev['projected_seconds'])}: " + "; ".join(parts),
+            f"projected total: {_duration(e['projected_total_seconds'])}"]
 
 
 def _duration(seconds: float) -> str:

@@ -58,14 +58,27 @@ def test_slow_data_is_named_as_the_bound(tiny_overrides, monkeypatch):
     assert e["bound_by"] == "data loading" and e["data_wait_per_step"] > 0.15
 
 
-@pytest.mark.parametrize("override, message", [
-    ("stages=[knn]", "no pretrain stage"),
-    ("data.fake.train_samples=32", "only"),  # 2 steps per epoch x 2 epochs < 4 + 1
+@pytest.mark.parametrize("overrides, message", [
+    (["stages=[knn]"], "no pretrain stage and no eval.backbone"),
+    (["stages=[knn]", "eval.backbone=/nowhere/backbone.safetensors"], "nowhere"),
+    (["data.fake.train_samples=32"], "only"),  # 2 steps per epoch x 2 epochs < 4 + 1
 ])
-def test_what_cannot_be_estimated_is_a_clear_error(tiny_overrides, override, message):
+def test_what_cannot_be_estimated_is_a_clear_error(tiny_overrides, overrides, message):
     with pytest.raises(SSLPipelineError, match=message):
-        estimate(QUICKSTART, [*tiny_overrides, override, "eval.backbone=x"], steps=4, warmup=1,
-                 quiet=True)
+        estimate(QUICKSTART, [*tiny_overrides, *overrides], steps=4, warmup=1, quiet=True)
+
+
+def test_without_a_pretrain_stage_the_evaluation_of_eval_backbone_is_projected(tiny_overrides, tmp_path,
+                                                                              capsys):
+    from ssl_pipeline.backbones import create_backbone, export_backbone
+
+    path = export_backbone(create_backbone("timm:resnet18", in_chans=3, input_size=16), tmp_path)
+    assert main(["estimate", QUICKSTART, "--steps", "2", "--warmup", "1",
+                 *[a for o in [*tiny_overrides, "stages=[knn, finetune]", f"eval.backbone={path}"]
+                   for a in ("--set", o)]]) == 0
+    printed = capsys.readouterr().out
+    assert "no pretrain stage: the evaluation stages on eval.backbone" in printed
+    assert "projected evaluation:" in printed and "finetune" in printed and "measured:" not in printed
 
 
 def test_estimate_projects_finetuning_runs_and_feature_extraction(tiny_overrides):
