@@ -148,3 +148,12 @@ def test_the_finetuning_loader_takes_every_image_in_a_process_group_too(monkeypa
     labels = torch.cat([y for _, y in loader])
     assert len(labels) == 48 and len(loader) == 3
     assert len(resume.ResumableSampler(48, seed=5)) == 24  # pretraining's sampler does shard
+
+
+def test_the_finetuning_batches_do_not_depend_on_the_number_of_workers():
+    """Each image's augmentation comes from its own seed: 0 or 2 loader workers, the same batches."""
+    batches = {}
+    for workers in (0, 2):
+        loader = seeded_train_loader(separable(48, 0), noisy, 16, seed=5, num_workers=workers)
+        batches[workers] = [torch.cat([x.flatten(1), y[:, None].float()], 1) for x, y in loader]
+    assert all(torch.equal(a, b) for a, b in zip(batches[0], batches[2], strict=True))
