@@ -67,7 +67,7 @@ def estimate(recipe_path: str, overrides: list[str] = (), steps: int = 20, warmu
     from ssl_pipeline.evaluation import evaluated_backbone
     from ssl_pipeline.pipeline import _quiet_lightning, data_facts, resolve
     from ssl_pipeline.recipe import load_recipe
-    from ssl_pipeline.stages import RunContext
+    from ssl_pipeline.stages import RunContext, is_global_zero
 
     if steps < 1 or warmup < 0:
         raise SSLPipelineError("estimate needs --steps of at least 1 and --warmup of at least 0")
@@ -90,7 +90,8 @@ def estimate(recipe_path: str, overrides: list[str] = (), steps: int = 20, warmu
             backbone = evaluated_backbone(ctx)
             figures = {"projected_seconds": 0.0, "device": resolved.accelerator,
                        "precision": resolved.precision, "world_size": 1}
-        evaluation = _evaluation(ctx, backbone, steps, warmup, quiet)
+        # as in a run, rank 0 alone evaluates (timings taken beside other processes would mislead)
+        evaluation = _evaluation(ctx, backbone, steps, warmup, quiet) if is_global_zero() else {}
     if evaluation:
         figures["evaluation"] = evaluation
         figures["projected_total_seconds"] = round(

@@ -235,6 +235,22 @@ def test_rank_0_finetunes_on_every_image_after_ddp_pretraining(tmp_path):
     assert not (tmp_path / "run" / "runs/finetune/backbone/1.0/seed0.partial").exists()
 
 
+@pytest.mark.slow
+def test_estimate_under_ddp_reports_once_with_the_evaluation_timed_by_rank_0(tmp_path):
+    overrides = [*DDP, "stages=[pretrain,knn,finetune]", "eval.finetune.epochs=2"]
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    env.pop("SSL_PIPELINE_RUN_DIR", None)
+    exe = Path(sys.executable).with_name("ssl-pipeline")
+    done = subprocess.run([str(exe), "estimate", str(QUICKSTART), "--steps", "2", "--warmup", "1",
+                           *sets(overrides)], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=1200, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "on 2 cpu process(es)" in done.stdout
+    assert done.stdout.count("projected total:") == 1 and "finetune" in done.stdout
+    assert "sync_dist" not in done.stdout + done.stderr  # rank 0 fine-tunes alone: no such advice
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
 def assert_features_as_one_process_extracts_them(run_dir: Path, cache: Path) -> None:
     """The 2 processes extracted the features of each split together (a shard each, gathered
     on rank 0): the cached arrays are what one process extracts, row for row."""

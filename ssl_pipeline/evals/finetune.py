@@ -41,6 +41,10 @@ from ssl_pipeline.resume import (
     set_rng_states,
 )
 
+# After DDP pretraining rank 0 fine-tunes alone with the process group still up; Lightning then
+# suggests syncing the epoch metrics across processes, which would wait for the others forever.
+warnings.filterwarnings("ignore", message=r".*self\.log\('finetune/.*sync_dist=True.*")
+
 
 @dataclass(frozen=True)
 class FinetuneSettings:
