@@ -110,3 +110,7 @@ def test_quickstart_as_a_user_runs_it(tmp_path):
     # fine-tuning chose the backbone's lr on validation, for ours and for the random init
     for finetune in (results["finetune"], results["baselines"]["random_init"]["finetune"]):
         assert finetune["chosen"]["backbone_lr_ratio"] in (0.1, 1.0)
+    # each fine-tuning run kept; its checkpoints (one per grid pair, when it finished) removed
+    kept = sorted(p.relative_to(tmp_path / "qs" / "runs").as_posix()
+                  for p in (tmp_path / "qs" / "runs").rglob("*") if p.is_file())
+    assert kept == ["finetune/backbone/1.0/seed0.json", "finetune/random_init/1.0/seed0.json"], kept
