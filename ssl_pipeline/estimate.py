@@ -177,7 +177,7 @@ def _evaluation(ctx, backbone, steps: int, warmup: int, quiet: bool) -> dict[str
 def _feature_projection(ctx, subject, steps: int, backbones: int) -> dict[str, Any]:
     from ssl_pipeline.compute import channels_last
     from ssl_pipeline.data import TransformedDataset
-    from ssl_pipeline.evaluation import transform_for
+    from ssl_pipeline.evaluation import eval_device, transform_for
     from ssl_pipeline.features import extract_features
 
     bundle, batch = ctx.data, ctx.recipe.eval.batch_size
@@ -185,7 +185,7 @@ def _feature_projection(ctx, subject, steps: int, backbones: int) -> dict[str, A
     sample = torch.utils.data.Subset(bundle.train, range(images))
     loader = torch.utils.data.DataLoader(TransformedDataset(sample, transform_for(subject, ctx)),
                                          batch_size=batch, num_workers=ctx.recipe.data.num_workers)
-    device = "cuda" if ctx.resolved.accelerator == "gpu" else "cpu"
+    device = eval_device(ctx)
     model = subject.backbone.to(device)
     if ctx.recipe.trainer.channels_last:
         channels_last(model)
@@ -209,8 +209,13 @@ def _cached_feature_projection(ctx, stage: str, feature_dim: int, backbones: int
     if "raw_pixels" in recipe.eval.baselines and pixels <= recipe.eval.raw_pixels_max_dims:
         dims.append(pixels)
     sizes = {split: len(getattr(bundle, split)) for split in ("train", "val", "test")}
-    timing = _knn_seconds if stage == "knn" else _probe_seconds
-    timed = {d: timing(recipe, sizes, d, bundle.num_classes) for d in sorted(set(dims))}
+    from ssl_pipeline.evaluation import eval_device
+
+    if stage == "knn":  # faiss picks its own device
+        timed = {d: _knn_seconds(recipe, sizes, d, bundle.num_classes) for d in sorted(set(dims))}
+    else:
+        timed = {d: _probe_seconds(recipe, sizes, d, bundle.num_classes, eval_device(ctx))
+                 for d in sorted(set(dims))}
     return {"subjects": len(dims), "dimensions": sorted(timed),
             "projected_seconds": round(sum(timed[d] for d in dims), 1)}
 
@@ -233,7 +238,7 @@ def _knn_seconds(recipe, sizes: dict[str, int], d: int, classes: int) -> float:
     return seconds * (sizes["train"] * sizes["test"]) / (bank * queries)
 
 
-def _probe_seconds(recipe, sizes: dict[str, int], d: int, classes: int) -> float:
+def _probe_seconds(recipe, sizes: dict[str, int], d: int, classes: int, device: str = "cpu") -> float:
     from ssl_pipeline.evals.linear_probe import linear_probe
 
     cfg = recipe.eval.linear_probe
@@ -245,7 +250,7 @@ def _probe_seconds(recipe, sizes: dict[str, int], d: int, classes: int) -> float
     def probe(epochs: int) -> float:
         return _time(lambda: linear_probe(*splits[0], *splits[1], *splits[2], classes, grid=grid,
                                           seeds=recipe.eval.seeds, epochs=epochs,
-                                          batch_size=cfg.batch_size))
+                                          batch_size=cfg.batch_size, device=device))
 
     probe(1)  # warm-up
     one, three = probe(1), probe(3)  # the epochs' cost apart from the fixed part

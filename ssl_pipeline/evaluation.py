@@ -157,7 +157,7 @@ def features(ctx: RunContext, subject: Subject, split: str,
     key = cache_key(f"{subject.name}:{subject_weights_sha(ctx, subject)}", transform,
                     split_key(ctx.data, split, data_fingerprint(ctx)))
     progress = bar(ctx, f"features {split}", subject)
-    device = "cuda" if ctx.resolved.accelerator == "gpu" else "cpu"
+    device = eval_device(ctx)
     start = time.time()
     model = model.to(device)
     if ctx.recipe.trainer.channels_last:
@@ -168,6 +168,11 @@ def features(ctx: RunContext, subject: Subject, split: str,
         ctx.count_images(len(dataset), time.time() - start)
     memo[(subject.name, split)] = (x, y)
     return x, y
+
+
+def eval_device(ctx: RunContext) -> str:
+    """Where the evaluation computes: the run's GPU when it trains on GPUs, else the CPU."""
+    return "cuda" if ctx.resolved.accelerator == "gpu" else "cpu"
 
 
 def subject_weights_sha(ctx: RunContext, subject: Subject) -> str:
@@ -374,7 +379,8 @@ def probe_result(ctx: RunContext, subject: Subject) -> dict[str, Any]:
     return linear_probe(*f["train"], *f["val"], *f["test"], ctx.data.num_classes,
                         grid={"lr": tuple(cfg.lr_grid), "weight_decay": tuple(cfg.weight_decay_grid)},
                         seeds=ctx.recipe.eval.seeds, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                        progress=bar(ctx, "linear probe", subject), max_minutes=cfg.max_minutes)
+                        device=eval_device(ctx), progress=bar(ctx, "linear probe", subject),
+                        max_minutes=cfg.max_minutes)
 
 
 def few_shot_result(ctx: RunContext, subject: Subject) -> dict[str, Any]:

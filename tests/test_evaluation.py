@@ -422,3 +422,24 @@ def test_full_data_finetuning_repeats_over_its_own_seeds(tiny_overrides, tmp_pat
     top1 = [r["top1"] for r in full["by_seed"]]
     assert full["top1"] == pytest.approx(np.mean(top1)) and full["top1_std"] == pytest.approx(np.std(top1, ddof=1))
     assert all(len(h) == 2 for h in histories)
+
+
+def test_the_probe_trains_where_the_evaluation_computes(tiny_overrides, tmp_path, monkeypatch):
+    """The pipeline hands the linear probe the run's evaluation device (a GPU run's GPU)."""
+    from types import SimpleNamespace
+
+    gpu_run = SimpleNamespace(resolved=SimpleNamespace(accelerator="gpu"))
+    assert evaluation.eval_device(gpu_run) == "cuda"
+    seen = []
+    real = evaluation.linear_probe
+
+    def probe(*args, **kwargs):
+        seen.append(kwargs.get("device"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "linear_probe", probe)
+    monkeypatch.setattr(evaluation, "eval_device", lambda ctx: "cpu:0")  # stands for "cuda"
+    ssl_pipeline.run(QUICKSTART, overrides=[*tiny_overrides, "pretrain.epochs=1", "eval.seeds=1",
+                                            "eval.linear_probe.epochs=2", "stages=[pretrain, linear_probe]",
+                                            "eval.baselines=[]"], out_dir=tmp_path / "run", quiet=True)
+    assert seen == ["cpu:0"]

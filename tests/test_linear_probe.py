@@ -100,3 +100,26 @@ def test_a_feature_constant_on_train_is_ignored_not_amplified():
     plain = linear_probe(train_x, train_y, val_x, val_y, test_x, test_y, 4, **args)
     other = linear_probe(with_dead[0], train_y, with_dead[1], val_y, with_dead[2], test_y, 4, **args)
     assert other["top1"] == plain["top1"] and other["chosen"] == plain["chosen"]
+
+
+def test_features_stay_on_the_gpu_only_when_they_fit_in_half_its_free_memory(monkeypatch):
+    """ImageNet's train features (1.28M x 2048 floats, 10.5 GB) stay in host memory on a 16 GB
+    GPU, each batch copied over; small ones move to the GPU once. No GPU is touched here."""
+    from ssl_pipeline.evals import linear_probe as probe
+
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (16 * 2**30, 24 * 2**30))
+    assert probe.feature_device(gpu, 1_281_167 * 2048 * 4) == torch.device("cpu")
+    assert probe.feature_device(gpu, 60_000 * 512 * 4) == gpu
+    assert probe.feature_device(torch.device("cpu"), 10**12) == torch.device("cpu")
+
+
+def test_scores_in_chunks_equal_one_product_and_training_on_a_named_device_equals_the_default():
+    from ssl_pipeline.evals.linear_probe import fit_linear, scores
+
+    x, y = splits(1.0)[:2]
+    x, y = torch.from_numpy(x), torch.from_numpy(y).long()
+    heads = fit_linear(x, y, 4, [(1e-2, 0.0)], seed=0, epochs=2, batch_size=64)
+    named = fit_linear(x, y, 4, [(1e-2, 0.0)], seed=0, epochs=2, batch_size=64, device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(heads[0], named[0], strict=True))
+    assert np.allclose(scores(heads[0], x, chunk=7), scores(heads[0], x), atol=1e-6)
