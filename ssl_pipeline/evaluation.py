@@ -559,23 +559,22 @@ def finetune_once(ctx: RunContext, subject: Subject, fraction: float, seed: int,
     With `scratch`, each setting's epoch checkpoints go there and a rerun goes on from them."""
     bundle = ctx.data
     plan = finetune_plan(ctx, subject, fraction, seed, classic)
-    name, train, subset, batch, loaders, grid = (plan.name, plan.train, plan.subset, plan.batch,
-                                                 plan.loaders, plan.grid)
+    grid, loaders = plan.grid, plan.loaders
     tried, best = [], None
     minutes = ctx.recipe.eval.checkpoint_minutes
     for i, settings in enumerate(grid):
         checkpoint = None if scratch is None or minutes is None else scratch / f"setting{i}.ckpt"
         torch.manual_seed(ctx.recipe.seed + seed)  # every setting: the same head init and batches
         backbone = copy.deepcopy(subject.backbone).train()
-        stage = name if len(grid) == 1 else \
-            f"{name}/lr{settings.lr:g}_ratio{settings.backbone_lr_ratio:g}"
+        stage = plan.name if len(grid) == 1 else \
+            f"{plan.name}/lr{settings.lr:g}_ratio{settings.backbone_lr_ratio:g}"
         model, fit = fit_finetuner(backbone, bundle.num_classes, *loaders[:2], settings,
                                    finetune_trainer_kwargs(ctx, stage), bundle.multi_label,
                                    checkpoint=checkpoint, checkpoint_minutes=minutes or 0.0,
                                    metrics=ctx.run_dir / "metrics.jsonl", stage=stage,
                                    quiet=ctx.quiet)
         this_call = fit.pop("this_call")
-        ctx.count_images(len(train) * this_call["epochs"], this_call["seconds"])  # training images
+        ctx.count_images(len(plan.train) * this_call["epochs"], this_call["seconds"])  # training images
         tried.append({"lr": settings.lr, "backbone_lr_ratio": settings.backbone_lr_ratio, **fit})
         if best is None or fit["val_top1"] > best[1]["val_top1"]:  # ties: the earlier setting
             best = (model, fit, settings)
@@ -587,9 +586,9 @@ def finetune_once(ctx: RunContext, subject: Subject, fraction: float, seed: int,
     if len(grid) > 1:
         result["grid"] = [{k: t[k] for k in ("lr", "backbone_lr_ratio", "val_top1", "best_epoch")}
                           for t in tried]
-    return {"seed": seed, "train_samples": len(train), "subset": subset, "lr": settings.lr,
+    return {"seed": seed, "train_samples": len(plan.train), "subset": plan.subset, "lr": settings.lr,
             **({} if classic else {"backbone_lr_ratio": settings.backbone_lr_ratio}),
-            "batch_size": batch, **result}
+            "batch_size": plan.batch, **result}
 
 
 def as_grid(value: float | list[float]) -> list[float]:

@@ -92,29 +92,6 @@ def convert_channels(image: Image.Image, channels: int) -> Image.Image:
     return image if image.mode == mode else image.convert(mode)
 
 
-class SeededRNG:
-    """Within the block, `random`, numpy and torch (CPU) draw from `seed`; after it, each
-    continues where it was (in the main process), so the process's own streams are untouched.
-    `restore=False` leaves them seeded: for a caller that saved them itself (`KeptRNG`)."""
-
-    def __init__(self, seed: int, restore: bool = True):
-        self.seed = seed
-        self.restore = restore
-
-    def __enter__(self) -> None:
-        self._kept = KeptRNG() if self.restore else None
-        if self._kept is not None:
-            self._kept.__enter__()
-        random.seed(self.seed)
-        np.random.seed(self.seed % 2**32)
-        # The CPU generator only: torch.manual_seed also seeds every GPU's, 50x slower per image.
-        torch.default_generator.manual_seed(self.seed)
-
-    def __exit__(self, *exc: object) -> None:
-        if self._kept is not None:
-            self._kept.__exit__(*exc)
-
-
 class KeptRNG:
     """The `random`, numpy and torch (CPU) generator states are put back after the block, in
     the main process. In a DataLoader worker nothing else draws from them: nothing is saved
@@ -132,6 +109,26 @@ class KeptRNG:
         random.setstate(python)
         np.random.set_state(numpy)
         torch.random.set_rng_state(torch_state)
+
+
+def seed_all(seed: int) -> None:
+    """`random`, numpy and torch (CPU) all draw from `seed` from here on."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    # The CPU generator only: torch.manual_seed also seeds every GPU's, 50x slower per image.
+    torch.default_generator.manual_seed(seed)
+
+
+class SeededRNG(KeptRNG):
+    """Within the block, `random`, numpy and torch (CPU) draw from `seed`; after it, each
+    continues where it was (in the main process), so the process's own streams are untouched."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def __enter__(self) -> None:
+        super().__enter__()
+        seed_all(self.seed)
 
 
 class TransformedDataset(torch.utils.data.Dataset):
@@ -166,7 +163,10 @@ class TransformedDataset(torch.utils.data.Dataset):
         try:
             if seed is None:
                 return self.transform(image), label
-            with SeededRNG(seed, restore):
+            if not restore:  # the caller keeps the process's streams (`__getitems__`)
+                seed_all(seed)
+                return self.transform(image), label
+            with SeededRNG(seed):
                 return self.transform(image), label
         except (OSError, SyntaxError, EOFError) as error:
             # Pillow decodes a lazily opened file on first pixel access, inside the transform

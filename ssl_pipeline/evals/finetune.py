@@ -198,7 +198,6 @@ class EpochCheckpoint(pl.Callback):
         set_rng_states(self._restored["rng"])
         # the loops' own state is restored later: the epochs come from ours
         self.resumed_epoch = self._epochs = self._restored["epochs"]
-        self._step = self._restored["step"]
         dropped = 0
         if self.metrics is not None and self.stage is not None:
             dropped = drop_records_after(self.metrics, self.stage, self._restored["step"])
