@@ -97,12 +97,16 @@ def test_estimate_projects_finetuning_runs_and_feature_extraction(tiny_overrides
     half, whole = ft["by_fraction"]
     assert (half["seeds"], whole["seeds"]) == (2, 3) and whole["images"] == 64
     assert whole["steps_per_epoch"] == 4 and half["steps_per_epoch"] == half["images"] // 16
-    expected = 0.0
+    expected = slack = 0.0
     for part in (half, whole):
         pair = 3 * (part["steps_per_epoch"] * ft["seconds_per_step"] + ft["validation_pass_seconds"]) \
             + 3 * ft["checkpoint_save_seconds"]  # a save every epoch (checkpoint_minutes=0)
         expected += 2 * part["seeds"] * (2 * pair + ft["test_pass_seconds"])
-    assert ft["projected_seconds"] == pytest.approx(expected, abs=0.06), (ft["projected_seconds"], expected)
+        # the figures are shown rounded (step to 4 places, passes and saves to 3): their
+        # rounding, summed over every use, bounds how far the recomputation may drift
+        slack += 2 * part["seeds"] * (2 * 3 * (part["steps_per_epoch"] * 5e-5 + 5e-4 + 5e-4) + 5e-4)
+    assert ft["projected_seconds"] == pytest.approx(expected, abs=0.05 + slack), \
+        (ft["projected_seconds"], expected, slack)
     features = e["evaluation"]["features"]
     assert features["images"] == 2 * (64 + 16 + 16)
     assert features["projected_seconds"] == pytest.approx(
@@ -120,4 +124,6 @@ def test_estimate_projects_finetuning_runs_and_feature_extraction(tiny_overrides
     assert all(part["epochs_run"] == 1 and part["checkpoint_saves"] == 1 for part in capped["by_fraction"])
     most = sum(2 * p["seeds"] * (2 * (60 * budget + capped["checkpoint_save_seconds"])
                                  + capped["test_pass_seconds"]) for p in capped["by_fraction"])
-    assert capped["projected_seconds"] == pytest.approx(most, abs=0.06), (capped["projected_seconds"], most)
+    slack = sum(2 * p["seeds"] * (2 * 5e-4 + 5e-4) for p in capped["by_fraction"])
+    assert capped["projected_seconds"] == pytest.approx(most, abs=0.05 + slack), \
+        (capped["projected_seconds"], most, slack)
