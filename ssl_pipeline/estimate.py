@@ -269,8 +269,13 @@ def _finetune_projection(ctx, subject, classic: bool, steps: int, warmup: int,
     from ssl_pipeline.evals.finetune import fit_finetuner, predict
     from ssl_pipeline.evaluation import finetune_plan, finetune_trainer_kwargs
 
+    from ssl_pipeline.features import process_group
+
     recipe, bundle = ctx.recipe, ctx.data
-    plan = finetune_plan(ctx, subject, 1.0, 0, classic)
+    # after DDP pretraining every process trains each run, a share of each batch: rank 0 times
+    # steps of its share (the gradients' all-reduce is not timed)
+    processes = process_group()[1]
+    plan = finetune_plan(ctx, subject, 1.0, 0, classic, shard=processes > 1)
     settings = dataclasses.replace(plan.grid[0], epochs=10**6, max_minutes=None)
     timer = StepTimer()
     kwargs = finetune_trainer_kwargs(ctx, "estimate")
@@ -315,7 +320,7 @@ def _finetune_projection(ctx, subject, classic: bool, steps: int, warmup: int,
     return {"seconds_per_step": round(step, 4), "images_per_second": round(plan.batch / step, 1),
             "validation_pass_seconds": round(val_seconds, 3), "test_pass_seconds": round(test_seconds, 3),
             "checkpoint_save_seconds": round(save_seconds, 3), "runs": count, "epochs": epochs,
-            "grid_pairs": pairs, "backbones": backbones, "by_fraction": by_fraction,
+            "grid_pairs": pairs, "backbones": backbones, "processes": processes, "by_fraction": by_fraction,
             "projected_seconds": round(total, 1)}
 
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import shutil
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from ssl_pipeline.evals.knn import knn_classify
 from ssl_pipeline.evals.linear_probe import linear_probe
 from ssl_pipeline.evals.metrics import classification_metrics
 from ssl_pipeline.evals.subsets import balanced_subset, listed_subset
+from ssl_pipeline.evals.together import FitGroup, FitOrder, fit_devices
 from ssl_pipeline.features import (
     cache_key, cached_features, process_group, weights_hash,
 )
@@ -231,6 +233,7 @@ def share_features(ctx: RunContext) -> None:
     if rank == 0 and not ctx.quiet:
         print(f"features: {world} processes extract each split together, a shard each",
               flush=True)
+    ctx.cache["shared_subjects"] = dict(sent[0])  # what the others fine-tune, by name
     for name, backbone in sent[0]:
         for split in SPLITS:
             if getattr(ctx.data, split) is not None:
@@ -405,7 +408,9 @@ def _register_stages() -> None:
         ("linear_probe_classic", classic_probe_result,
          "the papers' linear probe: frozen backbone on augmented images, LARS, best epoch on val"),
     ]:
-        stage_registry.register(name, description, prepare=share_features)(
+        stage_registry.register(name, description, prepare=share_features,
+                                # after DDP pretraining every process trains these (together.py)
+                                trains_together=name in ("finetune", "linear_probe_classic"))(
             partial(evaluate_subjects, stage=name, evaluate=result))
 
 
@@ -516,7 +521,9 @@ class FinetunePlan:
 
 
 def finetune_plan(ctx: RunContext, subject: Subject, fraction: float, seed: int,
-                  classic: bool = False) -> FinetunePlan:
+                  classic: bool = False, shard: bool = False) -> FinetunePlan:
+    """`shard`: the processes of the process group train together, the train loader giving
+    this process its share of each batch (the batch rounded down to a multiple of them)."""
     cfg, bundle = ctx.recipe.eval.finetune, ctx.data
     probe = ctx.recipe.eval.linear_probe_classic
     p = subject.backbone.preprocessing
@@ -535,8 +542,11 @@ def finetune_plan(ctx: RunContext, subject: Subject, fraction: float, seed: int,
         plain = eval_transform(p.input_size, p.mean, p.std, probe.crop_pct)
     workers = ctx.recipe.data.num_workers
     batch = min(probe.batch_size if classic else cfg.batch_size, len(train))
+    if shard:
+        world = process_group()[1]
+        batch = max(1, min(batch, len(train) // world) // world) * world
     loaders = [
-        seeded_train_loader(train, augment, batch, ctx.recipe.seed + seed, workers),
+        seeded_train_loader(train, augment, batch, ctx.recipe.seed + seed, workers, shard=shard),
         *(torch.utils.data.DataLoader(TransformedDataset(split, plain), batch_size=ctx.recipe.eval.batch_size,
                                       num_workers=workers) for split in (bundle.val, bundle.test)),
     ]
@@ -558,7 +568,8 @@ def finetune_once(ctx: RunContext, subject: Subject, fraction: float, seed: int,
     best on validation reported; `classic`: the classic linear probe instead (frozen backbone).
     With `scratch`, each setting's epoch checkpoints go there and a rerun goes on from them."""
     bundle = ctx.data
-    plan = finetune_plan(ctx, subject, fraction, seed, classic)
+    together = ctx.cache.get("fit_group")  # after DDP pretraining: every process trains
+    plan = finetune_plan(ctx, subject, fraction, seed, classic, shard=together is not None)
     grid, loaders = plan.grid, plan.loaders
     tried, best = [], None
     minutes = ctx.recipe.eval.checkpoint_minutes
@@ -572,7 +583,8 @@ def finetune_once(ctx: RunContext, subject: Subject, fraction: float, seed: int,
                                    finetune_trainer_kwargs(ctx, stage), bundle.multi_label,
                                    checkpoint=checkpoint, checkpoint_minutes=minutes or 0.0,
                                    metrics=ctx.run_dir / "metrics.jsonl", stage=stage,
-                                   quiet=ctx.quiet)
+                                   quiet=ctx.quiet, together=together,
+                                   order=FitOrder(subject.name, fraction, seed, classic, i))
         this_call = fit.pop("this_call")
         ctx.count_images(len(plan.train) * this_call["epochs"], this_call["seconds"])  # training images
         tried.append({"lr": settings.lr, "backbone_lr_ratio": settings.backbone_lr_ratio, **fit})
@@ -588,7 +600,8 @@ def finetune_once(ctx: RunContext, subject: Subject, fraction: float, seed: int,
                           for t in tried]
     return {"seed": seed, "train_samples": len(plan.train), "subset": plan.subset, "lr": settings.lr,
             **({} if classic else {"backbone_lr_ratio": settings.backbone_lr_ratio}),
-            "batch_size": plan.batch, **result}
+            "batch_size": plan.batch, "processes": together.world if together is not None else 1,
+            **result}
 
 
 def as_grid(value: float | list[float]) -> list[float]:
@@ -596,14 +609,38 @@ def as_grid(value: float | list[float]) -> list[float]:
     return list(value) if isinstance(value, list) else [value]
 
 
-def finetune_trainer_kwargs(ctx: RunContext, stage: str) -> dict[str, Any]:
-    """Lightning Trainer arguments of one fine-tuning run, logging under `stage`."""
-    return dict(accelerator=ctx.resolved.accelerator, devices=1,
+def finetune_trainer_kwargs(ctx: RunContext, stage: str | None) -> dict[str, Any]:
+    """Lightning Trainer arguments of one fine-tuning run, logging under `stage` (None: not
+    logging, a process training beside rank 0)."""
+    shown = stage is not None and not ctx.quiet and on_terminal(sys.stdout)
+    return dict(accelerator=ctx.resolved.accelerator, devices=fit_devices(ctx.resolved.accelerator),
                 precision=ctx.resolved.precision, deterministic=ctx.recipe.trainer.deterministic,
-                logger=[JSONLLogger(ctx.run_dir / "metrics.jsonl", stage=stage)],
-                enable_progress_bar=not ctx.quiet and on_terminal(sys.stdout),
+                logger=[JSONLLogger(ctx.run_dir / "metrics.jsonl", stage=stage)] if stage else False,
+                enable_progress_bar=shown,
                 enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1,
                 callbacks=[ChannelsLast()] if ctx.recipe.trainer.channels_last else [])
+
+
+def train_shares(ctx: RunContext, group: FitGroup) -> int:
+    """A process other than rank 0, after DDP pretraining: train its share of each fit rank 0
+    orders (see evals/together.py) until rank 0 says there are no more; returns how many."""
+    subjects_by_name = ctx.cache.get("shared_subjects", {})
+    fits = 0
+    while (order := group.receive()) is not None:
+        subject = Subject(order.subject, subjects_by_name[order.subject])
+        plan = finetune_plan(ctx, subject, order.fraction, order.seed, order.classic, shard=True)
+        torch.manual_seed(ctx.recipe.seed + order.seed)  # as rank 0 (which also sends its weights)
+        backbone = copy.deepcopy(subject.backbone).train()
+        with tempfile.TemporaryDirectory(prefix="ssl_pipeline_fit_") as tmp:
+            resume_from = None
+            if order.checkpoint is not None:  # rank 0's, whatever file system this process sees
+                resume_from = Path(tmp) / "resume.ckpt"
+                resume_from.write_bytes(order.checkpoint)
+            fit_finetuner(backbone, ctx.data.num_classes, plan.loaders[0], None,
+                          plan.grid[order.setting], finetune_trainer_kwargs(ctx, None),
+                          ctx.data.multi_label, together=group, resume_from=resume_from)
+        fits += 1
+    return fits
 
 
 _register_stages()

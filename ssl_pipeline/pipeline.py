@@ -21,6 +21,8 @@ from ssl_pipeline.compute import resolve_precision
 from ssl_pipeline.data.image_folder import decoder_facts
 from ssl_pipeline.data.transforms import fit_views
 from ssl_pipeline.errors import SSLPipelineError
+from ssl_pipeline.evals.together import FitGroup
+from ssl_pipeline.evaluation import train_shares
 from ssl_pipeline.features import process_group
 from ssl_pipeline.methods.base import effective_lr
 from ssl_pipeline.monitor import METRICS as MONITOR_METRICS
@@ -95,7 +97,7 @@ def run(
 
 
 def _run_stages(ctx: RunContext, start: float) -> RunResult:
-    recipe, run_dir, quiet = ctx.recipe, ctx.run_dir, ctx.quiet
+    recipe, run_dir = ctx.recipe, ctx.run_dir
     if is_global_zero():
         run_dir.mkdir(parents=True, exist_ok=True)
         recipe = recipe.model_copy(update={"resolved": asdict(ctx.resolved)})
@@ -106,35 +108,55 @@ def _run_stages(ctx: RunContext, start: float) -> RunResult:
     ctx.baselines = results.setdefault("baselines", {})
     done = ctx.stage_state()
     shared = False
-    for stage in recipe.stages:
-        if not stage_registry.get(stage).extra.get("distributed"):
-            if not shared:  # the first evaluation stage: the processes extract features together
-                _prepare_together(ctx, recipe.stages, ctx.stage_state())
-                shared = True
-            if not is_global_zero():
-                continue  # only rank 0 evaluates; the other DDP processes end here
-        if done.get(stage, {}).get("status") == "done":
-            _say(quiet, f"stage {stage}: already done, skipped")
-            continue
-        _say(quiet, f"stage {stage}: running")
-        t0 = time.time()
-        ctx.throughput.update(images=0, seconds=0.0)
-        try:
-            results[stage] = stage_registry.get(stage).obj(ctx)
-        except (SSLPipelineError, KeyboardInterrupt):
-            raise
-        except Exception as err:
-            ctx.mark_stage(stage, status="failed", error=f"{type(err).__name__}: {err}")
-            raise StageFailed(stage, err) from err
-        seconds = time.time() - t0
-        ctx.mark_stage(stage, status="done", seconds=round(seconds, 2),
-                       **_images_per_second(ctx, results[stage]))
-        if is_global_zero():
-            _write_results(run_dir, results, ctx)
-            _track_stage(ctx, stage, results[stage], seconds)
+    try:
+        for stage in recipe.stages:
+            if not _run_stage(ctx, stage, results, done, shared):
+                break
+            shared = shared or not stage_registry.get(stage).extra.get("distributed")
+    except BaseException:
+        # rank 0 failing: it tells the others nothing; they fail as its connections close
+        ctx.cache.pop("fit_group", None)
+        raise
+    group = ctx.cache.pop("fit_group", None)
+    if group is not None and is_global_zero():
+        group.send(None)  # no more fits for the other processes: they end
     if is_global_zero():
         _write_report(ctx, results)
     return RunResult(run_dir, results, time.time() - start)
+
+
+def _run_stage(ctx: RunContext, stage: str, results: dict[str, Any], done: dict, shared: bool) -> bool:
+    """Run one stage (or skip it, done already); False when this process has no more to run."""
+    recipe, run_dir, quiet = ctx.recipe, ctx.run_dir, ctx.quiet
+    if not stage_registry.get(stage).extra.get("distributed"):
+        if not shared:  # the first evaluation stage: the processes extract features together
+            _prepare_together(ctx, recipe.stages, ctx.stage_state())
+        if not is_global_zero():
+            # only rank 0 evaluates; the others train their share of each fine-tuning run
+            group = ctx.cache.pop("fit_group", None)
+            if group is not None:
+                train_shares(ctx, group)
+            return False
+    if done.get(stage, {}).get("status") == "done":
+        _say(quiet, f"stage {stage}: already done, skipped")
+        return True
+    _say(quiet, f"stage {stage}: running")
+    t0 = time.time()
+    ctx.throughput.update(images=0, seconds=0.0)
+    try:
+        results[stage] = stage_registry.get(stage).obj(ctx)
+    except (SSLPipelineError, KeyboardInterrupt):
+        raise
+    except Exception as err:
+        ctx.mark_stage(stage, status="failed", error=f"{type(err).__name__}: {err}")
+        raise StageFailed(stage, err) from err
+    seconds = time.time() - t0
+    ctx.mark_stage(stage, status="done", seconds=round(seconds, 2),
+                   **_images_per_second(ctx, results[stage]))
+    if is_global_zero():
+        _write_results(run_dir, results, ctx)
+        _track_stage(ctx, stage, results[stage], seconds)
+    return True
 
 
 def _prepare_together(ctx: RunContext, stages: list[str], done: dict) -> None:
@@ -154,6 +176,11 @@ def _prepare_together(ctx: RunContext, stages: list[str], done: dict) -> None:
             hooks.append(hook)
     for hook in hooks:
         hook(ctx)
+    if any(stage_registry.get(s).extra.get("trains_together") for s in pending[0]):
+        ctx.cache["fit_group"] = FitGroup()  # rank 0's orders for the fine-tuning fits
+        if rank == 0 and not ctx.quiet:
+            print(f"fine-tuning: {world} processes train each run together, a share of each batch",
+                  flush=True)
 
 
 def _images_per_second(ctx: RunContext, result: dict[str, Any]) -> dict[str, float]:

@@ -217,22 +217,33 @@ def test_two_process_ddp_runs_pretraining_and_evaluation_end_to_end(tmp_path, me
 
 
 @pytest.mark.slow
-def test_rank_0_finetunes_on_every_image_after_ddp_pretraining(tmp_path):
-    """After DDP pretraining the process group is still up while rank 0 fine-tunes alone: its
-    loader takes every training image (not its DDP half), with a checkpoint each epoch."""
-    overrides = [*DDP, "stages=[pretrain,finetune]", "eval.baselines=[]", "eval.finetune.epochs=2",
-                 "eval.finetune.batch_size=16", "eval.finetune.label_fractions=[1.0]",
+def test_every_process_finetunes_together_after_ddp_pretraining(tmp_path):
+    """After DDP pretraining both processes train each fine-tuning run (and the classic probe),
+    each on its half of every batch of 16: 4 steps per epoch over all 64 images; rank 0 alone
+    validates, saves and writes (the resume from rank 0's checkpoint: test_finetune_together)."""
+    overrides = [*DDP, "stages=[pretrain,knn,finetune,linear_probe_classic]", "eval.baselines=[]",
+                 "eval.finetune.epochs=2", "eval.finetune.batch_size=16",
+                 "eval.finetune.label_fractions=[0.5, 1.0]", "eval.finetune.lr=[0.01, 0.001]",
                  "eval.finetune.backbone_lr_ratio=0.1", "eval.checkpoint_minutes=0",
+                 "eval.linear_probe_classic.epochs=2", "eval.linear_probe_classic.batch_size=16",
                  f"eval.cache_dir={tmp_path / 'cache'}"]
     done = cli([str(QUICKSTART), "--out", str(tmp_path / "run"), *sets(overrides)], cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("2 processes train each run together") == 1
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     run = results["finetune"]["by_fraction"]["1.0"]["by_seed"][0]
     assert run["train_samples"] == 64 and run["epochs_run"] == 2
+    assert run["processes"] == 2 and run["batch_size"] == 16 and len(run["grid"]) == 2
+    half = results["finetune"]["by_fraction"]["0.5"]["by_seed"][0]
+    assert half["train_samples"] == 32 and half["processes"] == 2
+    probe = results["linear_probe_classic"]["by_seed"][0]
+    assert probe["processes"] == 2 and probe["epochs_run"] == 2
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
-    steps = [r for r in records if r.get("stage") == "finetune/backbone/1.0/seed0" and "finetune/loss_step" in r]
-    assert len(steps) == 2 * 64 // 16  # 4 batches of 16 per epoch: all 64 images, not 32
+    steps = [r for r in records
+             if r.get("stage") == "finetune/backbone/1.0/seed0/lr0.01_ratio0.1" and "finetune/loss_step" in r]
+    assert len(steps) == 2 * 64 // 16  # 4 steps of 16 (8 per process) per epoch: every image once
     assert not (tmp_path / "run" / "runs/finetune/backbone/1.0/seed0.partial").exists()
+    assert results["knn"]["top1"] is not None  # rank 0's solo stage before, with the others waiting
 
 
 @pytest.mark.slow

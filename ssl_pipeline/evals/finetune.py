@@ -17,6 +17,7 @@ from there: on the same device it ends with the weights an uninterrupted run wou
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 import warnings
 from dataclasses import dataclass
@@ -26,12 +27,14 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ssl_pipeline.atomic import write_atomic
 from ssl_pipeline.budget import time_ran_out
 from ssl_pipeline.data.base import TransformedDataset
 from ssl_pipeline.evals.metrics import classification_metrics, multi_label_metrics
+from ssl_pipeline.evals.together import AverageGradients, FitGroup, FitOrder
 from ssl_pipeline.methods.base import OptimSettings, build_optimizer, lr_factor
 from ssl_pipeline.resume import (
     ResumableSampler,
@@ -41,8 +44,9 @@ from ssl_pipeline.resume import (
     set_rng_states,
 )
 
-# After DDP pretraining rank 0 fine-tunes alone with the process group still up; Lightning then
-# suggests syncing the epoch metrics across processes, which would wait for the others forever.
+# After DDP pretraining each process fine-tunes in its own single-device Trainer (together.py)
+# and rank 0 alone validates; Lightning then suggests syncing the epoch metrics across
+# processes, which would wait for the others forever.
 warnings.filterwarnings("ignore", message=r".*self\.log\('finetune/.*sync_dist=True.*")
 
 
@@ -58,15 +62,19 @@ class FinetuneSettings:
 
 
 def seeded_train_loader(dataset: torch.utils.data.Dataset, transform, batch_size: int, seed: int,
-                        num_workers: int = 0) -> torch.utils.data.DataLoader:
+                        num_workers: int = 0, shard: bool = False) -> torch.utils.data.DataLoader:
     """Shuffled batches of `transform`ed `(image, label)` items, every epoch's order drawn from
     `(seed, epoch)` and every image's augmentation from `(seed, epoch, index)`: the same batches
-    whatever else drew random numbers, how many workers made them, or where a run resumed."""
-    batch_size = min(batch_size, len(dataset))
+    whatever else drew random numbers, how many workers made them, or where a run resumed.
+
+    `shard`: this process's share of every batch of `batch_size` (processes of a process group
+    training together, see together.py); the shares of one step make up one process's batch."""
+    world = dist.get_world_size() if shard and dist.is_available() and dist.is_initialized() else 1
+    size = len(dataset) // world  # each process's share of the epoch
+    batch_size = min(max(1, batch_size // world), size)
     return torch.utils.data.DataLoader(
         TransformedDataset(dataset, transform), batch_size=batch_size,
-        # not sharded: fine-tuning runs in one process, also on rank 0 after DDP pretraining
-        sampler=ResumableSampler(len(dataset), seed, shard=False), drop_last=len(dataset) > batch_size,
+        sampler=ResumableSampler(len(dataset), seed, shard=world > 1), drop_last=size > batch_size,
         num_workers=num_workers,
         # its own generator: making the iterator does not draw from the global one
         generator=torch.Generator().manual_seed(seed))
@@ -269,6 +277,9 @@ def fit_finetuner(
     metrics: Path | None = None,
     stage: str | None = None,
     quiet: bool = True,
+    together: FitGroup | None = None,
+    order: FitOrder | None = None,
+    resume_from: Path | None = None,
 ) -> tuple[FineTuner, dict]:
     """Fine-tune `backbone` (modified in place): the model, holding its best validation epoch's
     weights, and how the training went. The test split is not touched.
@@ -280,13 +291,18 @@ def fit_finetuner(
     `stage` name the metrics.jsonl records a resume replaces; unless `quiet`, a resume says
     so. The fit's `this_call` holds the epochs and seconds of this call alone (`epochs_run`
     and `seconds` count the whole run).
+
+    `together`: every process of the process group trains this fit, each on its share of every
+    batch (`train_loader` sharded), gradients averaged (together.py). Rank 0 passes the `order`
+    it sends the others (with the checkpoint it resumes from, if any) and validates alone; the
+    others pass `val_loader` None and `resume_from`, the checkpoint rank 0 sent them.
     """
     model = FineTuner(backbone, num_classes, settings, multi_label)
     keep = KeepBest()
     max_time = None if settings.max_minutes is None else {"minutes": settings.max_minutes}
     trainer_kwargs = dict(trainer_kwargs)
     callbacks = [keep, *trainer_kwargs.pop("callbacks", [])]
-    saver, resume_from = None, None
+    saver = None
     if checkpoint is not None:
         saver = EpochCheckpoint(checkpoint, checkpoint_minutes, metrics, stage, quiet)
         callbacks.append(saver)
@@ -295,19 +311,30 @@ def fit_finetuner(
         elif checkpoint.exists():
             warnings.warn(f"{checkpoint} does not read back whole (cut short?); this fine-tuning "
                           "run starts over", stacklevel=2)
+    averager = None
+    if together is not None:
+        if order is not None:  # rank 0: the others train this fit beside it
+            together.send(dataclasses.replace(
+                order, checkpoint=None if resume_from is None else Path(resume_from).read_bytes()))
+        # rank 0's budget, checked in the step every process takes (see AverageGradients)
+        budget = None if settings.max_minutes is None or order is None else 60 * settings.max_minutes
+        averager = AverageGradients(budget, (lambda: saver.seconds) if saver is not None else None)
+        callbacks.append(averager)
+        max_time = None
     trainer = pl.Trainer(max_epochs=settings.epochs, max_time=max_time, callbacks=callbacks,
                          num_sanity_val_steps=0, **trainer_kwargs)
     start = time.time()
     trainer.fit(model, train_loader, val_loader, ckpt_path=resume_from)
     seconds = time.time() - start
-    keep.restore(model)
+    if val_loader is not None:  # without validation (training beside rank 0): the last weights
+        keep.restore(model)
     return model, {
         "val_top1": keep.best_score,
         "best_epoch": keep.best_epoch,
         "val_top1_by_epoch": keep.history,
         "epochs_run": trainer.current_epoch,
         "seconds": round(saver.seconds if saver is not None else seconds, 2),  # before a resume too
-        "stopped_by_budget": time_ran_out(trainer),
+        "stopped_by_budget": averager.stopped if averager is not None else time_ran_out(trainer),
         "this_call": {"epochs": trainer.current_epoch - (saver.resumed_epoch if saver else 0),
                       "seconds": seconds},
     }
