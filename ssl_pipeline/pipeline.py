@@ -120,6 +120,8 @@ def _run_stages(ctx: RunContext, start: float) -> RunResult:
     group = ctx.cache.pop("fit_group", None)
     if group is not None and is_global_zero():
         group.send(None)  # no more fits for the other processes: they end
+    if ctx.cache.pop("own_process_group", False):
+        torch.distributed.destroy_process_group()
     if is_global_zero():
         _write_report(ctx, results)
     return RunResult(run_dir, results, time.time() - start)
@@ -163,6 +165,7 @@ def _prepare_together(ctx: RunContext, stages: list[str], done: dict) -> None:
     """In a process group (after DDP pretraining), every process runs the `prepare` hooks of
     the evaluation stages still to run (feature extraction, sharded), before rank 0 goes on
     alone. Rank 0 says which stages those are: the others may not see its run directory."""
+    _join_launched_processes(ctx)
     rank, world = process_group()
     if world == 1:
         return
@@ -181,6 +184,28 @@ def _prepare_together(ctx: RunContext, stages: list[str], done: dict) -> None:
         if rank == 0 and not ctx.quiet:
             print(f"fine-tuning: {world} processes train each run together, a share of each batch",
                   flush=True)
+
+
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _join_launched_processes(ctx: RunContext) -> None:
+    """Processes torchrun started for a run with no pretraining to do (`ssl-pipeline evaluate`,
+    a resumed run whose pretraining is done): Lightning set up no process group for them, so
+    this does (NCCL on GPUs, else gloo), and they extract features and fine-tune together as
+    after DDP pretraining. Without torchrun's variables (srun alone) rank 0 evaluates alone."""
+    if process_group()[1] > 1 or launched_processes() < 2:
+        return
+    if not all(v in os.environ for v in TORCHRUN_VARIABLES):
+        if is_global_zero() and not ctx.quiet:
+            print(f"evaluation: {launched_processes()} processes were launched without torchrun's "
+                  f"variables ({', '.join(TORCHRUN_VARIABLES)}); rank 0 evaluates alone", flush=True)
+        return
+    gpu = ctx.resolved.accelerator == "gpu" and torch.cuda.is_available()
+    if gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group("nccl" if gpu else "gloo")
+    ctx.cache["own_process_group"] = True
 
 
 def _images_per_second(ctx: RunContext, result: dict[str, Any]) -> dict[str, float]:

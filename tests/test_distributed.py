@@ -247,6 +247,36 @@ def test_every_process_finetunes_together_after_ddp_pretraining(tmp_path):
 
 
 @pytest.mark.slow
+def test_evaluate_under_torchrun_extracts_and_finetunes_together(tmp_path):
+    """`ssl-pipeline evaluate` started by torchrun (2 processes, no pretraining: Lightning sets
+    up no process group) joins the processes into one, as after DDP pretraining."""
+    import timm
+
+    weights = tmp_path / "resnet18.pth"
+    torch.save(timm.create_model("resnet18", num_classes=0).state_dict(), weights)
+    overrides = [o for o in DDP if not o.startswith(("trainer.devices", "trainer.strategy", "stages"))]
+    overrides += ["stages=[knn,finetune]", "eval.baselines=[]", "eval.finetune.epochs=1",
+                  "eval.finetune.batch_size=16", "eval.finetune.label_fractions=[1.0]",
+                  f"eval.cache_dir={tmp_path / 'cache'}"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    env.pop("SSL_PIPELINE_RUN_DIR", None)
+    exe = Path(sys.executable).with_name("ssl-pipeline")
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+         str(free_port()), str(exe), "evaluate", str(QUICKSTART), "--backbone", str(weights),
+         "--out", str(tmp_path / "run"), *sets(overrides)],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=1200, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "features: 2 processes extract each split together" in done.stdout
+    assert done.stdout.count("2 processes train each run together") == 1
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert "pretrain" not in results and results["knn"]["top1"] is not None
+    run = results["finetune"]["by_fraction"]["1.0"]["by_seed"][0]
+    assert run["processes"] == 2 and run["train_samples"] == 64 and run["epochs_run"] == 1
+    assert len(list((tmp_path / "cache").rglob("*.npz"))) == 3  # train, val, test: once each
+
+
+@pytest.mark.slow
 def test_estimate_under_ddp_reports_once_with_the_evaluation_timed_by_rank_0(tmp_path):
     overrides = [*DDP, "stages=[pretrain,knn,finetune]", "eval.finetune.epochs=2"]
     env = {**os.environ, "WANDB_MODE": "disabled"}

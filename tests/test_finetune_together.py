@@ -12,6 +12,7 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_distributed import free_port
 from torch import nn
 
 from ssl_pipeline.evals.finetune import (
@@ -20,7 +21,6 @@ from ssl_pipeline.evals.finetune import (
     seeded_train_loader,
 )
 from ssl_pipeline.evals.together import FitGroup, FitOrder
-from tests.test_distributed import free_port
 
 pytestmark = pytest.mark.slow  # distributed: 2 processes each
 
@@ -184,3 +184,18 @@ def test_when_rank_0_fails_mid_fit_the_other_process_ends_within_seconds():
     assert processes[0].exitcode == 1  # the injected failure
     assert not alive and processes[1].exitcode != 0, "the other process kept waiting"
     assert time.time() - ended < 30
+
+
+def test_a_run_resumed_after_its_budget_ran_out_trains_no_further_step(tmp_path):
+    checkpoint = tmp_path / "setting0.ckpt"
+    torch.manual_seed(1)  # one process: its budget ends it in the first epoch, saved at the end
+    _, first = fit_finetuner(Tiny(), CLASSES, seeded_train_loader(data(), noisy, BATCH, seed=5),
+                             torch.utils.data.DataLoader(data(), batch_size=32), settings(1e-5),
+                             kwargs(), checkpoint=checkpoint)
+    assert first["stopped_by_budget"] and first["epochs_run"] == 1
+    saved = torch.load(checkpoint, weights_only=False)["state_dict"]
+    together = run_together(max_minutes=1e-5, checkpoint=checkpoint)
+    assert together[0][1]["stopped_by_budget"] and together[1][1]["stopped_by_budget"]
+    assert together[0][1]["epochs_run"] == 1 == together[1][1]["epochs_run"]
+    for k, v in saved.items():  # the other process: rank 0's resumed weights, no step taken
+        assert torch.equal(together[1][0][k], v), k

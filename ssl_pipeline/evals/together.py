@@ -74,9 +74,21 @@ class AverageGradients(pl.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._started = time.time()
+        device = next(pl_module.parameters()).device
         with torch.no_grad():
             for tensor in [*pl_module.parameters(), *pl_module.buffers()]:
                 dist.broadcast(tensor.data, src=0)
+            # a run resumed after its budget ran out trains no further step (a new run takes
+            # at least one, as with Lightning's max_time)
+            resumed = trainer.current_epoch > 0 or trainer.global_step > 0
+            spent = torch.tensor([float(resumed and self.out_of_time())], device=device)
+            dist.broadcast(spent, src=0)
+        if spent.item() > 0:
+            trainer.should_stop = True
+            self.stopped = True
+
+    def out_of_time(self) -> bool:
+        return self.budget_seconds is not None and self.seconds() >= self.budget_seconds
 
     def seconds(self) -> float:
         return self.elapsed() if self.elapsed is not None else time.time() - self._started
@@ -85,8 +97,7 @@ class AverageGradients(pl.Callback):
         params = [p for p in pl_module.parameters() if p.requires_grad]
         if not params:
             return
-        out_of_time = self.budget_seconds is not None and self.seconds() >= self.budget_seconds
-        flag = torch.tensor([float(out_of_time)], device=params[0].device)
+        flag = torch.tensor([float(self.out_of_time())], device=params[0].device)
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
                           for p in params] + [flag])
         dist.all_reduce(flat)
