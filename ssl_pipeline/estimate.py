@@ -267,14 +267,13 @@ def _finetune_projection(ctx, subject, classic: bool, steps: int, warmup: int,
     import dataclasses
 
     from ssl_pipeline.evals.finetune import fit_finetuner, predict
-    from ssl_pipeline.evaluation import finetune_plan, finetune_trainer_kwargs
-
+    from ssl_pipeline.evaluation import finetune_plan, finetune_trainer_kwargs, trains_together
     from ssl_pipeline.features import process_group
 
     recipe, bundle = ctx.recipe, ctx.data
-    # after DDP pretraining every process trains each run, a share of each batch: rank 0 times
-    # steps of its share (the gradients' all-reduce is not timed)
-    processes = process_group()[1]
+    # when every process trains each run after DDP pretraining, a share of each batch: rank 0
+    # times steps of its share (the gradients' all-reduce is not timed)
+    processes = process_group()[1] if trains_together(ctx) else 1
     plan = finetune_plan(ctx, subject, 1.0, 0, classic, shard=processes > 1)
     settings = dataclasses.replace(plan.grid[0], epochs=10**6, max_minutes=None)
     timer = StepTimer()

@@ -621,6 +621,13 @@ def finetune_trainer_kwargs(ctx: RunContext, stage: str | None) -> dict[str, Any
                 callbacks=[ChannelsLast()] if ctx.recipe.trainer.channels_last else [])
 
 
+def trains_together(ctx: RunContext) -> bool:
+    """Whether every process of a process group trains each fine-tuning run
+    (`eval.finetune_processes`: "all", or "auto" on GPUs), else rank 0 alone."""
+    choice = ctx.recipe.eval.finetune_processes
+    return choice == "all" or (choice == "auto" and ctx.resolved.accelerator == "gpu")
+
+
 def train_shares(ctx: RunContext, group: FitGroup) -> int:
     """A process other than rank 0, after DDP pretraining: train its share of each fit rank 0
     orders (see evals/together.py) until rank 0 says there are no more; returns how many."""

@@ -22,7 +22,7 @@ from ssl_pipeline.data.image_folder import decoder_facts
 from ssl_pipeline.data.transforms import fit_views
 from ssl_pipeline.errors import SSLPipelineError
 from ssl_pipeline.evals.together import FitGroup
-from ssl_pipeline.evaluation import train_shares
+from ssl_pipeline.evaluation import train_shares, trains_together
 from ssl_pipeline.features import process_group
 from ssl_pipeline.methods.base import effective_lr
 from ssl_pipeline.monitor import METRICS as MONITOR_METRICS
@@ -179,7 +179,8 @@ def _prepare_together(ctx: RunContext, stages: list[str], done: dict) -> None:
             hooks.append(hook)
     for hook in hooks:
         hook(ctx)
-    if any(stage_registry.get(s).extra.get("trains_together") for s in pending[0]):
+    if trains_together(ctx) and any(stage_registry.get(s).extra.get("trains_together")
+                                     for s in pending[0]):
         ctx.cache["fit_group"] = FitGroup()  # rank 0's orders for the fine-tuning fits
         if rank == 0 and not ctx.quiet:
             print(f"fine-tuning: {world} processes train each run together, a share of each batch",

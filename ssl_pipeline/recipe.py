@@ -319,6 +319,11 @@ class EvalConfig(Strict):
     # the first epoch that ends this many minutes after the last save (0: every epoch) and when
     # they finish; `--resume` goes on from it. null: none (a run cut off starts over).
     checkpoint_minutes: float | None = Field(5.0, ge=0)
+    # In a process group (after DDP pretraining, or under torchrun): "all" processes train each
+    # fine-tuning and classic-probe run together, a share of every batch each, gradients
+    # averaged (evals/together.py); "rank0" trains them on rank 0 alone; "auto": all on GPUs,
+    # rank 0 on CPUs (measured on 2 CPU cores: the gradient exchange cost more than it saved).
+    finetune_processes: Literal["auto", "all", "rank0"] = "auto"
     cache_dir: str = "data/cache/features"
     knn: KNNConfig = KNNConfig()
     linear_probe: LinearProbeConfig = LinearProbeConfig()

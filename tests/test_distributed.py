@@ -222,6 +222,7 @@ def test_every_process_finetunes_together_after_ddp_pretraining(tmp_path):
     each on its half of every batch of 16: 4 steps per epoch over all 64 images; rank 0 alone
     validates, saves and writes (the resume from rank 0's checkpoint: test_finetune_together)."""
     overrides = [*DDP, "stages=[pretrain,knn,finetune,linear_probe_classic]", "eval.baselines=[]",
+                 "eval.finetune_processes=all",
                  "eval.finetune.epochs=2", "eval.finetune.batch_size=16",
                  "eval.finetune.label_fractions=[0.5, 1.0]", "eval.finetune.lr=[0.01, 0.001]",
                  "eval.finetune.backbone_lr_ratio=0.1", "eval.checkpoint_minutes=0",
@@ -247,6 +248,26 @@ def test_every_process_finetunes_together_after_ddp_pretraining(tmp_path):
 
 
 @pytest.mark.slow
+def test_on_cpus_rank_0_finetunes_alone_on_every_image_by_default(tmp_path):
+    """`eval.finetune_processes: auto` on CPU processes: rank 0 trains each run alone (the
+    process group still up), its loader taking every training image, not its DDP half."""
+    overrides = [*DDP, "stages=[pretrain,finetune]", "eval.baselines=[]", "eval.finetune.epochs=2",
+                 "eval.finetune.batch_size=16", "eval.finetune.label_fractions=[1.0]",
+                 "eval.finetune.backbone_lr_ratio=0.1", "eval.checkpoint_minutes=0",
+                 f"eval.cache_dir={tmp_path / 'cache'}"]
+    done = cli([str(QUICKSTART), "--out", str(tmp_path / "run"), *sets(overrides)], cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "train each run together" not in done.stdout
+    run = json.loads((tmp_path / "run" / "results.json").read_text())["finetune"]["by_fraction"]["1.0"]
+    run = run["by_seed"][0]
+    assert run["processes"] == 1 and run["train_samples"] == 64 and run["epochs_run"] == 2
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    steps = [r for r in records if r.get("stage") == "finetune/backbone/1.0/seed0" and "finetune/loss_step" in r]
+    assert len(steps) == 2 * 64 // 16  # 4 batches of 16 per epoch: all 64 images, not 32
+    assert not (tmp_path / "run" / "runs/finetune/backbone/1.0/seed0.partial").exists()
+
+
+@pytest.mark.slow
 def test_evaluate_under_torchrun_extracts_and_finetunes_together(tmp_path):
     """`ssl-pipeline evaluate` started by torchrun (2 processes, no pretraining: Lightning sets
     up no process group) joins the processes into one, as after DDP pretraining."""
@@ -255,7 +276,8 @@ def test_evaluate_under_torchrun_extracts_and_finetunes_together(tmp_path):
     weights = tmp_path / "resnet18.pth"
     torch.save(timm.create_model("resnet18", num_classes=0).state_dict(), weights)
     overrides = [o for o in DDP if not o.startswith(("trainer.devices", "trainer.strategy", "stages"))]
-    overrides += ["stages=[knn,finetune]", "eval.baselines=[]", "eval.finetune.epochs=1",
+    overrides += ["stages=[knn,finetune]", "eval.baselines=[]", "eval.finetune_processes=all",
+                  "eval.finetune.epochs=1",
                   "eval.finetune.batch_size=16", "eval.finetune.label_fractions=[1.0]",
                   f"eval.cache_dir={tmp_path / 'cache'}"]
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
