@@ -267,7 +267,11 @@ def _finetune_projection(ctx, subject, classic: bool, steps: int, warmup: int,
     import dataclasses
 
     from ssl_pipeline.evals.finetune import fit_finetuner, predict
-    from ssl_pipeline.evaluation import finetune_plan, finetune_trainer_kwargs, trains_together
+    from ssl_pipeline.evaluation import (
+        finetune_plan,
+        finetune_trainer_kwargs,
+        trains_together,
+    )
     from ssl_pipeline.features import process_group
 
     recipe, bundle = ctx.recipe, ctx.data

@@ -51,8 +51,8 @@ def noisy(x: torch.Tensor) -> torch.Tensor:  # an augmentation: each image's dra
 
 
 def kwargs() -> dict:
-    return dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                enable_model_summary=False, enable_checkpointing=False)
+    return {"accelerator": "cpu", "devices": 1, "logger": False, "enable_progress_bar": False,
+            "enable_model_summary": False, "enable_checkpointing": False}
 
 
 def settings(max_minutes: float | None = None, epochs: int = 3) -> FinetuneSettings:
