@@ -203,14 +203,13 @@ def _cached_feature_projection(ctx, stage: str, feature_dim: int, backbones: int
     """k-NN or the linear probe on random features of the real dimensions, timed on a sample
     of the real sizes and scaled: brute-force k-NN by bank rows x queries, the probe by
     training rows x epochs (its settings train together, then its seeds)."""
+    from ssl_pipeline.evaluation import eval_device, raw_pixel_dims
+
     recipe, bundle = ctx.recipe, ctx.data
     dims = [feature_dim] * backbones
-    pixels = bundle.channels * bundle.image_size ** 2
-    if "raw_pixels" in recipe.eval.baselines and pixels <= recipe.eval.raw_pixels_max_dims:
+    if (pixels := raw_pixel_dims(ctx)) is not None:
         dims.append(pixels)
     sizes = {split: len(getattr(bundle, split)) for split in ("train", "val", "test")}
-    from ssl_pipeline.evaluation import eval_device
-
     if stage == "knn":  # faiss picks its own device
         timed = {d: _knn_seconds(recipe, sizes, d, bundle.num_classes) for d in sorted(set(dims))}
     else:

@@ -89,10 +89,17 @@ def subjects(ctx: RunContext) -> list[Subject]:
     found = [Subject("backbone", backbone)]
     if "random_init" in ctx.recipe.eval.baselines:
         found.append(Subject("random_init", random_init_like(backbone, ctx.recipe.seed, ctx)))
-    dims = ctx.data.channels * ctx.data.image_size ** 2
-    if "raw_pixels" in ctx.recipe.eval.baselines and dims <= ctx.recipe.eval.raw_pixels_max_dims:
+    if raw_pixel_dims(ctx) is not None:
         found.append(Subject("raw_pixels", None))
     return found
+
+
+def raw_pixel_dims(ctx: RunContext) -> int | None:
+    """The raw-pixel baseline's dimensions, None when it is not evaluated (not asked for, or
+    more than `eval.raw_pixels_max_dims`)."""
+    dims = ctx.data.channels * ctx.data.image_size ** 2
+    wanted = "raw_pixels" in ctx.recipe.eval.baselines and dims <= ctx.recipe.eval.raw_pixels_max_dims
+    return dims if wanted else None
 
 
 def random_init_like(backbone: Backbone, seed: int, ctx: RunContext) -> Backbone:
@@ -541,15 +548,15 @@ def finetune_plan(ctx: RunContext, subject: Subject, fraction: float, seed: int,
     if classic:  # the papers' evaluation crop: resize 256, center crop 224
         plain = eval_transform(p.input_size, p.mean, p.std, probe.crop_pct)
     workers = ctx.recipe.data.num_workers
-    batch = min(probe.batch_size if classic else cfg.batch_size, len(train))
-    if shard:
-        world = process_group()[1]
-        batch = max(1, min(batch, len(train) // world) // world) * world
     loaders = [
-        seeded_train_loader(train, augment, batch, ctx.recipe.seed + seed, workers, shard=shard),
+        seeded_train_loader(train, augment, probe.batch_size if classic else cfg.batch_size,
+                            ctx.recipe.seed + seed, workers, shard=shard),
         *(torch.utils.data.DataLoader(TransformedDataset(split, plain), batch_size=ctx.recipe.eval.batch_size,
                                       num_workers=workers) for split in (bundle.val, bundle.test)),
     ]
+    # the batch each step takes: capped at the images, and with `shard` each process's share
+    # of it (the whole rounded down to a multiple of the processes)
+    batch = loaders[0].batch_size * (process_group()[1] if shard else 1)
     if classic:
         lr = probe.lr * batch / probe.lr_reference_batch
         grid = [FinetuneSettings(probe.epochs, probe.optimizer, lr, 0.0, probe.weight_decay,

@@ -108,15 +108,11 @@ def _run_stages(ctx: RunContext, start: float) -> RunResult:
     ctx.baselines = results.setdefault("baselines", {})
     done = ctx.stage_state()
     shared = False
-    try:
-        for stage in recipe.stages:
-            if not _run_stage(ctx, stage, results, done, shared):
-                break
-            shared = shared or not stage_registry.get(stage).extra.get("distributed")
-    except BaseException:
-        # rank 0 failing: it tells the others nothing; they fail as its connections close
-        ctx.cache.pop("fit_group", None)
-        raise
+    # rank 0 failing in a stage tells the others nothing: they fail as its connections close
+    for stage in recipe.stages:
+        if not _run_stage(ctx, stage, results, done, shared):
+            break
+        shared = shared or not stage_registry.get(stage).extra.get("distributed")
     group = ctx.cache.pop("fit_group", None)
     if group is not None and is_global_zero():
         group.send(None)  # no more fits for the other processes: they end

@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from ssl_pipeline.atomic import write_atomic
@@ -35,6 +34,7 @@ from ssl_pipeline.budget import time_ran_out
 from ssl_pipeline.data.base import TransformedDataset
 from ssl_pipeline.evals.metrics import classification_metrics, multi_label_metrics
 from ssl_pipeline.evals.together import AverageGradients, FitGroup, FitOrder
+from ssl_pipeline.features import process_group
 from ssl_pipeline.methods.base import OptimSettings, build_optimizer, lr_factor
 from ssl_pipeline.resume import (
     ResumableSampler,
@@ -69,7 +69,7 @@ def seeded_train_loader(dataset: torch.utils.data.Dataset, transform, batch_size
 
     `shard`: this process's share of every batch of `batch_size` (processes of a process group
     training together, see together.py); the shares of one step make up one process's batch."""
-    world = dist.get_world_size() if shard and dist.is_available() and dist.is_initialized() else 1
+    world = process_group()[1] if shard else 1
     size = len(dataset) // world  # each process's share of the epoch
     batch_size = min(max(1, batch_size // world), size)
     return torch.utils.data.DataLoader(
