@@ -104,7 +104,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.resume and args.recipe:
         raise SSLPipelineError("give either a recipe or --resume RUN_DIR, not both")
     if args.resume and args.overrides:
-        raise SSLPipelineError("--resume continues a run with its own recipe.yaml; --set is not allowed")
+        raise SSLPipelineError(
+            "--resume continues a run with the recipe.yaml in its run directory, so --set is "
+            "not allowed with it (one run, one recipe). To change a setting, start a new run: "
+            "ssl-pipeline run RECIPE --set KEY=VALUE --out NEW_RUN_DIR")
     if _is_suite(args.recipe, args.resume):
         return cmd_run_suite(args)
     try:

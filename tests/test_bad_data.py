@@ -184,6 +184,7 @@ def test_a_file_that_breaks_during_training_stops_it_with_status_2_keeping_check
     err = capsys.readouterr().err
     assert status == 2, err
     assert "cannot read this image" in err and str(tmp_path / "images") in err
+    assert "then continue with ssl-pipeline run --resume RUN_DIR" in err  # how to go on
     assert "Traceback" not in err  # the worker's traceback is not the message
     state = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert state["global_step"] >= 1

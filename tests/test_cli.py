@@ -51,6 +51,7 @@ def test_validate_ok(capsys):
     (["run", QUICKSTART, "--set", "trainer.precision=16-mixed"], "needs a GPU"),
     (["run", "--resume", "/no/such/run"], "no recipe.yaml"),
     (["run"], "give a recipe"),
+    (["run", "--resume", "/no/such/run", "--set", "pretrain.epochs=2"], "start a new run"),
 ])
 def test_user_errors_exit_2_with_a_message_and_no_traceback(capsys, monkeypatch, tmp_path,
                                                             args, message):

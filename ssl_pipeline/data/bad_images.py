@@ -49,9 +49,10 @@ class BadImage(SSLPipelineError):
 def bad_image(source: object, error: BaseException | str) -> BadImage:
     reason = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
     return BadImage(
-        f"{source}: cannot read this image ({reason}). Remove or replace the file, or set "
-        "data.on_bad_image=skip to leave unreadable files out (they are listed in the "
-        "report); a started run continues with ssl-pipeline run --resume RUN_DIR"
+        f"{source}: cannot read this image ({reason}). Remove or replace the file, then "
+        "continue with ssl-pipeline run --resume RUN_DIR (what the run wrote is kept); or "
+        "start a new run with --set data.on_bad_image=skip to leave unreadable files out "
+        "(they are listed in the report)"
     )
 
 
