@@ -59,11 +59,23 @@ def settings(max_minutes: float | None = None, epochs: int = 3) -> FinetuneSetti
     return FinetuneSettings(epochs=epochs, lr=0.01, backbone_lr_ratio=0.5, max_minutes=max_minutes)
 
 
-def fit(s: FinetuneSettings, shard: bool = False, validate: bool = True, **together) -> tuple[nn.Module, dict]:
+class LoggedLoss(pl.Callback):
+    """The training loss each step logged, as metrics.jsonl and W&B receive it."""
+
+    def __init__(self):
+        self.values: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.values.append(trainer.callback_metrics["finetune/loss_step"].item())
+
+
+def fit(s: FinetuneSettings, shard: bool = False, validate: bool = True,
+        logged: LoggedLoss | None = None, **together) -> tuple[nn.Module, dict]:
     torch.manual_seed(1)
     train = seeded_train_loader(data(), noisy, BATCH, seed=5, shard=shard)
     val = torch.utils.data.DataLoader(data(), batch_size=32) if validate else None
-    return fit_finetuner(Tiny(), CLASSES, train, val, s, kwargs(), **together)
+    trainer_kwargs = {**kwargs(), "callbacks": [logged] if logged is not None else []}
+    return fit_finetuner(Tiny(), CLASSES, train, val, s, trainer_kwargs, **together)
 
 
 def _together(rank: int, port: int, max_minutes, checkpoint: str | None, out: dict) -> None:
@@ -72,9 +84,10 @@ def _together(rank: int, port: int, max_minutes, checkpoint: str | None, out: di
     try:
         group = FitGroup()
         s = settings(max_minutes)
+        logged = LoggedLoss()
         if rank == 0:
             path = None if checkpoint is None else Path(checkpoint)
-            model, result = fit(s, shard=True, together=group,
+            model, result = fit(s, shard=True, logged=logged, together=group,
                                 order=FitOrder("backbone", 1.0, 0, False, 0), checkpoint=path)
             group.send(None)
         else:
@@ -83,9 +96,11 @@ def _together(rank: int, port: int, max_minutes, checkpoint: str | None, out: di
             if order.checkpoint is not None:
                 resume = Path(checkpoint).with_suffix(".sent")
                 resume.write_bytes(order.checkpoint)
-            model, result = fit(s, shard=True, validate=False, together=group, resume_from=resume)
+            model, result = fit(s, shard=True, validate=False, logged=logged, together=group,
+                                resume_from=resume)
             assert group.receive() is None
         result.pop("this_call")
+        result["logged_loss"] = logged.values
         out[rank] = ({k: v.clone() for k, v in model.state_dict().items()}, result, len(
             seeded_train_loader(data(), noisy, BATCH, seed=5, shard=True)))
     finally:
@@ -108,8 +123,13 @@ def run_together(max_minutes=None, checkpoint: Path | None = None) -> dict:
 
 def test_two_processes_take_the_steps_one_process_takes_with_the_whole_batch():
     together = run_together()
-    single, single_fit = fit(settings())
+    single_loss = LoggedLoss()
+    single, single_fit = fit(settings(), logged=single_loss)
     state, result, steps = together[0]
+    # the loss logged is the whole batch's, the same on both processes, not each one's share
+    assert len(single_loss.values) == 3 * IMAGES // BATCH
+    assert result["logged_loss"] == pytest.approx(single_loss.values, abs=1e-5)
+    assert together[1][1]["logged_loss"] == pytest.approx(single_loss.values, abs=1e-5)
     assert steps == IMAGES // BATCH  # each process: 4 steps of 8 per epoch, as one process of 16
     assert result["epochs_run"] == 3 == together[1][1]["epochs_run"]
     assert result["val_top1_by_epoch"] == pytest.approx(single_fit["val_top1_by_epoch"], abs=1e-6)

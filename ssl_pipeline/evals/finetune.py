@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ssl_pipeline.atomic import write_atomic
@@ -92,6 +93,9 @@ class FineTuner(pl.LightningModule):
         self.criterion = nn.BCEWithLogitsLoss() if multi_label else nn.CrossEntropyLoss()
         self.val_correct: list[torch.Tensor] = []
         self.val_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # training beside other processes (together.py): log the loss of the whole batch, the
+        # mean of every process's share, not this process's share alone
+        self.loss_over_processes = False
         if settings.frozen:
             self.backbone.requires_grad_(False)
 
@@ -108,7 +112,12 @@ class FineTuner(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         loss = self.criterion(self(x), y.float() if self.multi_label else y)
-        self.log("finetune/loss", loss, on_step=True, on_epoch=True, batch_size=len(y))
+        logged = loss.detach()
+        if self.loss_over_processes:
+            logged = logged.clone()
+            dist.all_reduce(logged)
+            logged /= dist.get_world_size()
+        self.log("finetune/loss", logged, on_step=True, on_epoch=True, batch_size=len(y))
         return loss
 
     def validation_step(self, batch, batch_idx):
@@ -320,6 +329,7 @@ def fit_finetuner(
         budget = None if settings.max_minutes is None or order is None else 60 * settings.max_minutes
         averager = AverageGradients(budget, (lambda: saver.seconds) if saver is not None else None)
         callbacks.append(averager)
+        model.loss_over_processes = True
         max_time = None
     trainer = pl.Trainer(max_epochs=settings.epochs, max_time=max_time, callbacks=callbacks,
                          num_sanity_val_steps=0, **trainer_kwargs)
