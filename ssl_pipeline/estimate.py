@@ -65,7 +65,13 @@ def estimate(recipe_path: str, overrides: list[str] = (), steps: int = 20, warmu
     then its evaluation stages. Without a pretrain stage, the evaluation stages alone, on the
     recipe's `eval.backbone`."""
     from ssl_pipeline.evaluation import evaluated_backbone
-    from ssl_pipeline.pipeline import _quiet_lightning, data_facts, resolve
+    from ssl_pipeline.features import process_group
+    from ssl_pipeline.pipeline import (
+        _join_launched_processes,
+        _quiet_lightning,
+        data_facts,
+        resolve,
+    )
     from ssl_pipeline.recipe import load_recipe
     from ssl_pipeline.stages import RunContext, is_global_zero
 
@@ -87,11 +93,16 @@ def estimate(recipe_path: str, overrides: list[str] = (), steps: int = 20, warmu
         if pretrain:
             figures, backbone = _pretraining(ctx, recipe, recipe_path, steps, warmup, quiet)
         else:
+            # processes torchrun started evaluate together, as `ssl-pipeline evaluate` would
+            _join_launched_processes(ctx)
             backbone = evaluated_backbone(ctx)
             figures = {"projected_seconds": 0.0, "device": resolved.accelerator,
-                       "precision": resolved.precision, "world_size": 1}
-        # as in a run, rank 0 alone evaluates (timings taken beside other processes would mislead)
+                       "precision": resolved.precision, "world_size": process_group()[1]}
+        # as in a run, rank 0 alone evaluates (timings taken beside other processes would
+        # mislead); it projects the shares of the work that all processes do together
         evaluation = _evaluation(ctx, backbone, steps, warmup, quiet) if is_global_zero() else {}
+        if ctx.cache.pop("own_process_group", False):
+            torch.distributed.destroy_process_group()
     if evaluation:
         figures["evaluation"] = evaluation
         figures["projected_total_seconds"] = round(
@@ -178,7 +189,7 @@ def _feature_projection(ctx, subject, steps: int, backbones: int) -> dict[str, A
     from ssl_pipeline.compute import channels_last
     from ssl_pipeline.data import TransformedDataset
     from ssl_pipeline.evaluation import eval_device, transform_for
-    from ssl_pipeline.features import extract_features
+    from ssl_pipeline.features import extract_features, process_group
 
     bundle, batch = ctx.data, ctx.recipe.eval.batch_size
     images = min(len(bundle.train), batch * (steps + 1))
@@ -193,9 +204,12 @@ def _feature_projection(ctx, subject, steps: int, backbones: int) -> dict[str, A
     seconds = _time(lambda: extract_features(model, loader, device))
     rate = images / seconds
     total = sum(len(getattr(bundle, split)) for split in ("train", "val", "test"))
+    # the processes of a process group extract labeled splits together, a shard each
+    # (evaluation.share_features): rank 0 timed its own rate, each takes 1/processes
+    processes = process_group()[1] if bundle.labeled else 1
     return {"images_per_second": round(rate, 1), "images": total * backbones,
-            "backbones": backbones,
-            "projected_seconds": round(total * backbones / rate, 1),
+            "backbones": backbones, "processes": processes,
+            "projected_seconds": round(total * backbones / (rate * processes), 1),
             "note": "at most: features already in eval.cache_dir are read, not extracted"}
 
 
@@ -398,8 +412,8 @@ def _project(recipe, resolved, timer: StepTimer, warmup: int, batches_per_epoch:
 def describe(e: dict[str, Any]) -> str:
     """The estimate as the lines `ssl-pipeline estimate` prints."""
     lines = _pretraining_lines(e) if "measured_steps" in e else [
-        (f"no pretrain stage: the evaluation stages on eval.backbone ({e['device']}, precision "
-         f"{e['precision']})")]
+        (f"no pretrain stage: the evaluation stages on eval.backbone ({e['world_size']} "
+         f"{e['device']} process(es), precision {e['precision']})")]
     return "\n".join(lines + _evaluation_lines(e))
 
 
@@ -431,8 +445,9 @@ def _evaluation_lines(e: dict[str, Any]) -> list[str]:
     parts = []
     if "features" in ev:
         f = ev["features"]
+        together = f", {f['processes']} processes a shard each" if f.get("processes", 1) > 1 else ""
         parts.append(f"features {_duration(f['projected_seconds'])} (at most: {f['images']} "
-                     f"images at {f['images_per_second']:.0f}/s)")
+                     f"images at {f['images_per_second']:.0f}/s{together})")
     for stage in ("knn", "linear_probe"):
         if stage in ev:
             parts.append(f"{stage} {_duration(ev[stage]['projected_seconds'])} "

@@ -314,6 +314,41 @@ def test_estimate_under_ddp_reports_once_with_the_evaluation_timed_by_rank_0(tmp
     assert not list(tmp_path.iterdir())  # nothing written
 
 
+@pytest.mark.slow
+def test_estimate_under_torchrun_without_pretraining_projects_the_processes_together(tmp_path):
+    """`ssl-pipeline estimate` of an evaluate-only recipe under torchrun joins the processes
+    as `ssl-pipeline evaluate` does: features and fine-tuning are projected as 2 shares."""
+    import timm
+
+    weights = tmp_path / "resnet18.pth"
+    torch.save(timm.create_model("resnet18", num_classes=0).state_dict(), weights)
+    overrides = [o for o in DDP if not o.startswith(("trainer.devices", "trainer.strategy", "stages"))]
+    overrides += ["stages=[knn,finetune]", f"eval.backbone={weights}", "eval.baselines=[]",
+                  "eval.finetune_processes=all", "eval.finetune.epochs=2",
+                  "eval.finetune.label_fractions=[1.0]"]
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    env.pop("SSL_PIPELINE_RUN_DIR", None)
+    exe = Path(sys.executable).with_name("ssl-pipeline")
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+         str(free_port()), str(exe), "estimate", str(QUICKSTART), "--steps", "2", "--warmup", "1",
+         "--json", str(tmp_path / "estimate.json"), *sets(overrides)],
+        capture_output=True, text=True, env=env, cwd=work, timeout=1200, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("projected total:") == 1
+    assert "on eval.backbone (2 cpu process(es)" in done.stdout
+    assert "2 processes a shard each" in done.stdout
+    figures = json.loads((tmp_path / "estimate.json").read_text())
+    features, finetune = figures["evaluation"]["features"], figures["evaluation"]["finetune"]
+    assert figures["world_size"] == 2 and features["processes"] == 2 and finetune["processes"] == 2
+    # each process extracts half of the images at the rate rank 0 measured
+    assert features["projected_seconds"] == pytest.approx(
+        features["images"] / features["images_per_second"] / 2, abs=0.1 + 0.01 * features["projected_seconds"])
+    assert not list(work.iterdir())  # nothing written
+
+
 def assert_features_as_one_process_extracts_them(run_dir: Path, cache: Path) -> None:
     """The 2 processes extracted the features of each split together (a shard each, gathered
     on rank 0): the cached arrays are what one process extracts, row for row."""
