@@ -67,9 +67,9 @@ def estimate(recipe_path: str, overrides: list[str] = (), steps: int = 20, warmu
     from ssl_pipeline.evaluation import evaluated_backbone
     from ssl_pipeline.features import process_group
     from ssl_pipeline.pipeline import (
-        _join_launched_processes,
         _quiet_lightning,
         data_facts,
+        join_launched_processes,
         resolve,
     )
     from ssl_pipeline.recipe import load_recipe
@@ -94,7 +94,7 @@ def estimate(recipe_path: str, overrides: list[str] = (), steps: int = 20, warmu
             figures, backbone = _pretraining(ctx, recipe, recipe_path, steps, warmup, quiet)
         else:
             # processes torchrun started evaluate together, as `ssl-pipeline evaluate` would
-            _join_launched_processes(ctx)
+            join_launched_processes(ctx)
             backbone = evaluated_backbone(ctx)
             figures = {"projected_seconds": 0.0, "device": resolved.accelerator,
                        "precision": resolved.precision, "world_size": process_group()[1]}

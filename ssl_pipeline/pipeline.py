@@ -161,7 +161,7 @@ def _prepare_together(ctx: RunContext, stages: list[str], done: dict) -> None:
     """In a process group (after DDP pretraining), every process runs the `prepare` hooks of
     the evaluation stages still to run (feature extraction, sharded), before rank 0 goes on
     alone. Rank 0 says which stages those are: the others may not see its run directory."""
-    _join_launched_processes(ctx)
+    join_launched_processes(ctx)
     rank, world = process_group()
     if world == 1:
         return
@@ -186,7 +186,7 @@ def _prepare_together(ctx: RunContext, stages: list[str], done: dict) -> None:
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-def _join_launched_processes(ctx: RunContext) -> None:
+def join_launched_processes(ctx: RunContext) -> None:
     """Processes torchrun started for a run with no pretraining to do (`ssl-pipeline evaluate`,
     a resumed run whose pretraining is done): Lightning set up no process group for them, so
     this does (NCCL on GPUs, else gloo), and they extract features and fine-tune together as
