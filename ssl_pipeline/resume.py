@@ -36,6 +36,7 @@ import torch.distributed as dist
 
 from ssl_pipeline.atomic import write_text_atomic
 from ssl_pipeline.errors import SSLPipelineError
+from ssl_pipeline.features import process_group
 
 LAST, PREVIOUS = "last.ckpt", "previous.ckpt"
 
@@ -53,12 +54,6 @@ def sample_seed(seed: int, epoch: int, index: int | None = None) -> int:
     """
     entropy = [seed, epoch, 0 if index is None else index + 1]
     return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
-
-
-def _rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 class ResumableSampler(torch.utils.data.Sampler):
@@ -95,7 +90,7 @@ class ResumableSampler(torch.utils.data.Sampler):
         return torch.randperm(self.size, generator=generator)
 
     def _rank_and_world(self) -> tuple[int, int]:
-        return _rank_and_world() if self.shard else (0, 1)
+        return process_group() if self.shard else (0, 1)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         rank, world = self._rank_and_world()
@@ -184,7 +179,7 @@ class TrainingCheckpoints(pl.Callback):
     def state_dict(self) -> dict[str, Any]:
         # Called on every process while the checkpoint is assembled: gather all their RNG states.
         states = rng_states()
-        _, world = _rank_and_world()
+        _, world = process_group()
         if world > 1:
             gathered: list[Any] = [None] * world
             dist.all_gather_object(gathered, states)

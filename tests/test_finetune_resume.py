@@ -143,7 +143,7 @@ def test_checkpoints_come_every_n_minutes_and_when_the_run_finishes(tmp_path, mo
 def test_the_finetuning_loader_takes_every_image_in_a_process_group_too(monkeypatch):
     """Rank 0 fine-tunes alone after DDP pretraining, with the process group still up: its
     loader must not take only its DDP share of the images."""
-    monkeypatch.setattr(resume, "_rank_and_world", lambda: (0, 2))
+    monkeypatch.setattr(resume, "process_group", lambda: (0, 2))
     loader = seeded_train_loader(separable(48, 0), noisy, 16, seed=5)
     labels = torch.cat([y for _, y in loader])
     assert len(labels) == 48 and len(loader) == 3

@@ -36,7 +36,7 @@ EXACT = ["trainer.deterministic=true", "stages=[pretrain]", "backbone.name=timm:
 def shares(sampler: ResumableSampler, world: int, monkeypatch) -> list[list[int]]:
     out = []
     for rank in range(world):
-        monkeypatch.setattr("ssl_pipeline.resume._rank_and_world", lambda r=rank: (r, world))
+        monkeypatch.setattr("ssl_pipeline.resume.process_group", lambda r=rank: (r, world))
         out.append([i for i, _ in sampler])
     return out
 
@@ -47,7 +47,7 @@ def test_processes_get_disjoint_equal_shares_of_one_seeded_order(monkeypatch):
     first, second = shares(sampler, 2, monkeypatch)
     assert len(first) == len(second) == 51 == len(sampler)  # no padding, nothing counted twice
     assert not set(first) & set(second)
-    monkeypatch.setattr("ssl_pipeline.resume._rank_and_world", lambda: (0, 1))
+    monkeypatch.setattr("ssl_pipeline.resume.process_group", lambda: (0, 1))
     assert [i for i, _ in sampler] == sampler.order(2).tolist()  # same order, one process
     sampler.set_epoch(3)
     assert [i for i, _ in sampler] != sampler.order(2).tolist()
