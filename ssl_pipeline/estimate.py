@@ -310,16 +310,17 @@ def _finetune_projection(ctx, subject, classic: bool, steps: int, warmup: int,
     minutes = recipe.eval.checkpoint_minutes
     if classic:
         probe = recipe.eval.linear_probe_classic
-        fractions = [(1.0, len(bundle.train), probe.seeds)]
-        epochs, budget = probe.epochs, probe.max_minutes
+        fractions = [(1.0, len(bundle.train), probe.seeds, probe.epochs)]
+        budget = probe.max_minutes
     else:
         cfg = recipe.eval.finetune
         fractions = [(f, len(finetune_plan(ctx, subject, f, 0).train),
-                      recipe.eval.seeds if f < 1.0 else cfg.full_data_seeds) for f in cfg.label_fractions]
-        epochs, budget = cfg.epochs, cfg.max_minutes
+                      recipe.eval.seeds if f < 1.0 else cfg.full_data_seeds, cfg.epochs_for(f))
+                     for f in cfg.label_fractions]
+        budget = cfg.max_minutes
     pairs = len(plan.grid)
     total, count, by_fraction = 0.0, 0, []
-    for fraction, images, seeds in fractions:
+    for fraction, images, seeds, epochs in fractions:
         steps_per_epoch = max(images // min(plan.batch, images), 1)
         epoch_seconds = steps_per_epoch * step + val_seconds
         epochs_run = epochs
@@ -331,11 +332,14 @@ def _finetune_projection(ctx, subject, classic: bool, steps: int, warmup: int,
         total += backbones * seeds * run_seconds
         count += backbones * seeds * pairs
         by_fraction.append({"fraction": fraction, "images": images, "steps_per_epoch": steps_per_epoch,
-                            "seeds": seeds, "epochs_run": epochs_run, "checkpoint_saves": saves,
+                            "seeds": seeds, "epochs": epochs, "epochs_run": epochs_run,
+                            "checkpoint_saves": saves,
                             "seconds_per_run": round(run_seconds, 2)})
     return {"seconds_per_step": round(step, 4), "images_per_second": round(plan.batch / step, 1),
             "validation_pass_seconds": round(val_seconds, 3), "test_pass_seconds": round(test_seconds, 3),
-            "checkpoint_save_seconds": round(save_seconds, 3), "runs": count, "epochs": epochs,
+            "checkpoint_save_seconds": round(save_seconds, 3), "runs": count,
+            # one number, or one per label fraction (eval.finetune.epochs as a mapping)
+            "epochs": epochs if len({f[3] for f in fractions}) == 1 else [f[3] for f in fractions],
             "grid_pairs": pairs, "backbones": backbones, "processes": processes, "by_fraction": by_fraction,
             "projected_seconds": round(total, 1)}
 
@@ -455,8 +459,9 @@ def _evaluation_lines(e: dict[str, Any]) -> list[str]:
     for stage in ("finetune", "linear_probe_classic"):
         if stage in ev:
             f = ev[stage]
+            epochs = "/".join(map(str, f["epochs"])) if isinstance(f["epochs"], list) else f["epochs"]
             parts.append(f"{stage} {_duration(f['projected_seconds'])} ({f['runs']} runs of "
-                         f"{f['epochs']} epochs at {f['images_per_second']:.0f} images/s, "
+                         f"{epochs} epochs at {f['images_per_second']:.0f} images/s, "
                          f"validation {f['validation_pass_seconds']:.1f} s per epoch)")
     return [f"projected evaluation: {_duration(ev['projected_seconds'])}: " + "; ".join(parts),
             f"projected total: {_duration(e['projected_total_seconds'])}"]

@@ -439,6 +439,7 @@ def finetune_result(ctx: RunContext, subject: Subject) -> dict[str, Any] | None:
             **mean_and_std(top1),
             "auc": None if None in aucs else float(np.mean(aucs)),
             "seeds": len(runs), "train_samples": runs[0]["train_samples"],
+            "epochs": cfg.epochs_for(fraction),
             "subset": runs[0]["subset"], "by_seed": runs,
             "stopped_by_budget": any(r["stopped_by_budget"] for r in runs),
             **chosen_settings(runs),
@@ -563,7 +564,8 @@ def finetune_plan(ctx: RunContext, subject: Subject, fraction: float, seed: int,
                                  probe.max_minutes, frozen=True)]
         name = f"linear_probe_classic/{subject.name}/seed{seed}"
     else:
-        grid = [FinetuneSettings(cfg.epochs, cfg.optimizer, lr, ratio, cfg.weight_decay, cfg.max_minutes)
+        grid = [FinetuneSettings(cfg.epochs_for(fraction), cfg.optimizer, lr, ratio, cfg.weight_decay,
+                                 cfg.max_minutes)
                 for lr in as_grid(cfg.lr) for ratio in as_grid(cfg.backbone_lr_ratio)]
         name = f"finetune/{subject.name}/{fraction}/seed{seed}"
     return FinetunePlan(name, train, subset, batch, loaders, grid)

@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from ssl_pipeline.errors import SSLPipelineError
 from ssl_pipeline.methods import methods
@@ -239,13 +247,17 @@ class LinearProbeConfig(Strict):
 
 
 PositiveFloat = Annotated[float, Field(gt=0)]
+PositiveInt = Annotated[int, Field(ge=1)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
 
 
 class FinetuneConfig(Strict):
     # SimCLR v2 protocol: class-balanced seeded label subsets; best epoch chosen on validation.
     label_fractions: list[float] = Field(default_factory=lambda: [1.0])
-    epochs: int = Field(10, ge=1)
+    # One number for every label fraction, or one per fraction, as SimCLR fine-tunes 60 epochs
+    # on 1% of the labels and 30 on 10% ({0.01: 60, 0.1: 30}): a few images make few steps an
+    # epoch, and a handful of steps measures the new head's initialization more than the backbone.
+    epochs: PositiveInt | dict[float, PositiveInt] = 10
     batch_size: int = Field(128, ge=1)
     optimizer: Literal["sgd", "adamw"] = "adamw"
     lr: PositiveFloat | list[PositiveFloat] = 1e-3  # the new head's lr
@@ -271,6 +283,22 @@ class FinetuneConfig(Strict):
             raise ValueError(f"a list here is a grid to choose from on validation: it needs "
                              f"at least one value and no repeats, got {value}")
         return value
+
+    @model_validator(mode="after")
+    def _epochs_per_fraction(self) -> FinetuneConfig:
+        if isinstance(self.epochs, dict) and set(self.epochs) != set(self.label_fractions):
+            missing = sorted(set(self.label_fractions) - set(self.epochs))
+            unknown = sorted(set(self.epochs) - set(self.label_fractions))
+            raise ValueError(
+                "epochs is one number for every label fraction, or one per fraction of "
+                f"label_fractions {self.label_fractions}"
+                + (f"; none for {missing}" if missing else "")
+                + (f"; {unknown} are not among label_fractions" if unknown else ""))
+        return self
+
+    def epochs_for(self, fraction: float) -> int:
+        """The epochs of a fine-tuning run on `fraction` of the labels."""
+        return self.epochs[fraction] if isinstance(self.epochs, dict) else self.epochs
 
 
 class ClassicProbeConfig(Strict):
@@ -465,20 +493,20 @@ def format_validation_error(err: ValidationError, source: str) -> str:
 
 def key_path(error: dict[str, Any]) -> list[str]:
     """The recipe key of an error, without pydantic's names for the branches of a value that
-    may be one number or a list of them (`lr.list[constrained-float].1` -> `lr.1`)."""
+    may be one number or a list (or mapping) of them (`lr.list[constrained-float].1` -> `lr.1`)."""
     return [str(p) for p in error["loc"] if not (isinstance(p, str) and _BRANCH_TAG.fullmatch(p))]
 
 
-_BRANCH_TAG = re.compile(r"(constrained-)?(float|int)|list\[.*\]")
+_BRANCH_TAG = re.compile(r"(constrained-)?(float|int)|(list|dict)\[.*\]")
 
 
 def other_branches_dropped(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """For a value that may be a number or a list of numbers, pydantic reports a bad value
-    against both; keep the errors of the branch the value took (a list: its items' errors)."""
+    """For a value that may be a number or a list (or mapping) of numbers, pydantic reports a
+    bad value against both; keep the errors of the branch the value took (a list: its items')."""
     def wrong_branch(e: dict[str, Any]) -> bool:
         a_list_as_a_number = e["type"] in ("float_type", "float_parsing", "int_type") \
-            and isinstance(e.get("input"), list)
-        a_number_as_a_list = e["type"] == "list_type" \
+            and isinstance(e.get("input"), (list, dict))
+        a_number_as_a_list = e["type"] in ("list_type", "dict_type") \
             and _BRANCH_TAG.fullmatch(str(e["loc"][-1])) is not None
         return a_list_as_a_number or a_number_as_a_list
 

@@ -83,11 +83,11 @@ def test_without_a_pretrain_stage_the_evaluation_of_eval_backbone_is_projected(t
 
 def test_estimate_projects_finetuning_runs_and_feature_extraction(tiny_overrides):
     """Every fine-tuning run is projected (backbone and random init, each label fraction's
-    seeds, each grid pair), from the timed step, validation, test and save; per-run budgets
-    cap the training; features are projected for every split of both backbones."""
+    seeds and epochs, each grid pair), from the timed step, validation, test and save; per-run
+    budgets cap the training; features are projected for every split of both backbones."""
     overrides = [*tiny_overrides, "data.fake.train_samples=64", "stages=[pretrain, knn, finetune]",
                  "eval.baselines=[random_init, raw_pixels]", "eval.seeds=2",
-                 "eval.finetune.label_fractions=[0.5, 1.0]", "eval.finetune.epochs=3",
+                 "eval.finetune.label_fractions=[0.5, 1.0]", "eval.finetune.epochs={0.5: 5, 1.0: 3}",
                  "eval.finetune.batch_size=16", "eval.finetune.lr=[0.01, 0.001]",
                  "eval.finetune.backbone_lr_ratio=0.1", "eval.checkpoint_minutes=0",
                  "eval.finetune.full_data_seeds=3"]
@@ -97,14 +97,16 @@ def test_estimate_projects_finetuning_runs_and_feature_extraction(tiny_overrides
     half, whole = ft["by_fraction"]
     assert (half["seeds"], whole["seeds"]) == (2, 3) and whole["images"] == 64
     assert whole["steps_per_epoch"] == 4 and half["steps_per_epoch"] == half["images"] // 16
+    assert (half["epochs"], whole["epochs"]) == (5, 3) and ft["epochs"] == [5, 3]
     expected = slack = 0.0
     for part in (half, whole):
-        pair = 3 * (part["steps_per_epoch"] * ft["seconds_per_step"] + ft["validation_pass_seconds"]) \
-            + 3 * ft["checkpoint_save_seconds"]  # a save every epoch (checkpoint_minutes=0)
+        epochs = part["epochs"]
+        pair = epochs * (part["steps_per_epoch"] * ft["seconds_per_step"] + ft["validation_pass_seconds"]) \
+            + epochs * ft["checkpoint_save_seconds"]  # a save every epoch (checkpoint_minutes=0)
         expected += 2 * part["seeds"] * (2 * pair + ft["test_pass_seconds"])
         # the figures are shown rounded (step to 4 places, passes and saves to 3): their
         # rounding, summed over every use, bounds how far the recomputation may drift
-        slack += 2 * part["seeds"] * (2 * 3 * (part["steps_per_epoch"] * 5e-5 + 5e-4 + 5e-4) + 5e-4)
+        slack += 2 * part["seeds"] * (2 * epochs * (part["steps_per_epoch"] * 5e-5 + 5e-4 + 5e-4) + 5e-4)
     assert ft["projected_seconds"] == pytest.approx(expected, abs=0.05 + slack), \
         (ft["projected_seconds"], expected, slack)
     features = e["evaluation"]["features"]

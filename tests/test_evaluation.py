@@ -312,6 +312,35 @@ def test_finetune_grid_values_are_checked(tmp_path, capsys):
         assert len(err.strip().splitlines()) == 1 and "constrained" not in err and "Value error" not in err, err
 
 
+def test_finetune_epochs_may_differ_per_label_fraction(tiny_overrides, tmp_path):
+    """`eval.finetune.epochs` as a mapping: each label fraction's runs train its own epochs
+    (SimCLR: 60 on 1% of the labels, 30 on 10%), recorded with the fraction's results."""
+    overrides = [*tiny_overrides, "pretrain.epochs=1", "stages=[pretrain, finetune]",
+                 "eval.finetune.label_fractions=[0.5, 1.0]", "eval.finetune.epochs={0.5: 3, 1.0: 1}",
+                 "eval.seeds=1", "eval.baselines=[]", f"eval.cache_dir={tmp_path / 'cache'}"]
+    result = ssl_pipeline.run(QUICKSTART, overrides=overrides, out_dir=tmp_path / "run", quiet=True)
+    by_fraction = json.loads((result.run_dir / "results.json").read_text())["finetune"]["by_fraction"]
+    assert by_fraction["0.5"]["epochs"] == 3 and by_fraction["1.0"]["epochs"] == 1
+    assert by_fraction["0.5"]["by_seed"][0]["epochs_run"] == 3
+    assert by_fraction["1.0"]["by_seed"][0]["epochs_run"] == 1
+    assert len(by_fraction["0.5"]["by_seed"][0]["val_top1_by_epoch"]) == 3
+
+
+def test_finetune_epochs_per_fraction_are_checked(capsys):
+    """A mapping names every label fraction, no other, with positive epochs: one clear line."""
+    fractions = "eval.finetune.label_fractions=[0.1, 1.0]"
+    for bad, key, why in [("{0.1: 30}", "eval.finetune:", "none for [1.0]"),
+                          ("{0.1: 30, 1.0: 10, 0.01: 60}", "eval.finetune:", "[0.01] are not among"),
+                          ("{0.1: 0, 1.0: 10}", "eval.finetune.epochs.0.1:", "greater than or equal to 1"),
+                          ("0", "eval.finetune.epochs:", "greater than or equal to 1")]:
+        code = main(["validate", str(QUICKSTART), "--set", fractions, "--set", f"eval.finetune.epochs={bad}"])
+        err = capsys.readouterr().err
+        assert code == 2 and f"{key} " in err and why in err, err
+        assert len(err.strip().splitlines()) == 1 and "constrained" not in err and "dict[" not in err, err
+    assert main(["validate", str(QUICKSTART), "--set", fractions,
+                 "--set", "eval.finetune.epochs={0.1: 30, 1.0: 10}"]) == 0
+
+
 def test_chosen_settings_name_each_seeds_choice_when_they_differ():
     grid = [{"lr": 0.01, "backbone_lr_ratio": 0.1}]  # present: the runs chose from a grid
     same = [{"lr": 0.01, "backbone_lr_ratio": 1.0, "grid": grid}] * 2
