@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     estimate = sub.add_parser(
         "estimate", help="time a few training steps here and project the duration of pretraining, "
-                         "feature extraction and fine-tuning")
+                         "feature extraction and fine-tuning (a suite: each variant and the sum)")
     estimate.add_argument("recipe")
     estimate.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
     estimate.add_argument("--warmup", type=int, default=3, help="untimed first steps (default 3)")
@@ -156,13 +156,15 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     import json
 
     from ssl_pipeline.atomic import write_text_atomic
-    from ssl_pipeline.estimate import describe, estimate
+    from ssl_pipeline.estimate import describe, describe_suite, estimate, estimate_suite
     from ssl_pipeline.stages import is_global_zero
+    from ssl_pipeline.suite import is_suite_file
 
-    figures = estimate(args.recipe, args.overrides, steps=args.steps, warmup=args.warmup,
-                       quiet=not is_global_zero())
+    suite = is_suite_file(args.recipe)
+    figures = (estimate_suite if suite else estimate)(
+        args.recipe, args.overrides, steps=args.steps, warmup=args.warmup, quiet=not is_global_zero())
     if is_global_zero():  # under DDP every process runs the command; rank 0 reports
-        print(describe(figures))
+        print((describe_suite if suite else describe)(figures))
         if args.json:
             write_text_atomic(Path(args.json), json.dumps(figures, indent=2))
     return EXIT_OK

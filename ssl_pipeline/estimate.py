@@ -32,6 +32,7 @@ import pytorch_lightning as pl
 import torch
 
 from ssl_pipeline.errors import SSLPipelineError
+from ssl_pipeline.recipe import Recipe
 
 DATA_BOUND = 0.15  # the share of a step spent waiting for its batch above which data bounds speed
 
@@ -59,11 +60,11 @@ class StepTimer(pl.Callback):
         self.ends.append(time.perf_counter())
 
 
-def estimate(recipe_path: str, overrides: list[str] = (), steps: int = 20, warmup: int = 3,
-             quiet: bool = False) -> dict[str, Any]:
-    """Time `warmup + steps` training steps of the recipe and project its pretraining stage,
-    then its evaluation stages. Without a pretrain stage, the evaluation stages alone, on the
-    recipe's `eval.backbone`."""
+def estimate(recipe_path: str | Recipe, overrides: list[str] = (), steps: int = 20, warmup: int = 3,
+             quiet: bool = False, source: str | None = None) -> dict[str, Any]:
+    """Time `warmup + steps` training steps of the recipe (a file, or a loaded `Recipe`
+    named `source` in messages) and project its pretraining stage, then its evaluation
+    stages. Without a pretrain stage, the evaluation stages alone, on `eval.backbone`."""
     from ssl_pipeline.evaluation import evaluated_backbone
     from ssl_pipeline.features import process_group
     from ssl_pipeline.pipeline import (
@@ -77,11 +78,14 @@ def estimate(recipe_path: str, overrides: list[str] = (), steps: int = 20, warmu
 
     if steps < 1 or warmup < 0:
         raise SSLPipelineError("estimate needs --steps of at least 1 and --warmup of at least 0")
-    recipe = load_recipe(recipe_path, list(overrides))
+    if isinstance(recipe_path, Recipe):
+        recipe, source = recipe_path, source or "the recipe"
+    else:
+        recipe, source = load_recipe(recipe_path, list(overrides)), source or str(recipe_path)
     pretrain = "pretrain" in recipe.stages
     if not pretrain and recipe.eval.backbone is None:
         raise SSLPipelineError(
-            f"{recipe_path} has no pretrain stage and no eval.backbone: nothing to estimate "
+            f"{source} has no pretrain stage and no eval.backbone: nothing to estimate "
             "(give the backbone to evaluate with --set eval.backbone=PATH)")
     short = recipe.model_copy(update={"pretrain": recipe.pretrain.model_copy(
         update={"max_steps": warmup + steps, "max_minutes": None})})
@@ -91,7 +95,7 @@ def estimate(recipe_path: str, overrides: list[str] = (), steps: int = 20, warmu
         ctx = RunContext(short, Path(tmp), resolved, quiet=True)
         resolved.data = data_facts(ctx)
         if pretrain:
-            figures, backbone = _pretraining(ctx, recipe, recipe_path, steps, warmup, quiet)
+            figures, backbone = _pretraining(ctx, recipe, source, steps, warmup, quiet)
         else:
             # processes torchrun started evaluate together, as `ssl-pipeline evaluate` would
             join_launched_processes(ctx)
@@ -108,6 +112,42 @@ def estimate(recipe_path: str, overrides: list[str] = (), steps: int = 20, warmu
         figures["projected_total_seconds"] = round(
             figures["projected_seconds"] + evaluation["projected_seconds"], 1)
     return figures
+
+
+def estimate_suite(path: str, overrides: list[str] = (), steps: int = 20, warmup: int = 3,
+                   quiet: bool = False) -> dict[str, Any]:
+    """`estimate` of every variant of a suite, in the order `run` takes them, and the sum. A
+    variant whose baselines an earlier variant evaluates (same backbone, data, evaluation
+    settings, seed and precision, with `eval.reuse_baselines`) reuses them, as in a run: its
+    estimate leaves them out."""
+    from ssl_pipeline.suite import load_suite, variant_recipes
+
+    variants: dict[str, Any] = {}
+    evaluated: set[str] = set()
+    for name, recipe in variant_recipes(load_suite(path, overrides), str(path)).items():
+        signature = _baselines_signature(recipe)
+        reused = recipe.eval.reuse_baselines and bool(recipe.eval.baselines) and signature in evaluated
+        evaluated.add(signature)
+        if reused:
+            recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"baselines": []})})
+        if not quiet:
+            print(f"estimate: variant {name}", flush=True)
+        figures = estimate(recipe, steps=steps, warmup=warmup, quiet=quiet,
+                           source=f"{path} (variant {name})")
+        variants[name] = {**figures, "baselines_reused": reused}
+    total = sum(v.get("projected_total_seconds", v["projected_seconds"]) for v in variants.values())
+    return {"suite": str(path), "variants": variants, "projected_total_seconds": round(total, 1)}
+
+
+def _baselines_signature(recipe: Recipe) -> str:
+    """What a variant's baseline results depend on (see evaluation.result_key)."""
+    import json
+
+    parts = [recipe.backbone.model_dump(mode="json"), recipe.data.model_dump(mode="json"),
+             recipe.eval.model_dump(mode="json", exclude={"backbone", "reuse_baselines",
+                                                          "checkpoint_minutes"}),
+             recipe.seed, recipe.trainer.precision]
+    return json.dumps(parts, sort_keys=True, default=str)
 
 
 def _pretraining(ctx, recipe, recipe_path: str, steps: int, warmup: int, quiet: bool):
@@ -419,6 +459,19 @@ def describe(e: dict[str, Any]) -> str:
         (f"no pretrain stage: the evaluation stages on eval.backbone ({e['world_size']} "
          f"{e['device']} process(es), precision {e['precision']})")]
     return "\n".join(lines + _evaluation_lines(e))
+
+
+def describe_suite(e: dict[str, Any]) -> str:
+    """A suite's estimate: each variant's lines, indented, then the sum."""
+    lines = []
+    for name, figures in e["variants"].items():
+        reused = " (its baselines reused from an earlier variant)" if figures["baselines_reused"] else ""
+        lines.append(f"variant {name}{reused}:")
+        lines += ["  " + line for line in describe(figures).splitlines()]
+    parts = ", ".join(f"{name} {_duration(f.get('projected_total_seconds', f['projected_seconds']))}"
+                      for name, f in e["variants"].items())
+    lines.append(f"suite projected total: {_duration(e['projected_total_seconds'])} ({parts})")
+    return "\n".join(lines)
 
 
 def _pretraining_lines(e: dict[str, Any]) -> list[str]:

@@ -464,7 +464,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
         raise SSLPipelineError(
             f"{path} is a suite (a top-level 'suite:' block), not one recipe; run it with "
             f"`ssl-pipeline run {path}`, check every variant with `ssl-pipeline validate {path}`, "
-            "or load it with ssl_pipeline.suite.load_suite"
+            f"time it with `ssl-pipeline estimate {path}`, or load it with ssl_pipeline.suite.load_suite"
         )
     raw = apply_overrides(raw, overrides)
     raw.setdefault("name", path.stem)

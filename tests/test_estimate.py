@@ -129,3 +129,33 @@ def test_estimate_projects_finetuning_runs_and_feature_extraction(tiny_overrides
     slack = sum(2 * p["seeds"] * (2 * 5e-4 + 5e-4) for p in capped["by_fraction"])
     assert capped["projected_seconds"] == pytest.approx(most, abs=0.05 + slack), \
         (capped["projected_seconds"], most, slack)
+
+
+def test_a_suite_is_estimated_variant_by_variant_with_baselines_evaluated_once(
+        tmp_path, tiny_overrides, capsys):
+    """Each variant is estimated as its own recipe; a variant whose baselines an earlier one
+    evaluates (same backbone, data, evaluation, seed) leaves them out, as a run reuses them;
+    one with another seed has its own."""
+    import yaml
+
+    from ssl_pipeline.recipe import apply_overrides
+
+    base = apply_overrides({}, [*tiny_overrides, "stages=[pretrain, knn]",
+                                "eval.baselines=[random_init, raw_pixels]"])
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(yaml.safe_dump({"suite": {"base": base, "variants": {
+        "simclr": {}, "supervised": {"method": {"name": "supervised"}}, "other_seed": {"seed": 1}}}},
+                                    sort_keys=False))
+    out = tmp_path / "estimate.json"
+    assert main(["estimate", str(suite), "--steps", "2", "--warmup", "1", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    e = json.loads(out.read_text())
+    variants = e["variants"]
+    assert list(variants) == ["simclr", "supervised", "other_seed"]
+    assert [v["baselines_reused"] for v in variants.values()] == [False, True, False]
+    # k-NN subjects: the backbone, random init and raw pixels; the backbone alone when reused
+    assert [v["evaluation"]["knn"]["subjects"] for v in variants.values()] == [3, 1, 3]
+    assert e["projected_total_seconds"] == pytest.approx(
+        sum(v["projected_total_seconds"] for v in variants.values()), abs=0.2)
+    assert "variant supervised (its baselines reused from an earlier variant):" in printed
+    assert printed.count("  measured:") == 3 and "suite projected total:" in printed
