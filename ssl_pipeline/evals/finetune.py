@@ -114,7 +114,8 @@ class FineTuner(pl.LightningModule):
         loss = self.criterion(self(x), y.float() if self.multi_label else y)
         logged = loss.detach()
         if self.loss_over_processes:
-            logged = logged.clone()
+            # a copy (detach shares the loss's storage), in a dtype every backend reduces
+            logged = logged.to(torch.float32, copy=True)
             dist.all_reduce(logged)
             logged /= dist.get_world_size()
         self.log("finetune/loss", logged, on_step=True, on_epoch=True, batch_size=len(y))
