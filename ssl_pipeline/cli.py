@@ -167,6 +167,10 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         print((describe_suite if suite else describe)(figures))
         if args.json:
             write_text_atomic(Path(args.json), json.dumps(figures, indent=2))
+    if suite and figures["failed"]:  # the others were estimated and printed
+        print(f"error: variant(s) {', '.join(figures['failed'])} cannot be estimated (above)",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
     return EXIT_OK
 
 

@@ -132,11 +132,17 @@ def estimate_suite(path: str, overrides: list[str] = (), steps: int = 20, warmup
             recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"baselines": []})})
         if not quiet:
             print(f"estimate: variant {name}", flush=True)
-        figures = estimate(recipe, steps=steps, warmup=warmup, quiet=quiet,
-                           source=f"{path} (variant {name})")
+        try:
+            figures = estimate(recipe, steps=steps, warmup=warmup, quiet=quiet,
+                               source=f"{path} (variant {name})")
+        except SSLPipelineError as error:  # the others are still estimated, as run runs them
+            variants[name] = {"error": str(error)}
+            continue
         variants[name] = {**figures, "baselines_reused": reused}
-    total = sum(v.get("projected_total_seconds", v["projected_seconds"]) for v in variants.values())
-    return {"suite": str(path), "variants": variants, "projected_total_seconds": round(total, 1)}
+    total = sum(v.get("projected_total_seconds", v["projected_seconds"])
+                for v in variants.values() if "error" not in v)
+    return {"suite": str(path), "variants": variants, "projected_total_seconds": round(total, 1),
+            "failed": [name for name, v in variants.items() if "error" in v]}
 
 
 def _baselines_signature(recipe: Recipe) -> str:
@@ -463,14 +469,17 @@ def describe(e: dict[str, Any]) -> str:
 
 def describe_suite(e: dict[str, Any]) -> str:
     """A suite's estimate: each variant's lines, indented, then the sum."""
-    lines = []
+    lines, parts = [], []
     for name, figures in e["variants"].items():
+        if "error" in figures:
+            lines.append(f"variant {name}: cannot be estimated: {figures['error']}")
+            parts.append(f"{name} not estimated")
+            continue
         reused = " (its baselines reused from an earlier variant)" if figures["baselines_reused"] else ""
         lines.append(f"variant {name}{reused}:")
         lines += ["  " + line for line in describe(figures).splitlines()]
-    parts = ", ".join(f"{name} {_duration(f.get('projected_total_seconds', f['projected_seconds']))}"
-                      for name, f in e["variants"].items())
-    lines.append(f"suite projected total: {_duration(e['projected_total_seconds'])} ({parts})")
+        parts.append(f"{name} {_duration(figures.get('projected_total_seconds', figures['projected_seconds']))}")
+    lines.append(f"suite projected total: {_duration(e['projected_total_seconds'])} ({', '.join(parts)})")
     return "\n".join(lines)
 
 

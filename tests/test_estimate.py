@@ -135,7 +135,8 @@ def test_a_suite_is_estimated_variant_by_variant_with_baselines_evaluated_once(
         tmp_path, tiny_overrides, capsys):
     """Each variant is estimated as its own recipe; a variant whose baselines an earlier one
     evaluates (same backbone, data, evaluation, seed) leaves them out, as a run reuses them;
-    one with another seed has its own."""
+    one with another seed has its own. A variant that cannot be estimated is named with the
+    reason, after the others' figures (exit status 2)."""
     import yaml
 
     from ssl_pipeline.recipe import apply_overrides
@@ -144,12 +145,17 @@ def test_a_suite_is_estimated_variant_by_variant_with_baselines_evaluated_once(
                                 "eval.baselines=[random_init, raw_pixels]"])
     suite = tmp_path / "suite.yaml"
     suite.write_text(yaml.safe_dump({"suite": {"base": base, "variants": {
-        "simclr": {}, "supervised": {"method": {"name": "supervised"}}, "other_seed": {"seed": 1}}}},
+        "simclr": {}, "supervised": {"method": {"name": "supervised"}}, "other_seed": {"seed": 1},
+        "broken": {"pretrain": {"batch_size": 1000}}}}},  # more than the images
                                     sort_keys=False))
     out = tmp_path / "estimate.json"
-    assert main(["estimate", str(suite), "--steps", "2", "--warmup", "1", "--json", str(out)]) == 0
-    printed = capsys.readouterr().out
+    assert main(["estimate", str(suite), "--steps", "2", "--warmup", "1", "--json", str(out)]) == 2
+    said = capsys.readouterr()
+    printed = said.out
     e = json.loads(out.read_text())
+    assert e["failed"] == ["broken"] and "larger than the" in e["variants"].pop("broken")["error"]
+    assert "variant broken: cannot be estimated: pretrain.batch_size=1000" in printed
+    assert "variant(s) broken cannot be estimated" in said.err
     variants = e["variants"]
     assert list(variants) == ["simclr", "supervised", "other_seed"]
     assert [v["baselines_reused"] for v in variants.values()] == [False, True, False]
