@@ -117,19 +117,21 @@ def estimate(recipe_path: str | Recipe, overrides: list[str] = (), steps: int = 
 def estimate_suite(path: str, overrides: list[str] = (), steps: int = 20, warmup: int = 3,
                    quiet: bool = False) -> dict[str, Any]:
     """`estimate` of every variant of a suite, in the order `run` takes them, and the sum. A
-    variant whose baselines an earlier variant evaluates (same backbone, data, evaluation
-    settings, seed and precision, with `eval.reuse_baselines`) reuses them, as in a run: its
-    estimate leaves them out."""
+    baseline an earlier variant evaluates (same backbone, data, evaluation settings, seed,
+    precision and cache, with `eval.reuse_baselines`) is reused, as in a run: the variant's
+    estimate leaves it out."""
     from ssl_pipeline.suite import load_suite, variant_recipes
 
     variants: dict[str, Any] = {}
-    evaluated: set[str] = set()
+    evaluated: dict[str, set[str]] = {}  # baselines evaluated so far, by what their results depend on
     for name, recipe in variant_recipes(load_suite(path, overrides), str(path)).items():
-        signature = _baselines_signature(recipe)
-        reused = recipe.eval.reuse_baselines and bool(recipe.eval.baselines) and signature in evaluated
-        evaluated.add(signature)
+        done = evaluated.setdefault(_baselines_signature(recipe), set())
+        own = list(recipe.eval.baselines)
+        reused = [b for b in own if b in done] if recipe.eval.reuse_baselines else []
+        done.update(own)
         if reused:
-            recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"baselines": []})})
+            recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(
+                update={"baselines": [b for b in own if b not in reused]})})
         if not quiet:
             print(f"estimate: variant {name}", flush=True)
         try:
@@ -146,13 +148,15 @@ def estimate_suite(path: str, overrides: list[str] = (), steps: int = 20, warmup
 
 
 def _baselines_signature(recipe: Recipe) -> str:
-    """What a variant's baseline results depend on (see evaluation.result_key)."""
+    """What a variant's baseline results depend on (evaluation.result_key), and where a run
+    keeps them for the next variant to reuse (eval.cache_dir)."""
     import json
 
+    from ssl_pipeline.evaluation import EVAL_KEYS_NOT_IN_RESULTS
+
     parts = [recipe.backbone.model_dump(mode="json"), recipe.data.model_dump(mode="json"),
-             recipe.eval.model_dump(mode="json", exclude={"backbone", "reuse_baselines",
-                                                          "checkpoint_minutes"}),
-             recipe.seed, recipe.trainer.precision]
+             recipe.eval.model_dump(mode="json", exclude=set(EVAL_KEYS_NOT_IN_RESULTS)),
+             str(recipe.eval.cache_dir), recipe.seed, recipe.trainer.precision]
     return json.dumps(parts, sort_keys=True, default=str)
 
 
@@ -475,7 +479,8 @@ def describe_suite(e: dict[str, Any]) -> str:
             lines.append(f"variant {name}: cannot be estimated: {figures['error']}")
             parts.append(f"{name} not estimated")
             continue
-        reused = " (its baselines reused from an earlier variant)" if figures["baselines_reused"] else ""
+        reused = figures["baselines_reused"]
+        reused = f" (reusing an earlier variant's {', '.join(reused)})" if reused else ""
         lines.append(f"variant {name}{reused}:")
         lines += ["  " + line for line in describe(figures).splitlines()]
         parts.append(f"{name} {_duration(figures.get('projected_total_seconds', figures['projected_seconds']))}")

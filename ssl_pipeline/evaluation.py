@@ -332,6 +332,12 @@ def baseline_result(ctx: RunContext, stage: str, subject: Subject, evaluate) -> 
     return result
 
 
+# Evaluation settings that do not change a result: which backbone and baselines are evaluated,
+# where features and baselines are kept, whether baselines are reused, checkpoint frequency.
+EVAL_KEYS_NOT_IN_RESULTS = ("backbone", "baselines", "cache_dir", "reuse_baselines",
+                            "checkpoint_minutes")
+
+
 def result_key(ctx: RunContext, stage: str, subject: Subject) -> str:
     """Everything an evaluation result of `subject` under the name `stage` depends on, hashed:
     the code that computed it too (a stored baseline, a kept fine-tuning run)."""
@@ -343,8 +349,7 @@ def result_key(ctx: RunContext, stage: str, subject: Subject) -> str:
         "transform": repr(transform_for(subject, ctx)),
         "splits": ctx.resolved.data.get("split_hashes"),
         "data": data_fingerprint(ctx),
-        "eval": recipe.eval.model_dump(mode="json", exclude={"backbone", "baselines", "cache_dir",
-                                                             "reuse_baselines", "checkpoint_minutes"}),
+        "eval": recipe.eval.model_dump(mode="json", exclude=set(EVAL_KEYS_NOT_IN_RESULTS)),
         "seed": recipe.seed,
         "precision": ctx.resolved.precision,
         "version": ssl_pipeline.__version__,

@@ -158,10 +158,10 @@ def test_a_suite_is_estimated_variant_by_variant_with_baselines_evaluated_once(
     assert "variant(s) broken cannot be estimated" in said.err
     variants = e["variants"]
     assert list(variants) == ["simclr", "supervised", "other_seed"]
-    assert [v["baselines_reused"] for v in variants.values()] == [False, True, False]
+    assert [v["baselines_reused"] for v in variants.values()] == [[], ["random_init", "raw_pixels"], []]
     # k-NN subjects: the backbone, random init and raw pixels; the backbone alone when reused
     assert [v["evaluation"]["knn"]["subjects"] for v in variants.values()] == [3, 1, 3]
     assert e["projected_total_seconds"] == pytest.approx(
         sum(v["projected_total_seconds"] for v in variants.values()), abs=0.2)
-    assert "variant supervised (its baselines reused from an earlier variant):" in printed
+    assert "variant supervised (reusing an earlier variant's random_init, raw_pixels):" in printed
     assert printed.count("  measured:") == 3 and "suite projected total:" in printed
