@@ -521,8 +521,9 @@ def _evaluation_lines(e: dict[str, Any]) -> list[str]:
                      f"images at {f['images_per_second']:.0f}/s{together})")
     for stage in ("knn", "linear_probe"):
         if stage in ev:
-            parts.append(f"{stage} {_duration(ev[stage]['projected_seconds'])} "
-                         f"({ev[stage]['subjects']} backbones and baselines)")
+            n = ev[stage]["subjects"] - 1  # the backbone's baselines
+            parts.append(f"{stage} {_duration(ev[stage]['projected_seconds'])} (the backbone"
+                         + (f" and {n} baseline{'s' * (n > 1)})" if n else ")"))
     for stage in ("finetune", "linear_probe_classic"):
         if stage in ev:
             f = ev[stage]
