@@ -324,6 +324,9 @@ def test_finetune_epochs_may_differ_per_label_fraction(tiny_overrides, tmp_path)
     assert by_fraction["0.5"]["by_seed"][0]["epochs_run"] == 3
     assert by_fraction["1.0"]["by_seed"][0]["epochs_run"] == 1
     assert len(by_fraction["0.5"]["by_seed"][0]["val_top1_by_epoch"]) == 3
+    report = (result.run_dir / "report.md").read_text()
+    assert "50% labels (class-balanced, seeded; 3 epochs):" in report
+    assert "100% labels (1 epoch):" in report
 
 
 def test_finetune_epochs_per_fraction_are_checked(capsys):
