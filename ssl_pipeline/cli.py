@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -96,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     except SSLPipelineError as err:
         print(f"error: {user_message(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except BrokenPipeError:  # `ssl-pipeline ... | head` stopped reading: no traceback
+        # the interpreter's final flush of stdout would fail again; point it at /dev/null
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_STAGE_FAILED
 
 
 def cmd_run(args: argparse.Namespace) -> int:

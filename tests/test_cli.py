@@ -73,6 +73,18 @@ def test_console_script_reports_errors_with_status_2():
     assert "trainer.devices" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_reader_that_stops_early_costs_no_traceback():
+    """`ssl-pipeline list datasets | head -0`: the pipe is closed before the first line (the
+    command is still importing), so every write fails; it ends quietly with status 1."""
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    exe = Path(sys.executable).with_name("ssl-pipeline")
+    process = subprocess.Popen([str(exe), "list", "datasets"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    process.stdout.close()  # the reader is gone before anything is written
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 1 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
 def test_a_failing_stage_exits_1(tmp_path, monkeypatch, capsys, tiny_overrides):
     from ssl_pipeline import pretrain
 
