@@ -60,7 +60,7 @@ class StepTimer(pl.Callback):
         self.ends.append(time.perf_counter())
 
 
-def estimate(recipe_path: str | Recipe, overrides: list[str] = (), steps: int = 20, warmup: int = 3,
+def estimate(recipe_or_path: str | Recipe, overrides: list[str] = (), steps: int = 20, warmup: int = 3,
              quiet: bool = False, source: str | None = None) -> dict[str, Any]:
     """Time `warmup + steps` training steps of the recipe (a file, or a loaded `Recipe`
     named `source` in messages) and project its pretraining stage, then its evaluation
@@ -78,10 +78,10 @@ def estimate(recipe_path: str | Recipe, overrides: list[str] = (), steps: int = 
 
     if steps < 1 or warmup < 0:
         raise SSLPipelineError("estimate needs --steps of at least 1 and --warmup of at least 0")
-    if isinstance(recipe_path, Recipe):
-        recipe, source = recipe_path, source or "the recipe"
+    if isinstance(recipe_or_path, Recipe):
+        recipe, source = recipe_or_path, source or "the recipe"
     else:
-        recipe, source = load_recipe(recipe_path, list(overrides)), source or str(recipe_path)
+        recipe, source = load_recipe(recipe_or_path, list(overrides)), source or str(recipe_or_path)
     pretrain = "pretrain" in recipe.stages
     if not pretrain and recipe.eval.backbone is None:
         raise SSLPipelineError(

@@ -288,9 +288,8 @@ class FinetuneConfig(Strict):
     def _epochs_per_fraction(self) -> FinetuneConfig:
         # Entries for fractions not run are allowed (a recipe's mapping outlives
         # `--set eval.finetune.label_fractions=[0.1]`); a misspelt fraction leaves one missing.
-        missing = sorted(set(self.label_fractions) - set(self.epochs)) \
-            if isinstance(self.epochs, dict) else []
-        if missing:
+        if isinstance(self.epochs, dict) and (
+                missing := sorted(set(self.label_fractions) - set(self.epochs))):
             raise ValueError(
                 f"epochs has no entry for label fraction(s) {missing}: give one number for every "
                 f"fraction, or one per fraction of label_fractions {self.label_fractions}, e.g. "
