@@ -329,7 +329,7 @@ def _finetune_projection(ctx, subject, classic: bool, steps: int, warmup: int,
     import copy
     import dataclasses
 
-    from ssl_pipeline.evals.finetune import fit_finetuner, predict
+    from ssl_pipeline.evals.finetune import fit_finetuner, predict, validated_epochs
     from ssl_pipeline.evaluation import (
         finetune_plan,
         finetune_trainer_kwargs,
@@ -361,18 +361,19 @@ def _finetune_projection(ctx, subject, classic: bool, steps: int, warmup: int,
     if classic:
         probe = recipe.eval.linear_probe_classic
         fractions = [(1.0, len(bundle.train), probe.seeds, probe.epochs)]
-        budget = probe.max_minutes
+        budget, validations = probe.max_minutes, None
     else:
         cfg = recipe.eval.finetune
         fractions = [(f, len(finetune_plan(ctx, subject, f, 0).train),
                       recipe.eval.seeds if f < 1.0 else cfg.full_data_seeds, cfg.epochs_for(f))
                      for f in cfg.label_fractions]
-        budget = cfg.max_minutes
+        budget, validations = cfg.max_minutes, cfg.validations
     pairs = len(plan.grid)
     total, count, by_fraction = 0.0, 0, []
     for fraction, images, seeds, epochs in fractions:
         steps_per_epoch = max(images // min(plan.batch, images), 1)
-        epoch_seconds = steps_per_epoch * step + val_seconds
+        passes = len(validated_epochs(epochs, validations))
+        epoch_seconds = steps_per_epoch * step + val_seconds * passes / epochs  # on average
         epochs_run = epochs
         if budget is not None and epochs * epoch_seconds > 60 * budget:
             epochs_run = min(epochs, math.ceil(60 * budget / epoch_seconds))  # Lightning's max_time
@@ -383,6 +384,7 @@ def _finetune_projection(ctx, subject, classic: bool, steps: int, warmup: int,
         count += backbones * seeds * pairs
         by_fraction.append({"fraction": fraction, "images": images, "steps_per_epoch": steps_per_epoch,
                             "seeds": seeds, "epochs": epochs, "epochs_run": epochs_run,
+                            "validation_passes": passes,
                             "checkpoint_saves": saves,
                             "seconds_per_run": round(run_seconds, 2)})
     return {"seconds_per_step": round(step, 4), "images_per_second": round(plan.batch / step, 1),
@@ -530,9 +532,18 @@ def _evaluation_lines(e: dict[str, Any]) -> list[str]:
             epochs = "/".join(map(str, f["epochs"])) if isinstance(f["epochs"], list) else f["epochs"]
             parts.append(f"{stage} {_duration(f['projected_seconds'])} ({f['runs']} runs of "
                          f"{epochs} epochs at {f['images_per_second']:.0f} images/s, "
-                         f"validation {f['validation_pass_seconds']:.1f} s per epoch)")
+                         f"validation {f['validation_pass_seconds']:.1f} s a pass, "
+                         f"{_passes(f)})")
     return [f"projected evaluation: {_duration(ev['projected_seconds'])}: " + "; ".join(parts),
             f"projected total: {_duration(e['projected_total_seconds'])}"]
+
+
+def _passes(projection: dict[str, Any]) -> str:
+    """`every epoch`, or the validation passes of each label fraction's runs: `10/10/3 passes`."""
+    by_fraction = projection["by_fraction"]
+    if all(f["validation_passes"] == f["epochs"] for f in by_fraction):
+        return "every epoch"
+    return "/".join(str(f["validation_passes"]) for f in by_fraction) + " passes a run"
 
 
 def _duration(seconds: float) -> str:

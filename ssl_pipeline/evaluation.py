@@ -33,7 +33,7 @@ from ssl_pipeline.embedding_map import FILE as EMBEDDING_MAP, write_embedding_ma
 from ssl_pipeline.errors import SSLPipelineError
 from ssl_pipeline.evals.few_shot import few_shot, vtab_1k
 from ssl_pipeline.evals.finetune import (FinetuneSettings, fit_finetuner, held_out_metrics,
-                                         seeded_train_loader)
+                                         seeded_train_loader, validated_epochs)
 from ssl_pipeline.evals.knn import knn_classify
 from ssl_pipeline.evals.linear_probe import linear_probe
 from ssl_pipeline.evals.metrics import classification_metrics
@@ -445,6 +445,7 @@ def finetune_result(ctx: RunContext, subject: Subject) -> dict[str, Any] | None:
             "auc": None if None in aucs else float(np.mean(aucs)),
             "seeds": len(runs), "train_samples": runs[0]["train_samples"],
             "epochs": cfg.epochs_for(fraction),
+            "validated_epochs": len(validated_epochs(cfg.epochs_for(fraction), cfg.validations)),
             "subset": runs[0]["subset"], "by_seed": runs,
             "stopped_by_budget": any(r["stopped_by_budget"] for r in runs),
             **chosen_settings(runs),
@@ -570,7 +571,7 @@ def finetune_plan(ctx: RunContext, subject: Subject, fraction: float, seed: int,
         name = f"linear_probe_classic/{subject.name}/seed{seed}"
     else:
         grid = [FinetuneSettings(cfg.epochs_for(fraction), cfg.optimizer, lr, ratio, cfg.weight_decay,
-                                 cfg.max_minutes)
+                                 cfg.max_minutes, validations=cfg.validations)
                 for lr in as_grid(cfg.lr) for ratio in as_grid(cfg.backbone_lr_ratio)]
         name = f"finetune/{subject.name}/{fraction}/seed{seed}"
     return FinetunePlan(name, train, subset, batch, loaders, grid)

@@ -258,6 +258,11 @@ class FinetuneConfig(Strict):
     # on 1% of the labels and 30 on 10% ({0.01: 60, 0.1: 30}): a few images make few steps an
     # epoch, and a handful of steps measures the new head's initialization more than the backbone.
     epochs: PositiveInt | dict[float, PositiveInt] = 10
+    # How many epochs of a run are validated, evenly spaced, the last always among them; the
+    # best of those is reported (None: every epoch). A validation pass over the val split can
+    # cost more than an epoch of training on 1% of the labels: 10 validations of a 30-epoch
+    # run validate after epochs 3, 6, ..., 30.
+    validations: PositiveInt | None = None
     batch_size: int = Field(128, ge=1)
     optimizer: Literal["sgd", "adamw"] = "adamw"
     lr: PositiveFloat | list[PositiveFloat] = 1e-3  # the new head's lr

@@ -222,13 +222,16 @@ def _details(res: dict) -> list[str]:
 
 
 def _fraction_details(by_fraction: dict) -> list[str]:
-    """`1% labels (class-balanced, seeded; 60 epochs): 0.62 ± 0.03`: how each subset was drawn
-    and how long it trained, shown."""
+    """`1% labels (class-balanced, seeded; 60 epochs, best of 20 validated): 0.62 ± 0.03`: how
+    each subset was drawn, how long it trained and how many epochs it chose from, shown."""
     out = []
     for frac, v in by_fraction.items():
         how = [v["subset"]] if v.get("subset") not in (None, "all") else []
         epochs = v.get("epochs")
-        how += [f"{epochs} epoch{'s' * (epochs != 1)}"] if epochs is not None else []
+        if epochs is not None:
+            validated = v.get("validated_epochs", epochs)  # older results: every epoch
+            how.append(f"{epochs} epoch{'s' * (epochs != 1)}"
+                       + (f", best of {validated} validated" if validated < epochs else ""))
         out.append(f"{float(frac):.0%} labels" + (f" ({'; '.join(how)})" if how else "")
                    + f": {fmt(v.get('top1'))}"
                    + (f" ± {fmt(round(v['top1_std'], 6))}" if v.get("top1_std") is not None else ""))

@@ -11,7 +11,7 @@ import pytest
 from ssl_pipeline.cli import main
 from ssl_pipeline.data.base import TransformedDataset
 from ssl_pipeline.errors import SSLPipelineError
-from ssl_pipeline.estimate import estimate
+from ssl_pipeline.estimate import describe, estimate
 
 QUICKSTART = str(Path(__file__).parents[1] / "recipes" / "quickstart.yaml")
 
@@ -90,7 +90,7 @@ def test_estimate_projects_finetuning_runs_and_feature_extraction(tiny_overrides
                  "eval.finetune.label_fractions=[0.5, 1.0]", "eval.finetune.epochs={0.5: 5, 1.0: 3}",
                  "eval.finetune.batch_size=16", "eval.finetune.lr=[0.01, 0.001]",
                  "eval.finetune.backbone_lr_ratio=0.1", "eval.checkpoint_minutes=0",
-                 "eval.finetune.full_data_seeds=3"]
+                 "eval.finetune.full_data_seeds=3", "eval.finetune.validations=2"]
     e = estimate(QUICKSTART, overrides, steps=3, warmup=1, quiet=True)
     ft = e["evaluation"]["finetune"]
     assert ft["runs"] == 2 * (2 + 3) * 2 and ft["grid_pairs"] == 2 and ft["backbones"] == 2
@@ -98,10 +98,13 @@ def test_estimate_projects_finetuning_runs_and_feature_extraction(tiny_overrides
     assert (half["seeds"], whole["seeds"]) == (2, 3) and whole["images"] == 64
     assert whole["steps_per_epoch"] == 4 and half["steps_per_epoch"] == half["images"] // 16
     assert (half["epochs"], whole["epochs"]) == (5, 3) and ft["epochs"] == [5, 3]
+    # 2 validations: after epochs 3 and 5 of 5, 2 and 3 of 3
+    assert (half["validation_passes"], whole["validation_passes"]) == (2, 2)
+    assert "validation " in describe(e) and " s a pass, 2/2 passes a run)" in describe(e)
     expected = slack = 0.0
     for part in (half, whole):
         epochs = part["epochs"]
-        pair = epochs * (part["steps_per_epoch"] * ft["seconds_per_step"] + ft["validation_pass_seconds"]) \
+        pair = epochs * part["steps_per_epoch"] * ft["seconds_per_step"] + 2 * ft["validation_pass_seconds"] \
             + epochs * ft["checkpoint_save_seconds"]  # a save every epoch (checkpoint_minutes=0)
         expected += 2 * part["seeds"] * (2 * pair + ft["test_pass_seconds"])
         # the figures are shown rounded (step to 4 places, passes and saves to 3): their

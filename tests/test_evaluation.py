@@ -16,6 +16,7 @@ from ssl_pipeline.cli import main
 from ssl_pipeline.compute import channels_last
 from ssl_pipeline import features as features_module
 from ssl_pipeline.features import cache_key, cached_features, extract_features, weights_hash
+from ssl_pipeline.evals.finetune import validated_epochs
 from ssl_pipeline.provenance import code_fingerprint
 from ssl_pipeline.backbones import create_backbone, export_backbone
 from conftest import TINY
@@ -327,6 +328,39 @@ def test_finetune_epochs_may_differ_per_label_fraction(tiny_overrides, tmp_path)
     report = (result.run_dir / "report.md").read_text()
     assert "50% labels (class-balanced, seeded; 3 epochs):" in report
     assert "100% labels (1 epoch):" in report
+
+
+def test_validated_epochs_are_evenly_spaced_and_end_with_the_last():
+    assert validated_epochs(30, 10) == [3, 6, 9, 12, 15, 18, 21, 24, 27, 30]
+    assert validated_epochs(10, 4) == [3, 5, 8, 10]
+    assert validated_epochs(5, 1) == [5]
+    assert validated_epochs(3, 10) == validated_epochs(3, None) == [1, 2, 3]
+
+
+def test_finetuning_validates_only_the_epochs_asked_for(tiny_overrides, tmp_path):
+    """`eval.finetune.validations`: each run validates that many of its epochs, the best of
+    them reported; results, report.md and metrics.jsonl say which."""
+    overrides = [*tiny_overrides, "pretrain.epochs=1", "stages=[pretrain, finetune]",
+                 "eval.finetune.label_fractions=[0.5, 1.0]", "eval.finetune.epochs={0.5: 5, 1.0: 2}",
+                 "eval.finetune.validations=2", "eval.seeds=1", "eval.baselines=[]",
+                 f"eval.cache_dir={tmp_path / 'cache'}"]
+    result = ssl_pipeline.run(QUICKSTART, overrides=overrides, out_dir=tmp_path / "run", quiet=True)
+    by_fraction = json.loads((result.run_dir / "results.json").read_text())["finetune"]["by_fraction"]
+    half, whole = by_fraction["0.5"], by_fraction["1.0"]
+    assert (half["validated_epochs"], whole["validated_epochs"]) == (2, 2)
+    history = half["by_seed"][0]["val_top1_by_epoch"]
+    assert [score is not None for score in history] == [False, False, True, False, True]  # 3 and 5
+    assert half["by_seed"][0]["best_epoch"] in (3, 5) and half["by_seed"][0]["epochs_run"] == 5
+    assert all(score is not None for score in whole["by_seed"][0]["val_top1_by_epoch"])
+    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").open()]
+    logged: dict[str, list[int]] = {}  # each grid pair's run: the epochs (0-based) it validated
+    for r in records:
+        if "finetune/val_top1" in r and r["stage"].startswith("finetune/backbone/0.5"):
+            logged.setdefault(r["stage"], []).append(r["epoch"])
+    assert logged and all(epochs == [2, 4] for epochs in logged.values()), logged
+    report = (result.run_dir / "report.md").read_text()
+    assert "50% labels (class-balanced, seeded; 5 epochs, best of 2 validated):" in report
+    assert "100% labels (2 epochs):" in report
 
 
 def test_finetune_epochs_per_fraction_are_checked(capsys):

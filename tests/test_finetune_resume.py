@@ -4,6 +4,7 @@ uninterrupted run does: the same weights, the same validation history, the same 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -59,7 +60,7 @@ class CrashAt(pl.Callback):
 SETTINGS = FinetuneSettings(epochs=4, optimizer="adamw", lr=3e-3, backbone_lr_ratio=0.5, weight_decay=1e-4)
 
 
-def fit(backbone, tmp_path, name, crash_at=None, seed=0, minutes=0.0, quiet=True):
+def fit(backbone, tmp_path, name, crash_at=None, seed=0, minutes=0.0, quiet=True, settings=SETTINGS):
     torch.manual_seed(seed)
     loaders = [seeded_train_loader(separable(48, 0), noisy, 16, seed=5),
                torch.utils.data.DataLoader(separable(32, 1), batch_size=16)]
@@ -68,7 +69,7 @@ def fit(backbone, tmp_path, name, crash_at=None, seed=0, minutes=0.0, quiet=True
                   enable_checkpointing=False, log_every_n_steps=1,
                   logger=[JSONLLogger(metrics, stage="finetune/x")],
                   callbacks=[CrashAt(crash_at)] if crash_at is not None else [])
-    model, result = fit_finetuner(copy.deepcopy(backbone), 2, *loaders, SETTINGS, kwargs,
+    model, result = fit_finetuner(copy.deepcopy(backbone), 2, *loaders, settings, kwargs,
                                   checkpoint=tmp_path / f"{name}.ckpt", checkpoint_minutes=minutes,
                                   metrics=metrics, stage="finetune/x", quiet=quiet)
     return model, result, metrics
@@ -78,15 +79,24 @@ def records(path):
     return [{k: v for k, v in json.loads(line).items() if k != "time"} for line in path.open()]
 
 
-def test_a_finetuning_run_resumed_after_a_crash_ends_as_an_uninterrupted_one(tmp_path, capsys):
+@pytest.mark.parametrize("validations", [None, 2])
+def test_a_finetuning_run_resumed_after_a_crash_ends_as_an_uninterrupted_one(tmp_path, capsys, validations):
+    """Also when only some epochs are validated (2 of 4: after epochs 2 and 4)."""
+    settings = dataclasses.replace(SETTINGS, validations=validations)
     torch.manual_seed(0)
     backbone = WithDropout()
-    whole, whole_fit, whole_metrics = fit(backbone, tmp_path, "whole")
+    whole, whole_fit, whole_metrics = fit(backbone, tmp_path, "whole", settings=settings)
 
     with pytest.raises(RuntimeError, match="simulated crash"):
-        fit(backbone, tmp_path, "cut", crash_at=2)  # in epoch 3, after epochs 1 and 2 were saved
+        # in epoch 3, after epochs 1 and 2 were saved
+        fit(backbone, tmp_path, "cut", crash_at=2, settings=settings)
     # another seed: a resume that did not restore the generators would drop other features
-    resumed, resumed_fit, resumed_metrics = fit(backbone, tmp_path, "cut", seed=123, quiet=False)
+    resumed, resumed_fit, resumed_metrics = fit(backbone, tmp_path, "cut", seed=123, quiet=False,
+                                                settings=settings)
+    validated = [score is not None for score in whole_fit["val_top1_by_epoch"]]
+    assert validated == ([True] * 4 if validations is None else [False, True, False, True])
+    # one val_top1 record a validation, in the metrics file
+    assert sum("finetune/val_top1" in r for r in records(whole_metrics)) == sum(validated)
     said = capsys.readouterr().out
     assert "finetune/x: resumed after epoch 2 of 4" in said
     assert "2 records logged after it dropped from cut.jsonl" in said  # epoch 3's two steps

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -60,6 +61,15 @@ class FinetuneSettings:
     weight_decay: float = 1e-4
     max_minutes: float | None = None
     frozen: bool = False  # only the head trains; the backbone stays in eval mode
+    validations: int | None = None  # validated epochs, evenly spaced (None: every epoch)
+
+
+def validated_epochs(epochs: int, validations: int | None) -> list[int]:
+    """The epochs (1-based) a run of `epochs` validates after: `validations` of them, evenly
+    spaced, the last always among them (None, or as many as the epochs: every epoch)."""
+    if validations is None or validations >= epochs:
+        return list(range(1, epochs + 1))
+    return sorted({math.ceil(i * epochs / validations) for i in range(1, validations + 1)})
 
 
 def seeded_train_loader(dataset: torch.utils.data.Dataset, transform, batch_size: int, seed: int,
@@ -157,15 +167,29 @@ class FineTuner(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
+class ValidateAfter(pl.Callback):
+    """Validate after the given epochs (1-based) only."""
+
+    def __init__(self, epochs: list[int]):
+        self.epochs = frozenset(epochs)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        # Lightning validates after epoch e (1-based) when check_val_every_n_epoch divides e;
+        # set before the epoch's first batch, when it is first read (also after a resume)
+        epoch = trainer.current_epoch + 1
+        trainer.check_val_every_n_epoch = epoch if epoch in self.epochs else epoch + 1
+
+
 class KeepBest(pl.Callback):
     """A copy of the weights of the epoch with the best validation top-1: the whole network's
-    when it trains, the head's alone when the backbone is frozen (it cannot change)."""
+    when it trains, the head's alone when the backbone is frozen (it cannot change). The
+    history has one entry an epoch, None for an epoch not validated."""
 
     def __init__(self):
         self.best_score = -1.0
         self.best_epoch = 0
         self.best_state: dict[str, torch.Tensor] | None = None
-        self.history: list[float] = []
+        self.history: list[float | None] = []
 
     @staticmethod
     def kept(model: FineTuner) -> nn.Module:
@@ -173,6 +197,7 @@ class KeepBest(pl.Callback):
 
     def on_validation_end(self, trainer, pl_module):  # after the module logged val_top1
         score = float(trainer.callback_metrics["finetune/val_top1"])
+        self.history += [None] * (trainer.current_epoch - len(self.history))  # epochs not validated
         self.history.append(score)
         if score > self.best_score:
             self.best_score, self.best_epoch = score, trainer.current_epoch + 1
@@ -312,6 +337,8 @@ def fit_finetuner(
     max_time = None if settings.max_minutes is None else {"minutes": settings.max_minutes}
     trainer_kwargs = dict(trainer_kwargs)
     callbacks = [keep, *trainer_kwargs.pop("callbacks", [])]
+    if settings.validations is not None and val_loader is not None:
+        callbacks.append(ValidateAfter(validated_epochs(settings.epochs, settings.validations)))
     saver = None
     if checkpoint is not None:
         saver = EpochCheckpoint(checkpoint, checkpoint_minutes, metrics, stage, quiet)
