@@ -167,3 +167,21 @@ def test_the_finetuning_batches_do_not_depend_on_the_number_of_workers():
         loader = seeded_train_loader(separable(48, 0), noisy, 16, seed=5, num_workers=workers)
         batches[workers] = [torch.cat([x.flatten(1), y[:, None].float()], 1) for x, y in loader]
     assert all(torch.equal(a, b) for a, b in zip(batches[0], batches[2], strict=True))
+
+
+def test_a_budget_that_ends_a_run_between_validated_epochs_validates_where_it_stops():
+    """With `validations`, a time budget that stops training before a validated epoch still
+    validates the weights it stopped with (as when every epoch validates), so the run reports a
+    validated score rather than none."""
+    torch.manual_seed(0)
+    backbone = create_backbone("timm:resnet18", in_chans=3, input_size=16)
+    # 5 epochs, only the last validated; a budget of 0.6 ms stops training after its first step
+    settings = dataclasses.replace(SETTINGS, epochs=5, validations=1, max_minutes=1e-5)
+    loaders = [seeded_train_loader(separable(48, 0), noisy, 16, seed=5),
+               torch.utils.data.DataLoader(separable(32, 1), batch_size=16)]
+    kwargs = dict(accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False,
+                  enable_checkpointing=False, logger=False)
+    _, result = fit_finetuner(backbone, 2, *loaders, settings, kwargs)
+    assert result["stopped_by_budget"]
+    assert result["val_top1_by_epoch"] == [result["val_top1"]] and result["val_top1"] >= 0
+    assert result["best_epoch"] == 1

@@ -106,6 +106,9 @@ class FineTuner(pl.LightningModule):
         # training beside other processes (together.py): log the loss of the whole batch, the
         # mean of every process's share, not this process's share alone
         self.loss_over_processes = False
+        # the epochs (1-based) validated; None: every epoch (Lightning's default)
+        self.validated = None if settings.validations is None else \
+            frozenset(validated_epochs(settings.epochs, settings.validations))
         if settings.frozen:
             self.backbone.requires_grad_(False)
 
@@ -130,6 +133,19 @@ class FineTuner(pl.LightningModule):
             logged /= dist.get_world_size()
         self.log("finetune/loss", logged, on_step=True, on_epoch=True, batch_size=len(y))
         return loss
+
+    def on_train_epoch_start(self) -> None:
+        if self.validated is not None:
+            # Lightning validates after epoch e (1-based) when check_val_every_n_epoch divides
+            # e; set before the epoch's first batch, when it is first read (after a resume too)
+            epoch = self.trainer.current_epoch + 1
+            self.trainer.check_val_every_n_epoch = epoch if epoch in self.validated else epoch + 1
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # after the callbacks' hooks: a time budget that ends training here (Lightning's Timer,
+        # or AverageGradients) validates where it stops, as it does when every epoch validates
+        if self.validated is not None and self.trainer.should_stop:
+            self.trainer.check_val_every_n_epoch = self.trainer.current_epoch + 1
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
@@ -165,19 +181,6 @@ class FineTuner(pl.LightningModule):
             optimizer, lambda step: lr_factor(step, total, 0, schedule)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-class ValidateAfter(pl.Callback):
-    """Validate after the given epochs (1-based) only."""
-
-    def __init__(self, epochs: list[int]):
-        self.epochs = frozenset(epochs)
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        # Lightning validates after epoch e (1-based) when check_val_every_n_epoch divides e;
-        # set before the epoch's first batch, when it is first read (also after a resume)
-        epoch = trainer.current_epoch + 1
-        trainer.check_val_every_n_epoch = epoch if epoch in self.epochs else epoch + 1
 
 
 class KeepBest(pl.Callback):
@@ -337,8 +340,6 @@ def fit_finetuner(
     max_time = None if settings.max_minutes is None else {"minutes": settings.max_minutes}
     trainer_kwargs = dict(trainer_kwargs)
     callbacks = [keep, *trainer_kwargs.pop("callbacks", [])]
-    if settings.validations is not None and val_loader is not None:
-        callbacks.append(ValidateAfter(validated_epochs(settings.epochs, settings.validations)))
     saver = None
     if checkpoint is not None:
         saver = EpochCheckpoint(checkpoint, checkpoint_minutes, metrics, stage, quiet)
