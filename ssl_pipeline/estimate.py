@@ -539,7 +539,7 @@ def _evaluation_lines(e: dict[str, Any]) -> list[str]:
 
 
 def _passes(projection: dict[str, Any]) -> str:
-    """`every epoch`, or the validation passes of each label fraction's runs: `10/10/3 passes`."""
+    """`every epoch`, or each label fraction's validation passes: `10/10/3 passes a run`."""
     by_fraction = projection["by_fraction"]
     if all(f["validation_passes"] == f["epochs"] for f in by_fraction):
         return "every epoch"
