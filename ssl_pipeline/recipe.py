@@ -26,9 +26,10 @@ from pydantic import (
     model_validator,
 )
 
+from ssl_pipeline import names
 from ssl_pipeline.errors import SSLPipelineError
 from ssl_pipeline.methods import methods
-from ssl_pipeline.registry import nearest
+from ssl_pipeline.registry import check_name, nearest
 
 
 class Strict(BaseModel):
@@ -108,9 +109,7 @@ class DataConfig(Strict):
     @field_validator("name")
     @classmethod
     def _known_dataset(cls, name: str) -> str:
-        from ssl_pipeline.data import datasets
-
-        datasets.get(name)  # raises with the nearest name
+        check_name("dataset", name, list(names.DATASETS))  # raises with the nearest name
         return name
 
 
@@ -398,12 +397,10 @@ class Recipe(Strict):
     @field_validator("stages")
     @classmethod
     def _known_stages(cls, stages: list[str]) -> list[str]:
-        from ssl_pipeline.pipeline import stage_registry
-
         if not stages:
             raise ValueError("list at least one stage, e.g. [pretrain]")
         for stage in stages:
-            stage_registry.get(stage)
+            check_name("stage", stage, list(names.STAGES))
         return stages
 
     @property

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
+from importlib import import_module
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
 from ssl_pipeline.errors import SSLPipelineError
@@ -17,12 +18,31 @@ def nearest(name: str, choices: list[str]) -> str | None:
     return matches[0] if matches else None
 
 
-@dataclass(frozen=True)
+def check_name(kind: str, name: str, names: list[str]) -> None:
+    """Raise, naming the nearest of `names` and all of them, unless `name` is one of them."""
+    if name not in names:
+        hint = nearest(name, names)
+        did_you_mean = f"; did you mean {hint!r}?" if hint else ";"
+        raise SSLPipelineError(f"unknown {kind} {name!r}{did_you_mean} Known: {', '.join(sorted(names))}")
+
+
+@dataclass
 class Entry(Generic[T]):
+    """A registered object, its name and one-line description. A lazy entry names its object
+    as `target` ("module:attribute"), imported the first time `obj` is read."""
+
     name: str
-    obj: T
+    loaded: T | None
     description: str
     extra: dict[str, Any] = field(default_factory=dict)
+    target: str | None = None
+
+    @property
+    def obj(self) -> T:
+        if self.loaded is None and self.target is not None:
+            module, attribute = self.target.split(":")
+            self.loaded = getattr(import_module(module), attribute)
+        return self.loaded
 
 
 class Registry(Generic[T]):
@@ -46,20 +66,23 @@ class Registry(Generic[T]):
 
     def register(self, name: str, description: str, **extra: Any) -> Callable[[T], T]:
         def add(obj: T) -> T:
-            if name in self._entries:
-                raise ValueError(f"{self.kind} {name!r} is registered twice")
-            self._entries[name] = Entry(name, obj, description, dict(extra))
+            self._add(Entry(name, obj, description, dict(extra)))
             return obj
 
         return add
 
+    def register_lazy(self, name: str, description: str, target: str, **extra: Any) -> None:
+        """Register `target` ("module:attribute") without importing it: listing and checking
+        names stay fast; the first `get(name).obj` imports it."""
+        self._add(Entry(name, None, description, dict(extra), target))
+
+    def _add(self, entry: Entry[T]) -> None:
+        if entry.name in self._entries:
+            raise ValueError(f"{self.kind} {entry.name!r} is registered twice")
+        self._entries[entry.name] = entry
+
     def get(self, name: str) -> Entry[T]:
-        if name not in self._entries:
-            hint = nearest(name, self.names())
-            did_you_mean = f"; did you mean {hint!r}?" if hint else ";"
-            raise SSLPipelineError(
-                f"unknown {self.kind} {name!r}{did_you_mean} Known: {', '.join(self.names())}"
-            )
+        check_name(self.kind, name, self.names())
         return self._entries[name]
 
     def names(self) -> list[str]:

@@ -179,8 +179,8 @@ def test_a_budget_that_ends_a_run_between_validated_epochs_validates_where_it_st
     settings = dataclasses.replace(SETTINGS, epochs=5, validations=1, max_minutes=1e-5)
     loaders = [seeded_train_loader(separable(48, 0), noisy, 16, seed=5),
                torch.utils.data.DataLoader(separable(32, 1), batch_size=16)]
-    kwargs = dict(accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False,
-                  enable_checkpointing=False, logger=False)
+    kwargs = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False,
+              "enable_model_summary": False, "enable_checkpointing": False, "logger": False}
     _, result = fit_finetuner(backbone, 2, *loaders, settings, kwargs)
     assert result["stopped_by_budget"]
     assert result["val_top1_by_epoch"] == [result["val_top1"]] and result["val_top1"] >= 0

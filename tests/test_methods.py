@@ -5,7 +5,8 @@ import torch
 from lightly.loss import NTXentLoss
 
 from ssl_pipeline.methods import OptimSettings, methods
-from ssl_pipeline.methods.base import build_optimizer, effective_lr, settings_model
+from ssl_pipeline.methods.base import build_optimizer, effective_lr
+from ssl_pipeline.methods.settings import settings_model
 from ssl_pipeline.registry import Registry
 from ssl_pipeline.errors import SSLPipelineError
 

@@ -142,3 +142,71 @@ def test_precision_is_auto_by_default_and_resolved_per_device(monkeypatch):
         on_cpu = recipe_from_dict({"trainer": {"accelerator": "cpu"}})
         assert resolve(on_cpu).precision == cpu
     assert resolve(recipe_from_dict({"trainer": {"accelerator": "cpu", "precision": 32}})).precision == "32"
+
+
+def test_checking_a_recipe_imports_neither_torch_nor_lightning():
+    """`ssl-pipeline validate` answers at once: the names and method settings a recipe is
+    checked against come without importing the modules that register them."""
+    import subprocess
+    import sys
+
+    recipes = Path(__file__).parents[1] / "recipes"
+    code = ("import sys; from ssl_pipeline.recipe import load_recipe; "
+            "from ssl_pipeline.suite import load_suite, variant_recipes; "
+            f"load_recipe({str(recipes / 'quickstart.yaml')!r}); "
+            f"variant_recipes(load_suite({str(recipes / 'fashion_mnist_suite.yaml')!r}, []), source='suite'); "
+            "print(sorted(m for m in ('torch', 'torchvision', 'pytorch_lightning', 'lightly', 'timm') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out
+
+
+def test_the_names_a_recipe_is_checked_against_are_the_registered_ones():
+    import ssl_pipeline
+    from ssl_pipeline import names
+
+    assert names.DATASETS == tuple(n for n, _ in ssl_pipeline.list_datasets())
+    assert names.STAGES == tuple(n for n, _ in ssl_pipeline.list_stages())
+
+
+def test_method_settings_read_from_source_equal_the_imported_constructors():
+    from ssl_pipeline.methods import methods
+    from ssl_pipeline.methods.settings import settings_model
+
+    def described(model):
+        return {k: (str(f.annotation), f.default) for k, f in model.model_fields.items()}
+
+    for entry in methods:
+        assert described(entry.extra["settings"]) == described(settings_model(methods.get(entry.name).obj))
+    assert set(described(methods.get("simsiam").extra["settings"])) == {
+        "projection_dim", "prediction_hidden_dim", "fixed_predictor_lr", "collapse_warn_below"}
+
+
+def test_a_constructor_the_source_reading_cannot_follow_is_imported(tmp_path, monkeypatch):
+    """A default that is not a literal (or a type it does not know) falls back to importing the
+    class; a readable one is not imported at all."""
+    import sys
+
+    from ssl_pipeline.methods.settings import settings_for
+
+    (tmp_path / "plain_method.py").write_text(
+        "from __future__ import annotations\n"
+        "from typing import Literal\n"
+        "class Plain:\n"
+        "    def __init__(self, backbone, optim, num_classes: int | None = None,\n"
+        "                 width: int = 64, mode: Literal['a', 'b'] = 'a'):\n"
+        "        pass\n")
+    (tmp_path / "computed_method.py").write_text(
+        "WIDTH = 64\n"
+        "class Computed:\n"
+        "    def __init__(self, backbone, optim, width: int = WIDTH * 2, ratio: float = 0.5):\n"
+        "        pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plain = settings_for("plain_method:Plain")
+    assert "plain_method" not in sys.modules
+    assert plain().width == 64 and plain().mode == "a" and list(plain.model_fields) == ["width", "mode"]
+    with pytest.raises(Exception, match="mode"):
+        plain(mode="c")
+    computed = settings_for("computed_method:Computed")
+    assert "computed_method" in sys.modules  # imported: WIDTH * 2 is not a literal
+    assert computed().width == 128 and computed().ratio == 0.5

@@ -3,7 +3,7 @@
 A method is a Lightning "system" (Lightning's systems-vs-models split): it receives a backbone,
 composes lightly's heads and losses around it, and implements `training_loss`. Its typed
 constructor arguments (after `backbone`, `optim` and `num_classes`) are its recipe settings:
-`settings_model` turns them into the strict `method.<name>` block of the recipe.
+settings.py turns them into the strict `method.<name>` block of the recipe.
 
 When the views are made on the training device (`views.augment_on: device`), the batch arrives
 as uint8 images and `on_after_batch_transfer` turns it into the `num_views` augmented views
@@ -12,7 +12,6 @@ the method's `training_loss` takes, on the device, before the (autocast) trainin
 
 from __future__ import annotations
 
-import inspect
 import math
 import typing
 import warnings
@@ -25,17 +24,12 @@ import torch
 from lightly.models.utils import get_weight_decay_parameters
 from lightly.utils.lars import LARS
 from lightly.utils.scheduler import cosine_warmup_schedule
-from pydantic import BaseModel, ConfigDict, create_model
 from torch import nn
 
 from ssl_pipeline.errors import SSLPipelineError
 
 if typing.TYPE_CHECKING:
     from ssl_pipeline.data.device_views import DeviceViews
-
-# Constructor arguments supplied by the pipeline, not by the recipe's method block.
-PIPELINE_ARGS = ("self", "backbone", "optim", "num_classes")
-
 
 # pretrain.on_nonfinite_loss=skip returns None from training_step on purpose.
 warnings.filterwarnings("ignore", message=".*`training_step` returned `None`.*")
@@ -58,21 +52,6 @@ class OptimSettings:
     epochs: int = 100
     scheduler: str = "cosine"
     min_lr_ratio: float = 0.0
-
-
-def settings_model(method_cls: type) -> type[BaseModel]:
-    """A strict pydantic model of the method's own constructor arguments and their defaults."""
-    hints = typing.get_type_hints(method_cls.__init__)
-    fields = {
-        name: (hints[name], param.default)
-        for name, param in inspect.signature(method_cls.__init__).parameters.items()
-        if name not in PIPELINE_ARGS
-    }
-    return create_model(  # type: ignore[call-overload]
-        f"{method_cls.__name__}Settings",
-        __config__=ConfigDict(extra="forbid", validate_assignment=True),
-        **fields,
-    )
 
 
 class PretrainMethod(pl.LightningModule):
