@@ -1,7 +1,10 @@
-"""The dataset and stage names a recipe may use, for checking a recipe without importing the
-registries (their modules import torch, torchvision and Lightning: about 5 seconds here).
-tests/test_recipe.py checks that they are exactly the registered names."""
+"""Names that light modules share without importing the heavy ones (torch, torchvision and
+Lightning take about 5 seconds here): the dataset and stage names a recipe may use, checked
+without importing the registries (tests/test_recipe.py checks that they are exactly the
+registered names), and what the online monitor measures, for the reports."""
 
 DATASETS = ("cifar10", "cifar100", "csv", "digits", "eurosat", "fake", "fashion_mnist",
             "image_folder", "imagenet", "medmnist", "webdataset")
 STAGES = ("few_shot", "finetune", "knn", "linear_probe", "linear_probe_classic", "pretrain")
+# what the online monitor measures -> how reports and progress lines name it
+MONITOR_METRICS = {"knn_top1": "val k-NN top-1", "knn_auc": "val k-NN AUC (mean over labels)"}

@@ -25,7 +25,7 @@ from ssl_pipeline.evals.together import FitGroup
 from ssl_pipeline.evaluation import train_shares, trains_together
 from ssl_pipeline.features import process_group
 from ssl_pipeline.methods.base import effective_lr
-from ssl_pipeline.monitor import METRICS as MONITOR_METRICS
+from ssl_pipeline.names import MONITOR_METRICS
 from ssl_pipeline.provenance import provenance
 from ssl_pipeline.recipe import (
     Recipe,

@@ -25,8 +25,8 @@ from matplotlib.ticker import MaxNLocator
 from ssl_pipeline.atomic import write_bytes_atomic
 from ssl_pipeline.embedding_map import read_embedding_map
 from ssl_pipeline.errors import SSLPipelineError
-from ssl_pipeline.monitor import METRICS as MONITOR_METRICS
-from ssl_pipeline.tracking import read_jsonl
+from ssl_pipeline.jsonl import read_jsonl
+from ssl_pipeline.names import MONITOR_METRICS
 
 # Keys of results.json that are not evaluation stages; everything else holding a top-1 is one.
 _NOT_STAGES = ("pretrain", "baselines", "provenance", "schema_version")

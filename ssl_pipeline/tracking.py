@@ -16,24 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.loggers import Logger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from ssl_pipeline.atomic import write_text_atomic
+from ssl_pipeline.jsonl import append_jsonl, read_jsonl
 from ssl_pipeline.recipe import WandbConfig
-
-
-def to_jsonable(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.item() if value.numel() == 1 else value.tolist()
-    return value
-
-
-def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    """Append one JSON object as one line and flush it, so a crash loses at most that line."""
-    with open(path, "a") as f:
-        f.write(json.dumps({k: to_jsonable(v) for k, v in record.items()}) + "\n")
 
 
 class JSONLLogger(Logger):
@@ -299,21 +287,6 @@ def record_stage(path: Path, stage: str, result: dict[str, Any], baselines: dict
     evaluation and not only the training steps."""
     append_jsonl(path, {"stage": stage, "event": "stage_result", "time": time.time(),
                         "seconds": round(seconds, 2), **stage_metrics(stage, result, baselines)})
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Rows of metrics.jsonl; a torn last line (a run killed mid-write) is skipped, not fatal."""
-    if not Path(path).is_file():
-        return []
-    rows = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
 
 
 def stage_history(path: Path, stage: str) -> list[dict[str, Any]]:

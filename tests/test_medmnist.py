@@ -219,7 +219,7 @@ def test_pretraining_on_multi_label_data_is_monitored_and_exports_the_best_epoch
     from ssl_pipeline.evals.knn import knn_classify
     from ssl_pipeline.evals.metrics import multi_label_metrics
     from ssl_pipeline.features import extract_features
-    from ssl_pipeline.tracking import read_jsonl
+    from ssl_pipeline.jsonl import read_jsonl
 
     write_chestmnist(tmp_path / "medmnist")
     out = tmp_path / "run"

@@ -42,15 +42,6 @@ MULTI_LABEL = {"chestmnist"}
 CHEST_FINDINGS = ("atelectasis", "cardiomegaly", "effusion", "infiltration", "mass", "nodule",
                   "pneumonia", "pneumothorax", "consolidation", "edema", "emphysema", "fibrosis",
                   "pleural", "hernia")
-# MedMNIST v2's ResNet-18 at 28 px trained from scratch on all labels: test (AUC, ACC)
-# [Yang et al., Sci Data 2023, Table 3]. The reference rows of the transfer report.
-PUBLISHED_RESNET18_28 = {
-    "pathmnist": (0.983, 0.907), "dermamnist": (0.917, 0.735), "chestmnist": (0.768, 0.947),
-    "octmnist": (0.943, 0.743), "pneumoniamnist": (0.944, 0.854), "retinamnist": (0.717, 0.524),
-    "breastmnist": (0.901, 0.863), "bloodmnist": (0.998, 0.958), "tissuemnist": (0.930, 0.676),
-    "organamnist": (0.997, 0.935), "organcmnist": (0.992, 0.900), "organsmnist": (0.972, 0.782),
-}
-PUBLISHED_SOURCE = "MedMNIST v2 ResNet-18 (28 px) from scratch, Yang et al. 2023, Table 3"
 SIZES = (28, 64, 128, 224)
 DEFAULT_DIRS = (Path("data/cache/medmnist"), Path.home() / ".medmnist")
 KEYS = ("train_images", "train_labels", "val_images", "val_labels", "test_images", "test_labels")
