@@ -1,7 +1,8 @@
 """Names that light modules share without importing the heavy ones (torch, torchvision and
-Lightning take about 5 seconds here): the dataset and stage names a recipe may use, checked
-without importing the registries (tests/test_recipe.py checks that they are exactly the
-registered names), and what the online monitor measures, for the reports."""
+Lightning take about 5 seconds here): the built-in dataset and stage names, which a recipe is
+checked against without importing the registries (a name not among them is looked up in the
+registry, where code may have registered its own; tests/test_recipe.py checks that these are
+exactly the built-in registered names), and what the online monitor measures, for the reports."""
 
 DATASETS = ("cifar10", "cifar100", "csv", "digits", "eurosat", "fake", "fashion_mnist",
             "image_folder", "imagenet", "medmnist", "webdataset")

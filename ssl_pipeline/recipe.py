@@ -12,6 +12,7 @@ import copy
 import difflib
 import os
 import re
+from importlib import import_module
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -109,7 +110,8 @@ class DataConfig(Strict):
     @field_validator("name")
     @classmethod
     def _known_dataset(cls, name: str) -> str:
-        check_name("dataset", name, list(names.DATASETS))  # raises with the nearest name
+        if name not in names.DATASETS:  # or one registered by the caller's code
+            check_name("dataset", name, import_module("ssl_pipeline.data").datasets.names())
         return name
 
 
@@ -400,7 +402,8 @@ class Recipe(Strict):
         if not stages:
             raise ValueError("list at least one stage, e.g. [pretrain]")
         for stage in stages:
-            check_name("stage", stage, list(names.STAGES))
+            if stage not in names.STAGES:  # or one registered by the caller's code
+                check_name("stage", stage, import_module("ssl_pipeline.pipeline").stage_registry.names())
         return stages
 
     @property

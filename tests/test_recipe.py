@@ -210,3 +210,14 @@ def test_a_constructor_the_source_reading_cannot_follow_is_imported(tmp_path, mo
     computed = settings_for("computed_method:Computed")
     assert "computed_method" in sys.modules  # imported: WIDTH * 2 is not a literal
     assert computed().width == 128 and computed().ratio == 0.5
+
+
+def test_a_dataset_registered_by_the_callers_code_is_accepted(monkeypatch):
+    """Built-in names are checked without the registry; any other name is looked up in it."""
+    from ssl_pipeline.data import datasets
+
+    monkeypatch.setattr(datasets, "_entries", dict(datasets._entries))  # undone after the test
+    datasets.register("my_scans", "the caller's own dataset")(lambda cfg: None)
+    assert recipe_from_dict({"data": {"name": "my_scans"}}).data.name == "my_scans"
+    with pytest.raises(SSLPipelineError, match="did you mean 'my_scans'"):
+        recipe_from_dict({"data": {"name": "my_scan"}})
