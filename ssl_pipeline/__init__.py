@@ -5,9 +5,8 @@ Public API: `run`, `run_suite`, `load_recipe`, `load_suite`, `create_backbone`, 
 on first use, so `import ssl_pipeline` stays fast and submodules import without cycles.
 """
 
-from importlib import import_module
-
 from ssl_pipeline.errors import SSLPipelineError
+from ssl_pipeline.registry import load
 
 __version__ = "0.1.0"
 
@@ -22,22 +21,21 @@ _LAZY = {
     "load_suite": "ssl_pipeline.suite",
 }
 _REGISTRIES = {
-    "methods": ("ssl_pipeline.methods", "methods"),
-    "backbones": ("ssl_pipeline.backbones", "backbones"),
-    "datasets": ("ssl_pipeline.data", "datasets"),
-    "stages": ("ssl_pipeline.pipeline", "stage_registry"),
+    "methods": "ssl_pipeline.methods:methods",
+    "backbones": "ssl_pipeline.backbones:backbones",
+    "datasets": "ssl_pipeline.data:datasets",
+    "stages": "ssl_pipeline.pipeline:stage_registry",
 }
 
 
 def __getattr__(name: str):
     if name in _LAZY:
-        return getattr(import_module(_LAZY[name]), name)
+        return load(f"{_LAZY[name]}:{name}")
     raise AttributeError(f"module 'ssl_pipeline' has no attribute {name!r}")
 
 
 def _list(kind: str) -> list[tuple[str, str]]:
-    module, attr = _REGISTRIES[kind]
-    return [(e.name, e.description) for e in getattr(import_module(module), attr)]
+    return [(e.name, e.description) for e in load(_REGISTRIES[kind])]
 
 
 def list_methods() -> list[tuple[str, str]]:

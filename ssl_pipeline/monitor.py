@@ -20,10 +20,8 @@ import torch
 from ssl_pipeline.evals.knn import knn_classify, knn_top1
 from ssl_pipeline.evals.metrics import multi_label_metrics
 from ssl_pipeline.features import extract_features
-from ssl_pipeline.names import MONITOR_METRICS
 
 VAL_ACCURACY_KEY = "monitor/val_accuracy"
-METRICS = MONITOR_METRICS  # what the monitor measures -> how reports and progress lines name it
 
 
 class OnlineKNNMonitor(pl.Callback):

@@ -12,7 +12,6 @@ import copy
 import difflib
 import os
 import re
-from importlib import import_module
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -110,8 +109,8 @@ class DataConfig(Strict):
     @field_validator("name")
     @classmethod
     def _known_dataset(cls, name: str) -> str:
-        if name not in names.DATASETS:  # or one registered by the caller's code
-            check_name("dataset", name, import_module("ssl_pipeline.data").datasets.names())
+        # a built-in name, or one the caller's code registered
+        check_name("dataset", name, names.DATASETS, registry="ssl_pipeline.data:datasets")
         return name
 
 
@@ -402,8 +401,7 @@ class Recipe(Strict):
         if not stages:
             raise ValueError("list at least one stage, e.g. [pretrain]")
         for stage in stages:
-            if stage not in names.STAGES:  # or one registered by the caller's code
-                check_name("stage", stage, import_module("ssl_pipeline.pipeline").stage_registry.names())
+            check_name("stage", stage, names.STAGES, registry="ssl_pipeline.pipeline:stage_registry")
         return stages
 
     @property

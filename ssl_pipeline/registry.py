@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 from importlib import import_module
-from typing import Any, Callable, Generic, Iterator, TypeVar
+from typing import Any, Callable, Generic, Iterator, Sequence, TypeVar
 
 from ssl_pipeline.errors import SSLPipelineError
 
@@ -18,10 +18,21 @@ def nearest(name: str, choices: list[str]) -> str | None:
     return matches[0] if matches else None
 
 
-def check_name(kind: str, name: str, names: list[str]) -> None:
-    """Raise, naming the nearest of `names` and all of them, unless `name` is one of them."""
+def load(target: str) -> Any:
+    """The object `target` names, "module:attribute", imported."""
+    module, attribute = target.split(":")
+    return getattr(import_module(module), attribute)
+
+
+def check_name(kind: str, name: str, names: Sequence[str], registry: str | None = None) -> None:
+    """Raise, naming the nearest of `names` and all of them, unless `name` is one of them or,
+    given `registry` ("module:attribute", imported only then), registered there."""
+    if name in names:
+        return
+    if registry is not None:
+        names = load(registry).names()
     if name not in names:
-        hint = nearest(name, names)
+        hint = nearest(name, list(names))
         did_you_mean = f"; did you mean {hint!r}?" if hint else ";"
         raise SSLPipelineError(f"unknown {kind} {name!r}{did_you_mean} Known: {', '.join(sorted(names))}")
 
@@ -40,8 +51,7 @@ class Entry(Generic[T]):
     @property
     def obj(self) -> T:
         if self.loaded is None and self.target is not None:
-            module, attribute = self.target.split(":")
-            self.loaded = getattr(import_module(module), attribute)
+            self.loaded = load(self.target)
         return self.loaded
 
 

@@ -5,10 +5,8 @@ import SimCLR`): registering them, and checking a recipe's method block against 
 (read from their source, see settings.py), does not import torch or Lightning.
 """
 
-from importlib import import_module
-
 from ssl_pipeline.methods.settings import settings_for
-from ssl_pipeline.registry import Registry
+from ssl_pipeline.registry import Registry, load
 
 methods: Registry = Registry("method")
 
@@ -33,7 +31,7 @@ _LAZY = {
 
 def __getattr__(name: str):
     if name in _LAZY:
-        return getattr(import_module(_LAZY[name]), name)
+        return load(f"{_LAZY[name]}:{name}")
     raise AttributeError(f"module 'ssl_pipeline.methods' has no attribute {name!r}")
 
 

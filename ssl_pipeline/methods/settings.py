@@ -13,11 +13,12 @@ import ast
 import importlib.util
 import inspect
 import typing
-from importlib import import_module
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, create_model
+
+from ssl_pipeline.registry import load
 
 # Constructor arguments supplied by the pipeline, not by the recipe's method block.
 PIPELINE_ARGS = ("self", "backbone", "optim", "num_classes")
@@ -33,9 +34,7 @@ def settings_for(target: str) -> type[BaseModel]:
     when it can be, else from the imported class."""
     module, name = target.split(":")
     fields = _fields_from_source(module, name)
-    if fields is None:
-        return settings_model(getattr(import_module(module), name))
-    return _model(name, fields)
+    return settings_model(load(target)) if fields is None else _model(name, fields)
 
 
 def settings_model(method_cls: type) -> type[BaseModel]:
