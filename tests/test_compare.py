@@ -313,14 +313,10 @@ def test_std_of_equal_seeds_prints_as_zero_not_float_noise():
 
 def test_comparing_runs_imports_neither_torch_nor_lightning(tmp_path):
     """`ssl-pipeline compare` reads JSON and draws plots: it starts in about half a second."""
-    import subprocess
-    import sys
+    from test_recipe import heavy_modules_imported_by
 
     a, b = _two_runs(tmp_path)
-    code = ("import sys; from ssl_pipeline.cli import main; "
-            f"assert main(['compare', {str(a)!r}, {str(b)!r}, '--out', {str(tmp_path / 'cmp')!r}]) == 0; "
-            "print(sorted(m for m in ('torch', 'torchvision', 'pytorch_lightning', 'lightly', 'faiss') "
-            "if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip().splitlines()[-1] == "[]", out
+    assert heavy_modules_imported_by(
+        "from ssl_pipeline.cli import main\n"
+        f"assert main(['compare', {str(a)!r}, {str(b)!r}, '--out', {str(tmp_path / 'cmp')!r}]) == 0") == []
     assert (tmp_path / "cmp" / "comparison.md").is_file()

@@ -144,21 +144,28 @@ def test_precision_is_auto_by_default_and_resolved_per_device(monkeypatch):
     assert resolve(recipe_from_dict({"trainer": {"accelerator": "cpu", "precision": 32}})).precision == "32"
 
 
-def test_checking_a_recipe_imports_neither_torch_nor_lightning():
-    """`ssl-pipeline validate` answers at once: the names and method settings a recipe is
-    checked against come without importing the modules that register them."""
+HEAVY_MODULES = ("torch", "torchvision", "pytorch_lightning", "lightly", "timm", "faiss")
+
+
+def heavy_modules_imported_by(code: str) -> list[str]:
+    """Which of HEAVY_MODULES a fresh interpreter has imported after running `code`."""
     import subprocess
     import sys
 
+    probe = f"{code}\nimport sys\nprint(sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    return eval(out.stdout.strip().splitlines()[-1])
+
+
+def test_checking_a_recipe_imports_neither_torch_nor_lightning():
+    """`ssl-pipeline validate` answers at once: the names and method settings a recipe is
+    checked against come without importing the modules that register them."""
     recipes = Path(__file__).parents[1] / "recipes"
-    code = ("import sys; from ssl_pipeline.recipe import load_recipe; "
-            "from ssl_pipeline.suite import load_suite, variant_recipes; "
-            f"load_recipe({str(recipes / 'quickstart.yaml')!r}); "
-            f"variant_recipes(load_suite({str(recipes / 'fashion_mnist_suite.yaml')!r}, []), source='suite'); "
-            "print(sorted(m for m in ('torch', 'torchvision', 'pytorch_lightning', 'lightly', 'timm') "
-            "if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]", out
+    assert heavy_modules_imported_by(
+        "from ssl_pipeline.recipe import load_recipe\n"
+        "from ssl_pipeline.suite import load_suite, variant_recipes\n"
+        f"load_recipe({str(recipes / 'quickstart.yaml')!r})\n"
+        f"variant_recipes(load_suite({str(recipes / 'fashion_mnist_suite.yaml')!r}, []), source='suite')") == []
 
 
 def test_the_names_a_recipe_is_checked_against_are_the_registered_ones():
