@@ -10,6 +10,17 @@ nearest bank rows by cosine similarity votes for its class with weight exp(sim /
   `KNNClassifier` stores it, all queries at once as its docstring shows; top-1 = pred[:, 0].
 - scikit-learn: `KNeighborsClassifier(algorithm="brute", metric="cosine")` with
   weights = exp((1 - cosine distance) / T), i.e. the same vote; fit + predict.
+- ours with OpenBLAS's own kernels: "ours" again, with faiss's OpenBLAS on the kernels it picks
+  by itself when `OPENBLAS_CORETYPE` is unset (found by a probe process), i.e. without
+  `ssl_pipeline.blas` choosing the AVX-512 ones; numpy's OpenBLAS is loaded as in every row.
+  Every row records the kernels each OpenBLAS in its process ran (threadpoolctl).
+
+`OPENBLAS_CORETYPE` is read when OpenBLAS loads: a value already in the environment is kept
+by every row but the last, and by `ssl_pipeline`. Some machines preset it (with
+OPENBLAS_L2_SIZE) because old OpenBLAS builds fail on their CPU; to measure what a user's
+machine does by default, unset both for this command alone:
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python -m benchmarks.knn_scaling
 
 Part 2, our time and memory as the bank grows (default 60k, 250k and 1M rows at 2048 dims).
 
@@ -27,6 +38,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -48,6 +60,7 @@ METHODS = {
     "ours_pipeline": "ours, pipeline call: k=20 T=0.07 and k=200 T=0.1 from one search",
     "lightly": "lightly knn_predict, all queries at once",
     "sklearn": "scikit-learn KNeighborsClassifier, brute, cosine, exp(sim/T) weights",
+    "ours_own_kernels": "ours, with faiss's OpenBLAS choosing its own kernels",
 }
 
 
@@ -138,7 +151,32 @@ def run_sklearn(data: dict, spec: dict) -> dict[str, np.ndarray]:
 
 
 RUNNERS = {"ours": run_ours, "ours_pipeline": run_ours_pipeline, "lightly": run_lightly,
-           "sklearn": run_sklearn}
+           "sklearn": run_sklearn, "ours_own_kernels": run_ours}
+
+
+def blas_kernels() -> dict[str, str]:
+    """The kernels ("architecture") each OpenBLAS loaded in this process runs, by the package
+    that ships it: faiss-cpu and numpy each bring their own."""
+    from threadpoolctl import threadpool_info
+
+    def owner(path: str) -> str:
+        return next((pkg for pkg in ("faiss", "numpy", "scipy") if pkg in path), Path(path).name)
+
+    return {owner(p["filepath"]): p.get("architecture") or "?"
+            for p in threadpool_info() if p.get("internal_api") == "openblas"}
+
+
+def openblas_own_choice() -> str | None:
+    """The kernels faiss's OpenBLAS picks with `OPENBLAS_CORETYPE` unset (a probe process that
+    imports faiss but not ssl_pipeline); None if it cannot tell."""
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
+    code = ("import faiss\nfrom threadpoolctl import threadpool_info\n"
+            "print(*[p.get('architecture') for p in threadpool_info()"
+            " if p.get('internal_api') == 'openblas' and 'faiss' in p['filepath']][:1])")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=False)
+    choice = proc.stdout.strip()
+    return choice if proc.returncode == 0 and choice not in ("", "None") else None
 
 
 # ------------------------------------------------------------------ one measurement, isolated
@@ -166,6 +204,9 @@ def measure(spec: dict) -> dict:
         Path("/proc/self/oom_score_adj").write_text("1000")
     except OSError:
         pass
+    if spec.get("faiss_openblas"):  # numpy's OpenBLAS has loaded (above); faiss's has not
+        assert "faiss" not in sys.modules
+        os.environ["OPENBLAS_CORETYPE"] = spec["faiss_openblas"]
     run = RUNNERS[spec["method"]]
     warmup = dict(spec, bank=2000, queries=100, handoff=False)
     run(make_data(warmup), warmup)  # imports, thread pools, BLAS buffers: not part of the call
@@ -185,6 +226,7 @@ def measure(spec: dict) -> dict:
         "method": spec["method"], "seconds": seconds, "rss_before_mib": rss_before,
         "peak_rss_mib": peak, "peak_growth_mib": peak - rss_before, "peak_measured_by": how,
         "top1_accuracy": float((out["top1"] == truth).mean()),
+        "openblas_kernels": blas_kernels(),
     }
     if "top1_k20" in out:
         result["top1_accuracy_k20"] = float((out["top1_k20"] == truth).mean())
@@ -217,10 +259,17 @@ def worker(spec_json: str) -> None:
 def compare(args, workdir: Path) -> dict:
     spec = dict(bank=args.bank, dim=args.dim, queries=args.queries, classes=args.classes,
                 separation=args.separation, seed=args.seed, k=args.k, temperature=args.temperature)
-    rows = {}
+    rows, own_choice = {}, None
     for method in args.methods:
-        print(f"  {METHODS[method]} ...", flush=True)
-        rows[method] = run_isolated(dict(spec, method=method), workdir)
+        extra = {}
+        if method == "ours_own_kernels":
+            own_choice = openblas_own_choice()
+            if own_choice is None:
+                rows[method] = {"method": method, "error": "could not tell faiss's OpenBLAS kernels"}
+                continue
+            extra = {"faiss_openblas": own_choice}
+        print(f"  {METHODS[method]}{f' ({own_choice})' if own_choice else ''} ...", flush=True)
+        rows[method] = run_isolated(dict(spec, method=method, **extra), workdir)
     ours = np.load(rows["ours"]["predictions"]) if "predictions" in rows.get("ours", {}) else None
     for row in rows.values():
         if ours is not None and "predictions" in row:
@@ -228,7 +277,10 @@ def compare(args, workdir: Path) -> dict:
         row.pop("predictions", None)
     bank_mib = args.bank * args.dim * 4 / MIB
     return {"setup": {**spec, "bank_mib": bank_mib,
-                      "similarity_matrix_mib": args.queries * args.bank * 4 / MIB},
+                      "similarity_matrix_mib": args.queries * args.bank * 4 / MIB,
+                      "environment": {v: os.environ.get(v)
+                                      for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")},
+                      "faiss_openblas_own_choice": own_choice},
             "rows": rows, "ratios": ratios(rows)}
 
 
@@ -236,7 +288,7 @@ def ratios(rows: dict) -> dict:
     """Reference / ours, for time and peak-memory growth (above 1: ours is faster or smaller)."""
     ours = rows.get("ours", {})
     out = {}
-    for ref in ("lightly", "sklearn", "ours_pipeline"):
+    for ref in ("lightly", "sklearn", "ours_pipeline", "ours_own_kernels"):
         row = rows.get(ref, {})
         if "seconds" in row and "seconds" in ours:
             out[f"{ref}_time_over_ours"] = row["seconds"] / ours["seconds"]
@@ -286,10 +338,11 @@ def print_comparison(c: dict) -> None:
             print(f"{METHODS[method]:<72} failed: {row['error']}")
             continue
         agree = row.get("agreement_with_ours", float("nan"))
+        kernels = ", ".join(f"{lib} {arch}" for lib, arch in sorted(row["openblas_kernels"].items()))
         print(f"{METHODS[method]:<72} {row['seconds']:>8.2f} {row['peak_growth_mib']:>10.0f} "
-              f"{row['top1_accuracy']:>6.3f} {agree:>6.3f}")
+              f"{row['top1_accuracy']:>6.3f} {agree:>6.3f}  OpenBLAS {kernels or '-'}")
     r = c["ratios"]
-    for ref in ("lightly", "sklearn", "ours_pipeline"):
+    for ref in ("lightly", "sklearn", "ours_pipeline", "ours_own_kernels"):
         if f"{ref}_time_over_ours" in r:
             print(f"  {ref} / ours: time x{r[f'{ref}_time_over_ours']:.2f}, "
                   f"peak memory growth x{r[f'{ref}_memory_over_ours']:.2f}")
@@ -363,6 +416,9 @@ def main(argv=None) -> dict:
             "Each measurement runs once in a fresh subprocess after a warm-up on a 2000-row bank;"
             " peak_growth_mib = peak RSS during the call - RSS before it (bank already resident).",
             "agreement_with_ours: fraction of queries whose top-1 class equals ours (k=200 T=0.1).",
+            ("openblas_kernels: the kernels each OpenBLAS in the row's process ran (threadpoolctl);"
+             " ours_own_kernels loaded faiss's OpenBLAS with OPENBLAS_CORETYPE set to its own"
+             " choice (setup.faiss_openblas_own_choice); everything else with setup.environment."),
             "Curve points list their queries: by default fewer at the larger banks (10k, 5k, 2k)"
             " to keep the run to minutes; time is linear in queries, compare"
             " seconds_per_1k_queries (which also carries the per-call normalized copy of the bank).",

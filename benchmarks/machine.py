@@ -33,10 +33,14 @@ def machine_info() -> dict:
         "threads": {
             "torch": torch.get_num_threads(),
             "faiss_omp": faiss.omp_get_max_threads(),
-            # each BLAS/OpenMP library loaded in this process (numpy's, faiss's, torch's)
-            "pools": [f"{p['prefix']} ({p['user_api']}): {p['num_threads']}"
+            # each BLAS/OpenMP library loaded in this process (numpy's, faiss's, torch's), with
+            # the kernels an OpenBLAS runs ("architecture"; see ssl_pipeline.blas)
+            "pools": [f"{p['prefix']} ({p['user_api']}"
+                      f"{', ' + p['architecture'] if p.get('architecture') else ''}): {p['num_threads']}"
                       for p in threadpool_info()],
         },
+        # OpenBLAS reads these when it loads: preset on some machines, else ssl_pipeline's choice
+        "openblas_environment": {v: os.environ.get(v) for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")},
         "versions": {"python": sys.version.split()[0], **{p: _version(p) for p in PACKAGES}},
         "platform": platform.platform(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

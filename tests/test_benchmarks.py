@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end (smoke configuration); their figures are not tested."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parents[1]
+KNN_METHODS = "ours,ours_pipeline,lightly,sklearn"
 
 
 def quick_run(name: str, tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
@@ -25,9 +27,20 @@ def quick_run(name: str, tmp_path: Path, *extra: str) -> tuple[subprocess.Comple
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["knn_scaling", "probe_speed", "pretrain_throughput"])
 def test_benchmark_quick_run_writes_its_json(tmp_path, name, fashion_mnist_root):
-    extra = ["--options", "contiguous,bf16"] if name == "pretrain_throughput" else []
+    extra = {"pretrain_throughput": ["--options", "contiguous,bf16"],
+             # not ours_own_kernels: it changes OPENBLAS_CORETYPE, which a machine may preset
+             # because old OpenBLAS builds fail on its CPU (the benchmark's docstring)
+             "knn_scaling": ["--methods", KNN_METHODS]}.get(name, [])
     proc, figures = quick_run(name, tmp_path, *extra)
     assert "x" in proc.stdout or "ratio" in proc.stdout.lower()  # it printed its ratios
+    if name == "knn_scaling":  # every row says which kernels each OpenBLAS in it ran
+        rows = figures["comparison"]["rows"]
+        assert set(rows) == set(KNN_METHODS.split(","))
+        assert all("error" not in row and row["openblas_kernels"] for row in rows.values())
+        preset = os.environ.get("OPENBLAS_CORETYPE")
+        if preset:  # kept by ssl_pipeline: faiss's OpenBLAS ran the preset kernels
+            assert rows["ours"]["openblas_kernels"]["faiss"].lower() == preset.lower()
+        assert figures["machine"]["openblas_environment"]["OPENBLAS_CORETYPE"] == preset
     if name == "pretrain_throughput":  # speed options timed against our defaults
         from ssl_pipeline.compute import cpu_has_native_bf16
 

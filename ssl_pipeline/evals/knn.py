@@ -12,11 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import faiss
 import numpy as np
 
+from ssl_pipeline.blas import import_faiss
 from ssl_pipeline.errors import SSLPipelineError
 from ssl_pipeline.progress import progress_bar
+
+faiss = import_faiss()  # on its AVX-512 kernels where OpenBLAS would not pick them (blas.py)
 
 PROTOCOLS = {20: 0.07, 200: 0.1}  # k -> T: DINO; InstDisc and lightly's benchmarks
 
