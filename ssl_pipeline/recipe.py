@@ -378,6 +378,21 @@ class TrackingConfig(Strict):
     wandb: WandbConfig = WandbConfig()
 
 
+# `method: simsiam` is short for `method: {name: simsiam}`; likewise `data: fashion_mnist` and
+# `backbone: timm:resnet50`.
+NAMED_BLOCKS = ("data", "backbone", "method")
+
+
+def expand_names(raw: dict[str, Any]) -> dict[str, Any]:
+    """`raw` with each named block given by its name alone written out as `{name: ...}`, in
+    place: done before overrides or a suite's variant keys merge into the blocks, so that
+    `--set method.simsiam.projection_dim=512` on `method: simsiam` keeps the name."""
+    for key in NAMED_BLOCKS:
+        if isinstance(raw.get(key), str):
+            raw[key] = {"name": raw[key]}
+    return raw
+
+
 class Recipe(Strict):
     name: str | None = None  # default: the recipe file's stem
     seed: int = 0
@@ -394,6 +409,11 @@ class Recipe(Strict):
     # Written by the pipeline into the run's recipe.yaml (effective lr, per-device batch, data
     # facts); read back for the record only and recomputed on every run.
     resolved: dict[str, Any] | None = None
+
+    @field_validator(*NAMED_BLOCKS, mode="before")
+    @classmethod
+    def _name_alone(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value  # see expand_names
 
     @field_validator("stages")
     @classmethod
@@ -432,10 +452,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """A copy of `raw` with each `KEY=VALUE` override set at its dotted path."""
-    raw = copy.deepcopy(raw)
+    """A copy of `raw` with each `KEY=VALUE` override set at its dotted path. A named block
+    set to a name (`method=simsiam`) sets its name and keeps its other keys."""
+    raw = expand_names(copy.deepcopy(raw))
     for text in overrides:
         path, value = parse_override(text)
+        if len(path) == 1 and path[0] in NAMED_BLOCKS and isinstance(value, str):
+            path = [path[0], "name"]
         node = raw
         for part in path[:-1]:
             if not isinstance(node.get(part), dict):
@@ -529,7 +552,13 @@ def explain_error(error: dict[str, Any]) -> str:
         return f"{key}: {error['msg'].removeprefix('Value error, ')}"
     got = error.get("input")
     shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
+    if error["type"] == "model_type" and len(loc) == 1 and key in NAMED_BLOCKS:
+        return (f"{key}: give a name ({key}: {_EXAMPLE_NAMES[key]}) or a mapping "
+                f"({key}: {{name: {_EXAMPLE_NAMES[key]}, ...}}){shown}")
     return f"{key}: {error['msg']}{shown}"
+
+
+_EXAMPLE_NAMES = {"data": "fashion_mnist", "backbone": "timm:resnet50", "method": "simsiam"}
 
 
 def all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:

@@ -43,7 +43,14 @@ from pydantic import Field, ValidationError, field_validator
 
 from ssl_pipeline.atomic import write_text_atomic
 from ssl_pipeline.errors import SSLPipelineError
-from ssl_pipeline.recipe import Recipe, Strict, apply_overrides, read_yaml, recipe_from_dict
+from ssl_pipeline.recipe import (
+    Recipe,
+    Strict,
+    apply_overrides,
+    expand_names,
+    read_yaml,
+    recipe_from_dict,
+)
 from ssl_pipeline.registry import nearest
 
 SUITE_FILE, RESULTS_FILE, ERROR_LOG = "suite.yaml", "suite_results.json", "error.log"
@@ -150,7 +157,8 @@ def variant_dicts(suite: Suite) -> dict[str, dict[str, Any]]:
     """name -> raw recipe: base, then the variant's keys, the seed, then `overrides`."""
     out = {}
     for name, keys in suite.variants.items():
-        raw = _merge(copy.deepcopy(suite.base), _nested(keys or {}))
+        # `method: simsiam` in a variant sets the base's method.name and keeps its blocks
+        raw = _merge(expand_names(copy.deepcopy(suite.base)), expand_names(_nested(keys or {})))
         raw["name"] = (keys or {}).get("name", name)
         for seed in suite.seeds or [None]:
             seeded = raw if seed is None else {**copy.deepcopy(raw), "seed": seed}

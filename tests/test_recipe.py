@@ -91,6 +91,27 @@ def test_overrides_parse_yaml_values_at_dotted_paths(tmp_path):
     assert recipe.name == "r"  # from the file stem
 
 
+def test_a_named_block_may_be_given_by_its_name_alone(tmp_path):
+    short = load_recipe(write(tmp_path, "data: fake\nbackbone: timm:resnet50\nmethod: simsiam\n"))
+    long = load_recipe(write(tmp_path, "data: {name: fake}\nbackbone: {name: timm:resnet50}\n"
+                                       "method: {name: simsiam}\n"))
+    assert short == long and short.method.name == "simsiam" and short.backbone.name == "timm:resnet50"
+    assert recipe_from_dict({"method": "supervised"}).method.name == "supervised"  # the Python API
+    # an override into the block keeps the name (written out before overrides merge)
+    recipe = load_recipe(write(tmp_path, "method: simsiam\n"), ["method.simsiam.projection_dim=64"])
+    assert (recipe.method.name, recipe.method.simsiam.projection_dim) == ("simsiam", 64)
+    # and a name given to a block keeps its other keys
+    path = write(tmp_path, "method:\n  name: simclr\n  simsiam: {projection_dim: 64}\n")
+    recipe = load_recipe(path, ["method=simsiam", "data=fake"])
+    assert (recipe.method.name, recipe.method.simsiam.projection_dim, recipe.data.name) == ("simsiam", 64, "fake")
+
+
+@pytest.mark.parametrize("key, value", [("method", 3), ("data", [1]), ("backbone", None)])
+def test_a_named_block_that_is_neither_a_name_nor_a_mapping_says_what_to_write(key, value):
+    message = error_of({key: value})
+    assert f"{key}: give a name ({key}: " in message and f"or a mapping ({key}: {{name: " in message
+
+
 @pytest.mark.parametrize("bad", ["novalue", "=3", "a.b=[unclosed"])
 def test_malformed_overrides_are_clear(tmp_path, bad):
     with pytest.raises(SSLPipelineError, match="--set"):

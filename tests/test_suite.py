@@ -88,6 +88,21 @@ def test_variants_merge_nested_blocks_and_dotted_keys_then_seeds_and_overrides(t
     assert all(r.pretrain.epochs == 7 for r in recipes.values())
 
 
+def test_a_named_block_given_by_its_name_alone_merges_as_its_name(tmp_path, tiny_base):
+    base = {**tiny_base, "method": {**tiny_base.get("method", {}), "name": "simclr",
+                                    "simsiam": {"projection_dim": 64}}}
+    path = write_suite(tmp_path / "s.yaml", base, {
+        "simsiam": {"method": "simsiam"},  # sets the name: the base's simsiam block stays
+    })
+    recipes = variant_recipes(load_suite(path))
+    assert (recipes["simsiam"].method.name, recipes["simsiam"].method.simsiam.projection_dim) == ("simsiam", 64)
+    # a base that names its method alone keeps that name when a variant sets one of its keys
+    path = write_suite(tmp_path / "t.yaml", {**tiny_base, "method": "simsiam"},
+                       {"small_head": {"method.simsiam.projection_dim": 32}})
+    recipe = variant_recipes(load_suite(path))["small_head"]
+    assert (recipe.method.name, recipe.method.simsiam.projection_dim) == ("simsiam", 32)
+
+
 def test_base_recipe_file_is_read_relative_to_the_suite(tmp_path, tiny_base):
     (tmp_path / "recipes").mkdir()
     (tmp_path / "recipes" / "base.yaml").write_text(yaml.safe_dump(tiny_base))
