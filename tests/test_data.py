@@ -351,9 +351,39 @@ def test_image_folder_labeled_by_class_folders(tmp_path):
     assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (18, 6, 6)
     assert np.bincount(bundle.test.labels).tolist() == [2, 2, 2]
     image, label = bundle.test[0]
-    assert image.mode == "RGB" and image.size == (12, 14) and bundle.image_size == 224
+    assert image.mode == "RGB" and image.size == (12, 14) and bundle.image_size == 12  # its own
     assert bundle.mean == (0.485, 0.456, 0.406)
     assert abs(int(np.asarray(image)[0, 0, 0]) - 40 * label) <= 3  # label = folder (JPEG: ~)
+
+
+@pytest.mark.parametrize("sizes, expected", [
+    ({64: 30}, 64),                     # satellite chips: trained at their own 64 px
+    ({32: 20, 48: 11}, 32),             # the median shorter side of the training files
+    ({300: 30}, 224),                   # photos: ImageNet's 224, never above
+])
+def test_image_folder_trains_at_the_files_own_size_up_to_224(tmp_path, sizes, expected):
+    n = 0
+    for size, count in sizes.items():
+        for _ in range(count):
+            write_png(tmp_path / ("a" if n % 2 else "b") / f"{n}.png", size=size)
+            n += 1
+    assert build_dataset(folder_cfg(tmp_path)).image_size == expected
+    assert build_dataset(folder_cfg(tmp_path, image_size=96)).image_size == 96  # the recipe's wins
+
+
+def test_the_size_sample_is_seeded_and_skips_unreadable_files(tmp_path):
+    from ssl_pipeline.data.image_folder import native_image_size
+
+    paths = []
+    for i in range(100):
+        write_png(tmp_path / f"{i}.png", size=8 + i)  # shorter sides 8 ... 107
+        paths.append(tmp_path / f"{i}.png")
+    sampled = native_image_size(paths, seed=0)
+    assert sampled == native_image_size(paths, seed=0) and 30 < sampled < 90
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    assert native_image_size([tmp_path / "junk.png", paths[0]], seed=0) == 8
+    assert native_image_size([tmp_path / "junk.png"], seed=0) is None
+    assert native_image_size(paths, seed=0, sample=200) == 57  # all 100: the median of 8..107
 
 
 def test_image_folder_uses_split_folders_and_carves_only_what_is_missing(tmp_path):

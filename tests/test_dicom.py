@@ -69,6 +69,7 @@ def test_dicom_folders_and_bad_files(tmp_path):
     assert bundle.class_names == ["nodule", "normal"] and len(bundle.train) == 6
     image, _ = bundle.train[0]
     assert image.mode == "RGB" and image.size == (16, 16)
+    assert bundle.image_size == 16  # the scans' own size, read from their headers
     (tmp_path / "scans" / "normal" / "5.dcm").write_bytes(b"not a dicom file at all" * 10)
     write_dicom(tmp_path / "scans" / "nodule" / "5.dcm", rng.integers(0, 9, (2, 16, 16)), frames=2)
     bundle = build_dataset(DataConfig(name="image_folder", root=str(tmp_path / "scans"),

@@ -61,7 +61,8 @@ from ssl_pipeline.errors import SSLPipelineError
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", *DICOM_EXTENSIONS)
 # the photos are most likely closer to ImageNet than to anything else we know statistics for
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-DEFAULT_IMAGE_SIZE = 224
+DEFAULT_IMAGE_SIZE = 224  # ImageNet's: photos at least this large are trained at this size
+SIZE_SAMPLE = 64  # training images whose sizes set a folder's default image size
 # Pillow formats torchvision.io decodes to the same pixels (both use libjpeg-turbo, libpng, libwebp)
 TENSOR_FORMATS = ("JPEG", "PNG", "WEBP")
 ENCODED = "ssl_pipeline_encoded"  # attribute of an undecoded PIL image holding its file bytes
@@ -301,11 +302,14 @@ class Screen:
 
 
 def photo_bundle(name: str, cfg, train, given: dict, classes: list[str] | None,
-                 source: str, skipped: dict[str, str] | None = None) -> DataBundle:
+                 source: str, skipped: dict[str, str] | None = None,
+                 image_size: int | None = None) -> DataBundle:
     """A bundle of RGB photos from a `train` source and the `given` val/test sources;
     `skipped`: the unreadable files `data.on_bad_image=skip` left out (`Screen.bad`).
 
     Carves what is not given: val always, test only when there are labels to test.
+    `image_size`: the size the pipeline resizes to; by default the files' own
+    (`native_image_size` of the training files) up to 224, and 224 for a source without files.
     """
     needs_test = classes is not None and "test" not in given
     parts = carve_splits(
@@ -316,6 +320,10 @@ def photo_bundle(name: str, cfg, train, given: dict, classes: list[str] | None,
     )
     splits = {part: Split(train, parts[part]) for part in parts}
     splits.update({part: Split(source_) for part, source_ in given.items()})
+    if image_size is None and getattr(cfg, "image_size", None) is None:  # else the recipe's wins
+        paths = getattr(train, "paths", None)
+        native = native_image_size([paths[i] for i in parts["train"]], cfg.split_seed) if paths else None
+        image_size = min(native or DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)
     return DataBundle(
         name=name,
         train=splits["train"],
@@ -324,9 +332,35 @@ def photo_bundle(name: str, cfg, train, given: dict, classes: list[str] | None,
         num_classes=len(classes) if classes else None,
         class_names=classes,
         channels=3,
-        image_size=DEFAULT_IMAGE_SIZE,
+        image_size=image_size or DEFAULT_IMAGE_SIZE,
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         source=source,
         skipped_images=skipped_record(skipped) if skipped else None,
     )
+
+
+def native_image_size(paths: list, seed: int, sample: int = SIZE_SAMPLE) -> int | None:
+    """The median shorter side of up to `sample` of the files (chosen at random, seeded), read
+    from their headers; None when none can be read. A folder of 64 px satellite chips is then
+    trained at 64 px, not upsampled to 224 at 12x the compute."""
+    if not paths:
+        return None
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(paths), size=min(sample, len(paths)), replace=False)
+    sides = [side for side in (shorter_side(paths[i]) for i in sorted(chosen)) if side]
+    return int(np.median(sides)) if sides else None
+
+
+def shorter_side(path) -> int | None:
+    """An image file's shorter side from its header (DICOM: Rows and Columns), or None."""
+    try:
+        if is_dicom(path):
+            import pydicom  # optional: the dicom extra
+
+            header = pydicom.dcmread(path, stop_before_pixels=True)
+            return min(int(header.Rows), int(header.Columns))
+        with Image.open(path) as image:
+            return min(image.size)
+    except Exception:  # noqa: BLE001  unreadable, or pydicom missing: the file has no say
+        return None

@@ -35,6 +35,7 @@ import torch
 
 from ssl_pipeline.data.base import DataBundle, datasets
 from ssl_pipeline.data.image_folder import (
+    DEFAULT_IMAGE_SIZE,
     ImageFiles,
     Screen,
     list_images,
@@ -81,6 +82,7 @@ def build_imagenet(cfg) -> DataBundle:
 
     names = class_names(root, classes)
     return photo_bundle("imagenet", cfg, train, {"test": test}, names, source=str(root),
+                        image_size=DEFAULT_IMAGE_SIZE,  # the protocol's, whatever the files
                         skipped=screen.bad)
 
 
