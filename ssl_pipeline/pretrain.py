@@ -41,6 +41,8 @@ warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 # The best checkpoint is only considered on epochs where the monitor ran (every N epochs).
 warnings.filterwarnings("ignore", message=".*could not find the monitored key.*")
 warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+# Epochs shorter than trainer.log_every_n_steps still log their epoch records (metrics.jsonl).
+warnings.filterwarnings("ignore", message=".*is smaller than the logging interval.*")
 
 
 def build_backbone(recipe: Recipe, ctx: RunContext) -> Backbone:
