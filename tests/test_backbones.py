@@ -174,6 +174,25 @@ def test_timm_loads_our_export_with_checkpoint_path(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["timm:resnet18", "torchvision:resnet18"])
+def test_a_small_stem_export_loads_into_a_plain_model_with_the_readmes_two_lines(name, tmp_path):
+    backbone = create_backbone(name, input_size=32).eval()
+    assert backbone.stem == "small"
+    path = export_backbone(backbone, tmp_path)
+    assert json.loads((tmp_path / "backbone.json").read_text())["stem"] == "small"
+    if name.startswith("timm:"):
+        model = timm.create_model("resnet18", num_classes=0)
+    else:
+        model = torchvision.models.resnet18()
+        model.fc = torch.nn.Identity()
+    model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)  # the README's two lines
+    model.maxpool = torch.nn.Identity()
+    model.load_state_dict(safetensors.torch.load_file(path))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), backbone(x))
+
+
+@pytest.mark.parametrize("name", ["timm:resnet18", "torchvision:resnet18"])
 def test_without_batchnorm_round_trips_and_loads_with_identity_norm_layer(name, tmp_path):
     backbone = create_backbone(name, input_size=32, stem="default", batchnorm=False).eval()
     norms = [m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
