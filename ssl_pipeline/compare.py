@@ -177,8 +177,9 @@ def _unfinished(recipe: dict, stages: dict | None, results: dict) -> str:
 
 
 def _label_runs(runs: list[Run], labels: Sequence[str] | None = None) -> list[Run]:
-    """Recipe name + method + backbone, or the given labels; the run directory's name, then its
-    path, where shared."""
+    """Recipe name + method + backbone, or the given labels. Where runs share a label, the
+    recipe settings they differ in are added (`trainer.devices=2`), then the run directory's
+    name, then its path, while still shared."""
     for i, run in enumerate(runs):
         if labels is not None:
             run.label = str(labels[i])
@@ -186,12 +187,61 @@ def _label_runs(runs: list[Run], labels: Sequence[str] | None = None) -> list[Ru
         parts = (run.recipe.get("name"), (run.recipe.get("method") or {}).get("name"),
                  (run.recipe.get("backbone") or {}).get("name"))
         run.label = " · ".join(str(p) for p in parts if p) or run.path.name
+    if labels is None:
+        for group in _shared(runs):
+            for run, settings in zip(group, differing_settings([r.recipe for r in group])):
+                if settings:
+                    run.label = f"{run.label} ({settings})"
     for suffix in (lambda run: run.path.name, lambda run: str(run.path)):
-        labels = [run.label for run in runs]
-        for run in runs:
-            if labels.count(run.label) > 1:
+        for group in _shared(runs):
+            for run in group:
                 run.label = f"{run.label} ({suffix(run)})"
     return runs
+
+
+def _shared(runs: list[Run]) -> list[list[Run]]:
+    """The groups of runs that share a label."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(run.label, []).append(run)
+    return [group for group in groups.values() if len(group) > 1]
+
+
+# Not what tells the experiments apart: what the pipeline resolved, where results and caches
+# went, the name (in the label already) and the stages (the table's columns show them).
+_NOT_SETTINGS = ("resolved", "tracking", "name", "stages", "eval.cache_dir")
+
+
+def differing_settings(recipes: list[dict], most: int = 3) -> list[str]:
+    """For each recipe, `key=value` of the dotted keys whose values are not the same in all
+    of them (a key one recipe lacks counts as differing), at most `most` a recipe, then `+N`."""
+    flat = [{k: v for k, v in _flatten(r).items()
+             if not any(k == n or k.startswith(n + ".") for n in _NOT_SETTINGS)} for r in recipes]
+    keys = sorted({k for f in flat for k in f})
+    differ = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1]
+    out = []
+    for f in flat:
+        shown = [f"{k}={_setting_text(f.get(k))}" for k in differ[:most]]
+        out.append(", ".join(shown) + (f", +{len(differ) - most} more" if len(differ) > most else ""))
+    return out
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _setting_text(value: Any) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, list):
+        return "[" + ", ".join(map(str, value)) + "]"
+    return str(value)
 
 
 # ---------------------------------------------------------------- the table

@@ -185,6 +185,34 @@ def test_same_recipe_method_backbone_labelled_by_run_dir(tmp_path):
                                             "tiny · simclr · timm:resnet18 (20261123-2)"]
 
 
+def test_runs_sharing_a_label_are_told_apart_by_the_settings_they_differ_in(tmp_path):
+    def recipe(**changes):
+        r = _recipe()
+        for key, value in changes.items():
+            *parents, leaf = key.split("__")
+            node = r
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+        return r
+
+    runs = [_make_run(tmp_path / "r1", recipe(pretrain__epochs=3, seed=0,
+                                              tracking__wandb__mode="offline")),
+            _make_run(tmp_path / "r2", recipe(pretrain__epochs=5, seed=1, resolved__x=1,
+                                              stages=["pretrain", "knn"])),
+            _make_run(tmp_path / "r3", recipe(pretrain__epochs=5, seed=1)),
+            _make_run(tmp_path / "r4", recipe(pretrain__epochs=3, seed=0, views__blur_prob=0.0,
+                                              pretrain__lr=0.1, trainer__devices=2))]
+    _, rows = _table(write_comparison(runs, tmp_path / "cmp")["html"].read_text())
+    # tracking, resolved facts and stages are not settings that tell experiments apart
+    assert [r["run"] for r in rows[:4]] == [
+        "tiny · simclr · timm:resnet18 (pretrain.epochs=3, pretrain.lr=unset, seed=0, +2 more)",
+        "tiny · simclr · timm:resnet18 (pretrain.epochs=5, pretrain.lr=unset, seed=1, +2 more) (r2)",
+        "tiny · simclr · timm:resnet18 (pretrain.epochs=5, pretrain.lr=unset, seed=1, +2 more) (r3)",
+        "tiny · simclr · timm:resnet18 (pretrain.epochs=3, pretrain.lr=0.1, seed=0, +2 more)",
+    ]
+
+
 def test_html_is_self_contained_and_plot_is_a_png(tmp_path):
     a, b = _two_runs(tmp_path)
     out = write_comparison([a, b], tmp_path / "cmp")
