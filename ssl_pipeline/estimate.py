@@ -87,8 +87,10 @@ def estimate(recipe_or_path: str | Recipe, overrides: list[str] = (), steps: int
         raise SSLPipelineError(
             f"{source} has no pretrain stage and no eval.backbone: nothing to estimate "
             "(give the backbone to evaluate with --set eval.backbone=PATH)")
-    short = recipe.model_copy(update={"pretrain": recipe.pretrain.model_copy(
-        update={"max_steps": warmup + steps, "max_minutes": None})})
+    # enough epochs for the timed steps when an epoch has fewer batches (a small dataset)
+    short = recipe.model_copy(update={"pretrain": recipe.pretrain.model_copy(update={
+        "max_steps": warmup + steps, "max_minutes": None,
+        "epochs": max(recipe.pretrain.epochs, warmup + steps)})})
     _quiet_lightning()
     resolved = resolve(short)
     with tempfile.TemporaryDirectory(prefix="ssl_pipeline_estimate_") as tmp:

@@ -61,11 +61,19 @@ def test_slow_data_is_named_as_the_bound(tiny_overrides, monkeypatch):
 @pytest.mark.parametrize("overrides, message", [
     (["stages=[knn]"], "no pretrain stage and no eval.backbone"),
     (["stages=[knn]", "eval.backbone=/nowhere/backbone.safetensors"], "nowhere"),
-    (["data.fake.train_samples=32"], "only"),  # 2 steps per epoch x 2 epochs < 4 + 1
 ])
 def test_what_cannot_be_estimated_is_a_clear_error(tiny_overrides, overrides, message):
     with pytest.raises(SSLPipelineError, match=message):
         estimate(QUICKSTART, [*tiny_overrides, *overrides], steps=4, warmup=1, quiet=True)
+
+
+def test_a_dataset_with_fewer_batches_an_epoch_than_the_timed_steps_is_timed_over_more_epochs(
+        tiny_overrides):
+    # 2 steps an epoch x 2 epochs: the whole run is 4 steps, fewer than the 1 + 4 timed
+    e = estimate(QUICKSTART, [*tiny_overrides, "data.fake.train_samples=32"], steps=4, warmup=1,
+                 quiet=True)
+    assert (e["measured_steps"], e["steps_per_epoch"], e["total_steps"]) == (4, 2, 4)
+    assert e["projected_seconds"] >= 4 * e["seconds_per_step"]
 
 
 def test_without_a_pretrain_stage_the_evaluation_of_eval_backbone_is_projected(tiny_overrides, tmp_path,
