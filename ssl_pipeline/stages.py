@@ -68,9 +68,9 @@ class RunContext:
 
     @cached_property
     def data(self):
-        from ssl_pipeline.data import build_dataset
+        from ssl_pipeline.data import build_dataset, files_size_for_backbone
 
-        return build_dataset(self.recipe.data)
+        return files_size_for_backbone(build_dataset(self.recipe.data), self.recipe.backbone)
 
     @cached_property
     def tracker(self):

@@ -371,6 +371,30 @@ def test_image_folder_trains_at_the_files_own_size_up_to_224(tmp_path, sizes, ex
     assert build_dataset(folder_cfg(tmp_path, image_size=96)).image_size == 96  # the recipe's wins
 
 
+def test_a_backbone_starting_from_weights_gets_224_not_the_files_smaller_size(tmp_path):
+    from ssl_pipeline.data import files_size_for_backbone
+    from ssl_pipeline.recipe import BackboneConfig
+
+    for i in range(20):
+        write_png(tmp_path / ("a" if i % 2 else "b") / f"{i}.png", size=32)
+    folder = build_dataset(folder_cfg(tmp_path))
+    scratch, imagenet = BackboneConfig(), BackboneConfig(pretrained=True)
+    assert files_size_for_backbone(folder, scratch).image_size == 32
+    assert files_size_for_backbone(folder, imagenet).image_size == 224
+    assert files_size_for_backbone(folder, BackboneConfig(weights="w.pth")).image_size == 224
+    given = build_dataset(folder_cfg(tmp_path, image_size=48))  # the recipe's size is kept
+    assert files_size_for_backbone(given, imagenet).image_size == 48
+    digits = build_dataset(data_cfg(name="digits"))  # a dataset's own fixed size is kept
+    assert files_size_for_backbone(digits, imagenet).image_size == 8
+    # what a run uses: the run context's data
+    from ssl_pipeline.recipe import load_recipe
+    from ssl_pipeline.stages import RunContext
+
+    recipe = load_recipe(Path(__file__).parents[1] / "recipes" / "quickstart.yaml",
+                         ["data.name=image_folder", f"data.root={tmp_path}", "backbone.pretrained=true"])
+    assert RunContext(recipe, tmp_path / "run", None).data.image_size == 224
+
+
 def test_the_size_sample_is_seeded_and_skips_unreadable_files(tmp_path):
     from ssl_pipeline.data.image_folder import native_image_size
 

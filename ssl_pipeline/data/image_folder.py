@@ -320,7 +320,8 @@ def photo_bundle(name: str, cfg, train, given: dict, classes: list[str] | None,
     )
     splits = {part: Split(train, parts[part]) for part in parts}
     splits.update({part: Split(source_) for part, source_ in given.items()})
-    if image_size is None and getattr(cfg, "image_size", None) is None:  # else the recipe's wins
+    from_files = image_size is None and getattr(cfg, "image_size", None) is None  # else given
+    if from_files:
         paths = getattr(train, "paths", None)
         native = native_image_size([paths[i] for i in parts["train"]], cfg.split_seed) if paths else None
         image_size = min(native or DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)
@@ -337,6 +338,7 @@ def photo_bundle(name: str, cfg, train, given: dict, classes: list[str] | None,
         std=IMAGENET_STD,
         source=source,
         skipped_images=skipped_record(skipped) if skipped else None,
+        image_size_from_files=from_files,
     )
 
 
