@@ -1,12 +1,12 @@
 """faiss's OpenBLAS on its AVX-512 kernels, on CPUs where it would pick older ones.
 
 faiss-cpu's exact search multiplies matrices with the OpenBLAS that the faiss-cpu wheel ships
-(0.3.15, from before Zen 4). OpenBLAS picks its kernels when the library loads, from the CPU's
-family and model; that build runs AMD's Zen 5 on its "Barcelona" kernels (SSE, 2007), and
-CPUs it does not know on older kernels than their AVX-512 units run. Measured on a 2-core Zen 5 (10k queries against a 60k x 512 bank, k=200,
-`benchmarks/knn_scaling.py`): our k-NN 6.4 s on those kernels, 1.9 s on the AVX-512 ones
-("SkylakeX"), the same neighbours; a float32 check of faiss's results against float64 found
-no difference beyond rounding on 590 shapes.
+(0.3.15, older than Zen 4). OpenBLAS picks its kernels when the library loads, from the CPU's
+family and model, and that build runs a CPU it does not know on older kernels: AMD's Zen 5 on
+"Barcelona" (SSE, 2007). Measured on a 2-core Zen 5 (10k queries against a 60k x 512 bank,
+k=200, `benchmarks/knn_scaling.py`): our k-NN 6.5 s on those kernels, 2.0 s on the AVX-512
+ones ("SkylakeX"), the same neighbours; a float32 check of faiss's results against float64
+found no difference beyond rounding on 590 shapes (`benchmarks/faiss_kernels_check.py`).
 
 `import_faiss` imports faiss with `OPENBLAS_CORETYPE=SkylakeX` in the environment when the CPU
 has every AVX-512 subset those kernels use and the variable is unset, and removes it again

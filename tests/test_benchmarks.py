@@ -61,6 +61,13 @@ def test_benchmark_quick_run_writes_its_json(tmp_path, name, fashion_mnist_root)
                 assert list(case["ratios"]["options_over_ours_default"]) == ["contiguous"]
 
 
+def test_faiss_kernels_check_quick_run_finds_the_true_neighbours(tmp_path):
+    # on the kernels this machine's environment gives (a preset is left alone)
+    proc, figures = quick_run("faiss_kernels_check", tmp_path)
+    assert figures["cases"] == 14 and figures["bad"] == []
+    assert "14 cases, 0 bad" in proc.stdout
+
+
 @pytest.mark.slow
 def test_decode_throughput_quick_run_reports_per_worker_ratios(tmp_path):
     proc, figures = quick_run("decode_throughput", tmp_path)
