@@ -81,8 +81,9 @@ def main(argv=None) -> dict:
     args.out = args.out or RESULTS_DIR / ("faiss_kernels_check_quick.json" if args.quick
                                           else "faiss_kernels_check.json")
     run = BenchmarkRun("faiss_kernels_check", args)
-    from ssl_pipeline.blas import import_faiss
     from threadpoolctl import threadpool_info
+
+    from ssl_pipeline.blas import import_faiss
 
     faiss = import_faiss()
     kernels = [p.get("architecture") for p in threadpool_info()
