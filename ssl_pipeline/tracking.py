@@ -69,8 +69,10 @@ class WandbTracker:
     """The W&B side of one pipeline run: one W&B run per stage, all in one group.
 
     Each stage's W&B run id is kept in `run_dir/wandb_runs.json`, so a resumed stage continues
-    its own W&B run. If W&B cannot start, this warns once and stays off for the rest of the
-    pipeline run: metrics.jsonl still has everything.
+    its own W&B run. In online mode with the W&B server out of reach (a compute node without
+    internet), the runs are written offline under `run_dir/wandb/` instead, for `wandb sync`
+    later, with a warning. If W&B cannot start at all, this warns once and stays off for the
+    rest of the pipeline run: metrics.jsonl still has everything.
     """
 
     def __init__(self, config: WandbConfig, run_dir: Path, run_name: str, recipe: dict,
@@ -82,33 +84,35 @@ class WandbTracker:
         self.recipe = recipe
         self.quiet = quiet
         self.failed = False
+        self.reach_checked = False
 
     @property
     def enabled(self) -> bool:
         if not (self.active and self.settings["mode"] != "disabled" and not self.failed):
             return False
-        if self.settings["mode"] == "online" and not self._reachable():
-            return False
+        if self.settings["mode"] == "online" and not self.reach_checked:
+            self._offline_if_unreachable()
         return True
 
-    def _reachable(self) -> bool:
+    def _offline_if_unreachable(self) -> None:
         """Online mode: can the W&B server be reached at all? One TCP connect (3 s) instead of
-        wandb's own retries (about 90 s against an address nothing listens on). Skipped, and
-        taken as reachable, when a proxy is configured: wandb goes through it."""
-        if getattr(self, "_reach_checked", False):
-            return not self.failed
-        self._reach_checked = True
+        wandb's own retries (about 90 s against an address nothing listens on); out of reach,
+        the runs are written in offline mode from then on. Skipped, and taken as reachable,
+        when a proxy is configured: wandb goes through it."""
+        self.reach_checked = True
         if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY",
                                            "http_proxy", "ALL_PROXY", "all_proxy")):
-            return True
+            return
         url = urllib.parse.urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
         port = url.port or (443 if url.scheme == "https" else 80)
         try:
             socket.create_connection((url.hostname or "", port), timeout=3).close()
         except OSError as err:
-            self._give_up(ConnectionError(f"cannot reach {url.hostname}:{port} ({err})"))
-            return False
-        return True
+            self.settings["mode"] = "offline"
+            warnings.warn(
+                f"W&B: cannot reach {url.hostname}:{port} ({err}); logging offline under "
+                f"{self.run_dir / 'wandb'} instead. Upload later from a machine online: "
+                f"wandb sync {self.run_dir / 'wandb'}/offline-run-*", stacklevel=3)
 
     def init_kwargs(self, stage: str) -> dict[str, Any]:
         """Arguments of `wandb.init` for the W&B run of one stage."""
