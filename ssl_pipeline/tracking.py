@@ -132,6 +132,11 @@ class WandbTracker:
         try:
             self._silence()
             logger = WandbLogger(save_dir=kwargs.pop("dir"), **kwargs)
+            # Lightning passes anonymous=None, for which wandb >= 0.19 prints a deprecation
+            # warning on every run; leaving it out means the same to wandb
+            init = getattr(logger, "_wandb_init", {})
+            if init.get("anonymous", "unset") is None:
+                del init["anonymous"]
             logger.experiment  # starts the run now, so failures surface here  # noqa: B018
             return logger
         except Exception as err:  # W&B failing must never cost the run

@@ -96,6 +96,7 @@ def test_metrics_jsonl_holds_every_evaluation(offline_run):
 def test_api_key_never_written_or_printed(offline_run):
     run_dir, output = offline_run
     assert "wandb" in output.lower()  # W&B did talk, and its output was captured
+    assert "anonymous setting" not in output  # wandb's warning about an option we never set
     assert CANARY not in output
     leaked = [p for p in run_dir.rglob("*") if p.is_file() and CANARY.encode() in p.read_bytes()]
     assert leaked == []
