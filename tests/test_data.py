@@ -396,18 +396,20 @@ def test_a_backbone_starting_from_weights_gets_224_not_the_files_smaller_size(tm
 
 
 def test_the_size_sample_is_seeded_and_skips_unreadable_files(tmp_path):
-    from ssl_pipeline.data.image_folder import native_image_size
+    from ssl_pipeline.data.image_folder import ImageFiles, native_image_size
 
     paths = []
     for i in range(100):
         write_png(tmp_path / f"{i}.png", size=8 + i)  # shorter sides 8 ... 107
         paths.append(tmp_path / f"{i}.png")
-    sampled = native_image_size(paths, seed=0)
-    assert sampled == native_image_size(paths, seed=0) and 30 < sampled < 90
     (tmp_path / "junk.png").write_bytes(b"not an image")
-    assert native_image_size([tmp_path / "junk.png", paths[0]], seed=0) == 8
-    assert native_image_size([tmp_path / "junk.png"], seed=0) is None
-    assert native_image_size(paths, seed=0, sample=200) == 57  # all 100: the median of 8..107
+    files = ImageFiles([*paths, tmp_path / "junk.png"], np.zeros(101))
+    sampled = native_image_size(files, range(100), seed=0)
+    assert sampled == native_image_size(files, range(100), seed=0) and 30 < sampled < 90
+    assert native_image_size(files, [100, 0], seed=0) == 8  # the unreadable file has no say
+    assert native_image_size(files, [100], seed=0) is None
+    assert native_image_size(files, range(100), seed=0, sample=200) == 57  # the median of 8..107
+    assert native_image_size(files, [], seed=0) is None
 
 
 def test_image_folder_uses_split_folders_and_carves_only_what_is_missing(tmp_path):

@@ -85,7 +85,8 @@ def test_shards_give_the_images_and_labels_of_the_same_folder(labeled, decode):
                                            val_fraction=0.25, decode=decode))
     from_shards = build_dataset(cfg(shards, decode=decode))
     assert from_shards.num_classes == 3 and from_shards.class_names == ["0", "1", "2"]
-    assert (from_shards.channels, from_shards.image_size) == (3, 224)
+    # the images' own size, read from the headers of their stored bytes, as from the files
+    assert (from_shards.channels, from_shards.image_size, from_folder.image_size) == (3, 20, 20)
     assert from_shards.split_hashes == from_folder.split_hashes  # the same carve
     to_tensor = ToUint8Tensor(16)
     for name in ("train", "val", "test"):

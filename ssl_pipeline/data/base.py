@@ -49,8 +49,8 @@ class DataBundle:
     # multi-label data: each label is a 0/1 vector over the `num_classes` labels (an array
     # `(num_classes,)` per item; `Split.labels` is `(N, num_classes)`)
     multi_label: bool = False
-    # image_size is the files' own (image_folder, csv), not one the dataset fixes: a backbone
-    # that starts from pretrained weights is given the size they were trained at instead
+    # image_size is the images' own (image_folder, csv, webdataset), not one the dataset
+    # fixes: a backbone that starts from pretrained weights is given 224 px instead
     image_size_from_files: bool = False
 
     @property

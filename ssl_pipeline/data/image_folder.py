@@ -308,8 +308,8 @@ def photo_bundle(name: str, cfg, train, given: dict, classes: list[str] | None,
     `skipped`: the unreadable files `data.on_bad_image=skip` left out (`Screen.bad`).
 
     Carves what is not given: val always, test only when there are labels to test.
-    `image_size`: the size the pipeline resizes to; by default the files' own
-    (`native_image_size` of the training files) up to 224, and 224 for a source without files.
+    `image_size`: the size the pipeline resizes to; by default the images' own
+    (`native_image_size` of the training split) up to 224.
     """
     needs_test = classes is not None and "test" not in given
     parts = carve_splits(
@@ -322,8 +322,7 @@ def photo_bundle(name: str, cfg, train, given: dict, classes: list[str] | None,
     splits.update({part: Split(source_) for part, source_ in given.items()})
     from_files = image_size is None and getattr(cfg, "image_size", None) is None  # else given
     if from_files:
-        paths = getattr(train, "paths", None)
-        native = native_image_size([paths[i] for i in parts["train"]], cfg.split_seed) if paths else None
+        native = native_image_size(train, parts["train"], cfg.split_seed)
         image_size = min(native or DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)
     return DataBundle(
         name=name,
@@ -342,27 +341,36 @@ def photo_bundle(name: str, cfg, train, given: dict, classes: list[str] | None,
     )
 
 
-def native_image_size(paths: list, seed: int, sample: int = SIZE_SAMPLE) -> int | None:
-    """The median shorter side of up to `sample` of the files (chosen at random, seeded), read
-    from their headers; None when none can be read. A folder of 64 px satellite chips is then
-    trained at 64 px, not upsampled to 224 at 12x the compute."""
-    if not paths:
+def native_image_size(source, indices, seed: int, sample: int = SIZE_SAMPLE) -> int | None:
+    """The median shorter side of up to `sample` of `source`'s images at `indices` (chosen at
+    random, seeded), read from the image headers of its files (`source.paths`) or of its
+    stored bytes (`source.read(i)`: tar shards); None when none can be read. A folder of 64 px
+    satellite chips is then trained at 64 px, not upsampled to 224 at 12x the compute."""
+    if len(indices) == 0:
         return None
     rng = np.random.default_rng(seed)
-    chosen = rng.choice(len(paths), size=min(sample, len(paths)), replace=False)
-    sides = [side for side in (shorter_side(paths[i]) for i in sorted(chosen)) if side]
+    chosen = rng.choice(np.asarray(indices), size=min(sample, len(indices)), replace=False)
+    sides = [side for side in (shorter_side(source, int(i)) for i in sorted(chosen)) if side]
     return int(np.median(sides)) if sides else None
 
 
-def shorter_side(path) -> int | None:
-    """An image file's shorter side from its header (DICOM: Rows and Columns), or None."""
+def shorter_side(source, i: int) -> int | None:
+    """The shorter side of `source`'s image `i` from its header (DICOM: Rows and Columns), or
+    None (unreadable, or a source with neither files nor stored bytes)."""
     try:
-        if is_dicom(path):
+        paths = getattr(source, "paths", None)
+        if paths is not None and is_dicom(paths[i]):
             import pydicom  # optional: the dicom extra
 
-            header = pydicom.dcmread(path, stop_before_pixels=True)
+            header = pydicom.dcmread(paths[i], stop_before_pixels=True)
             return min(int(header.Rows), int(header.Columns))
-        with Image.open(path) as image:
+        if paths is not None:
+            opened = Image.open(paths[i])
+        elif hasattr(source, "read"):
+            opened = Image.open(io.BytesIO(source.read(i)))
+        else:
+            return None
+        with opened as image:
             return min(image.size)
-    except Exception:  # noqa: BLE001  unreadable, or pydicom missing: the file has no say
+    except Exception:  # noqa: BLE001  unreadable, or pydicom missing: the image has no say
         return None
