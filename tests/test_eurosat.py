@@ -95,6 +95,11 @@ def test_rgb_release_loads_as_64px_photos_with_its_own_statistics(tmp_path):
     write_eurosat_rgb(tmp_path / "EuroSAT_RGB")
     bundle = build_dataset(cfg(tmp_path))  # the release folder is found under data.root
     assert (bundle.channels, bundle.image_size, bundle.num_classes) == (3, 64, 3)
+    from ssl_pipeline.data import files_size_for_backbone
+    from ssl_pipeline.recipe import BackboneConfig
+
+    # the dataset's own fixed 64 px, kept for a backbone starting from pretrained weights too
+    assert files_size_for_backbone(bundle, BackboneConfig(pretrained=True)).image_size == 64
     assert bundle.class_names == sorted(FIXTURE_CLASSES)
     assert len(bundle.train) + len(bundle.val) + len(bundle.test) == 24
     assert np.bincount(bundle.test.labels).tolist() == [2, 2, 2]  # stratified

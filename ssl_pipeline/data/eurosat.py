@@ -106,7 +106,7 @@ def build_eurosat(cfg) -> DataBundle:
     mean, std = normalization_stats(bundle.train, cfg.split_seed, what,
                                     band_stats if multispectral else rgb_stats)
     return dataclasses.replace(
-        bundle, name="eurosat", image_size=IMAGE_SIZE, mean=mean, std=std,
+        bundle, name="eurosat", image_size=IMAGE_SIZE, image_size_from_files=False, mean=mean, std=std,
         channels=len(selected) if multispectral else 3,
         bands=list(selected) if multispectral else ["B04", "B03", "B02"],
     )
