@@ -81,21 +81,18 @@ def main(argv=None) -> dict:
     args.out = args.out or RESULTS_DIR / ("faiss_kernels_check_quick.json" if args.quick
                                           else "faiss_kernels_check.json")
     run = BenchmarkRun("faiss_kernels_check", args)
-    from threadpoolctl import threadpool_info
-
-    from ssl_pipeline.blas import import_faiss
+    from ssl_pipeline.blas import import_faiss, openblas_kernels
 
     faiss = import_faiss()
-    kernels = [p.get("architecture") for p in threadpool_info()
-               if p.get("internal_api") == "openblas" and "faiss" in p["filepath"]]
+    kernel = openblas_kernels().get("faiss")
     shapes = ((64, 512), (5, 3001), (7, 4097)) if args.quick else (DIMS, BANKS, QUERIES)
     result = check(faiss, *shapes)
-    print(f"faiss's OpenBLAS kernels: {kernels[0] if kernels else 'not seen by threadpoolctl'}")
+    print(f"faiss's OpenBLAS kernels: {kernel or 'not seen by threadpoolctl'}")
     print(f"{result['cases']} cases, {len(result['bad'])} bad, worst relative distance error "
           f"{result['worst_relative_error']:.2e}")
     for case in result["bad"][:10]:
         print(f"  bad: {case}")
-    return run.finish({"faiss_openblas_kernels": kernels[0] if kernels else None, **result})
+    return run.finish({"faiss_openblas_kernels": kernel, **result})
 
 
 if __name__ == "__main__":

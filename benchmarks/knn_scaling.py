@@ -52,6 +52,7 @@ if __package__ in (None, ""):  # run as a file: make the `benchmarks` package im
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.machine import BenchmarkRun, benchmark_parser, RESULTS_DIR, memory_available_bytes
+from ssl_pipeline.blas import openblas_kernels  # standard library only: loads no OpenBLAS
 
 REPO = Path(__file__).resolve().parents[1]
 MIB = 2**20
@@ -154,25 +155,12 @@ RUNNERS = {"ours": run_ours, "ours_pipeline": run_ours_pipeline, "lightly": run_
            "sklearn": run_sklearn, "ours_own_kernels": run_ours}
 
 
-def blas_kernels() -> dict[str, str]:
-    """The kernels ("architecture") each OpenBLAS loaded in this process runs, by the package
-    that ships it: faiss-cpu and numpy each bring their own."""
-    from threadpoolctl import threadpool_info
-
-    def owner(path: str) -> str:
-        return next((pkg for pkg in ("faiss", "numpy", "scipy") if pkg in path), Path(path).name)
-
-    return {owner(p["filepath"]): p.get("architecture") or "?"
-            for p in threadpool_info() if p.get("internal_api") == "openblas"}
-
-
 def openblas_own_choice() -> str | None:
     """The kernels faiss's OpenBLAS picks with `OPENBLAS_CORETYPE` unset (a probe process that
     imports faiss but not ssl_pipeline); None if it cannot tell."""
     env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
-    code = ("import faiss\nfrom threadpoolctl import threadpool_info\n"
-            "print(*[p.get('architecture') for p in threadpool_info()"
-            " if p.get('internal_api') == 'openblas' and 'faiss' in p['filepath']][:1])")
+    code = ("import faiss\nfrom ssl_pipeline.blas import openblas_kernels\n"
+            "print(openblas_kernels().get('faiss'))")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           check=False)
     choice = proc.stdout.strip()
@@ -226,7 +214,7 @@ def measure(spec: dict) -> dict:
         "method": spec["method"], "seconds": seconds, "rss_before_mib": rss_before,
         "peak_rss_mib": peak, "peak_growth_mib": peak - rss_before, "peak_measured_by": how,
         "top1_accuracy": float((out["top1"] == truth).mean()),
-        "openblas_kernels": blas_kernels(),
+        "openblas_kernels": openblas_kernels(),
     }
     if "top1_k20" in out:
         result["top1_accuracy_k20"] = float((out["top1_k20"] == truth).mean())

@@ -61,6 +61,20 @@ def openblas_coretype(
         environ.pop("OPENBLAS_CORETYPE", None)
 
 
+def openblas_kernels() -> dict[str, str]:
+    """The kernels ("architecture") each OpenBLAS loaded in this process runs, by the package
+    that ships it (`faiss`, `numpy`, `scipy`, else the library's file name): faiss-cpu and
+    numpy each bring their own. threadpoolctl reads them; importing it sets
+    KMP_DUPLICATE_LIB_OK in the environment."""
+    from threadpoolctl import threadpool_info
+
+    def owner(path: str) -> str:
+        return next((pkg for pkg in ("faiss", "numpy", "scipy") if pkg in path), Path(path).name)
+
+    return {owner(p["filepath"]): p.get("architecture") or "?"
+            for p in threadpool_info() if p.get("internal_api") == "openblas"}
+
+
 def import_faiss() -> ModuleType:
     """`import faiss`, its OpenBLAS loading within `openblas_coretype()` unless faiss has
     loaded already (then it is returned as it is)."""

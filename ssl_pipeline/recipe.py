@@ -388,9 +388,13 @@ def expand_names(raw: dict[str, Any]) -> dict[str, Any]:
     place: done before overrides or a suite's variant keys merge into the blocks, so that
     `--set method.simsiam.projection_dim=512` on `method: simsiam` keeps the name."""
     for key in NAMED_BLOCKS:
-        if isinstance(raw.get(key), str):
-            raw[key] = {"name": raw[key]}
+        if key in raw:
+            raw[key] = _named_block(raw[key])
     return raw
+
+
+def _named_block(value: Any) -> Any:
+    return {"name": value} if isinstance(value, str) else value
 
 
 class Recipe(Strict):
@@ -413,7 +417,7 @@ class Recipe(Strict):
     @field_validator(*NAMED_BLOCKS, mode="before")
     @classmethod
     def _name_alone(cls, value: Any) -> Any:
-        return {"name": value} if isinstance(value, str) else value  # see expand_names
+        return _named_block(value)  # the Python API's recipes; files go through expand_names
 
     @field_validator("stages")
     @classmethod

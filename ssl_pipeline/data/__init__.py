@@ -9,6 +9,7 @@ from ssl_pipeline.data import (  # noqa: F401  (registers the datasets)
     cifar, csv_images, digits, eurosat, fake, fashion_mnist, image_folder, imagenet, medmnist,
     webdataset,
 )
+from ssl_pipeline.data.image_folder import DEFAULT_IMAGE_SIZE
 from ssl_pipeline.data.base import (
     SPLITS,
     UNLABELED,
@@ -78,8 +79,6 @@ def files_size_for_backbone(bundle: DataBundle, backbone) -> DataBundle:
     folder's files: its first layers expect that scale (k-NN on EuroSAT with ImageNet ResNet-50
     features: 91.9% at 224 px, 82.9% at 64 px; Corley et al. 2023), and at 64 px or less the
     small stem would replace its first convolution with an untrained one."""
-    from ssl_pipeline.data.image_folder import DEFAULT_IMAGE_SIZE
-
     starts_trained = backbone.pretrained or backbone.weights is not None
     if bundle.image_size_from_files and starts_trained and bundle.image_size < DEFAULT_IMAGE_SIZE:
         return dataclasses.replace(bundle, image_size=DEFAULT_IMAGE_SIZE, image_size_from_files=False)

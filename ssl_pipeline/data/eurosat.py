@@ -101,12 +101,12 @@ def build_eurosat(cfg) -> DataBundle:
         bundle = listed_bundle(source, given, classes, str(folder), screen)
     else:
         bundle = photo_bundle("eurosat", cfg, source, {}, classes, source=str(folder),
-                              skipped=screen.bad)
+                              skipped=screen.bad, image_size=IMAGE_SIZE)
     what = f"ms:{','.join(selected)}" if multispectral else "rgb"
     mean, std = normalization_stats(bundle.train, cfg.split_seed, what,
                                     band_stats if multispectral else rgb_stats)
     return dataclasses.replace(
-        bundle, name="eurosat", image_size=IMAGE_SIZE, image_size_from_files=False, mean=mean, std=std,
+        bundle, name="eurosat", image_size=IMAGE_SIZE, mean=mean, std=std,
         channels=len(selected) if multispectral else 3,
         bands=list(selected) if multispectral else ["B04", "B03", "B02"],
     )
