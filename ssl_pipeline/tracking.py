@@ -73,6 +73,10 @@ class WandbTracker:
     internet), the runs are written offline under `run_dir/wandb/` instead, for `wandb sync`
     later, with a warning. If W&B cannot start at all, this warns once and stays off for the
     rest of the pipeline run: metrics.jsonl still has everything.
+
+    wandb itself prints nothing (about 25 lines of headers, history and summary per stage
+    would bury the run's own output); instead, unless quiet, the terminal gets one line: where
+    offline runs are saved and how to upload them, or each online stage's run address.
     """
 
     def __init__(self, config: WandbConfig, run_dir: Path, run_name: str, recipe: dict,
@@ -85,6 +89,7 @@ class WandbTracker:
         self.quiet = quiet
         self.failed = False
         self.reach_checked = False
+        self.offline_announced = False
 
     @property
     def enabled(self) -> bool:
@@ -109,6 +114,7 @@ class WandbTracker:
             socket.create_connection((url.hostname or "", port), timeout=3).close()
         except OSError as err:
             self.settings["mode"] = "offline"
+            self.offline_announced = True  # the warning below says where the runs go
             warnings.warn(
                 f"W&B: cannot reach {url.hostname}:{port} ({err}); logging offline under "
                 f"{self.run_dir / 'wandb'} instead. Upload later from a machine online: "
@@ -130,14 +136,16 @@ class WandbTracker:
             return None
         kwargs = self.init_kwargs(stage)
         try:
-            self._silence()
-            logger = WandbLogger(save_dir=kwargs.pop("dir"), **kwargs)
+            import wandb
+
+            logger = WandbLogger(save_dir=kwargs.pop("dir"), settings=wandb.Settings(silent=True),
+                                 **kwargs)
             # Lightning passes anonymous=None, for which wandb >= 0.19 prints a deprecation
             # warning on every run; leaving it out means the same to wandb
             init = getattr(logger, "_wandb_init", {})
             if init.get("anonymous", "unset") is None:
                 del init["anonymous"]
-            logger.experiment  # starts the run now, so failures surface here  # noqa: B018
+            self._announce(stage, logger.experiment)  # starts the run now: failures surface here
             return logger
         except Exception as err:  # W&B failing must never cost the run
             self._give_up(err)
@@ -150,9 +158,10 @@ class WandbTracker:
         try:
             import wandb
 
-            self._silence()
-            return wandb.init(**self.init_kwargs(stage), settings=wandb.Settings(
-                init_timeout=float(os.environ.get("WANDB_INIT_TIMEOUT", 60))))
+            run = wandb.init(**self.init_kwargs(stage), settings=wandb.Settings(
+                silent=True, init_timeout=float(os.environ.get("WANDB_INIT_TIMEOUT", 60))))
+            self._announce(stage, run)
+            return run
         except Exception as err:
             self._give_up(err)
             return None
@@ -224,9 +233,18 @@ class WandbTracker:
             write_text_atomic(path, json.dumps(ids, indent=2))
         return ids[stage]
 
-    def _silence(self) -> None:
+    def _announce(self, stage: str, run) -> None:
+        """The one line on the terminal for W&B (wandb's own output is silenced)."""
         if self.quiet:
-            os.environ.setdefault("WANDB_SILENT", "true")
+            return
+        if self.settings["mode"] == "offline":
+            if not self.offline_announced:
+                wandb_dir = self.run_dir / "wandb"
+                print(f"  W&B offline: runs saved under {wandb_dir}; upload them later with: "
+                      f"wandb sync {wandb_dir}/offline-run-*", flush=True)
+            self.offline_announced = True
+        elif getattr(run, "url", None):
+            print(f"  W&B {stage}: {run.url}", flush=True)
 
     def _give_up(self, err: Exception) -> None:
         if not self.failed:

@@ -9,14 +9,15 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from conftest import TINY
+from wandb_offline import offline_runs
 
 import ssl_pipeline
-from conftest import TINY
 from ssl_pipeline.recipe import WandbConfig
 from ssl_pipeline.tracking import WandbTracker, stage_metrics, wandb_settings
-from wandb_offline import offline_runs
 
 ROOT = Path(__file__).parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
@@ -95,12 +96,43 @@ def test_metrics_jsonl_holds_every_evaluation(offline_run):
 
 def test_api_key_never_written_or_printed(offline_run):
     run_dir, output = offline_run
-    assert "wandb" in output.lower()  # W&B did talk, and its output was captured
+    assert "wandb sync" in output  # the W&B line was printed, and the output captured
     assert "anonymous setting" not in output  # wandb's warning about an option we never set
     assert CANARY not in output
     leaked = [p for p in run_dir.rglob("*") if p.is_file() and CANARY.encode() in p.read_bytes()]
     assert leaked == []
     assert len(list((run_dir / "wandb").rglob("*"))) > 10  # the scan did cover W&B's files
+
+
+def test_terminal_gets_one_wandb_line_instead_of_wandbs_own_output(offline_run):
+    run_dir, output = offline_run
+    lines = output.splitlines()
+    # wandb's headers, history and summary (about 25 lines per stage) are silenced
+    assert [line for line in lines if line.startswith("wandb:")] == []
+    ours = [line for line in lines if "W&B" in line]
+    expected = (f"  W&B offline: runs saved under {run_dir / 'wandb'}; upload them later with: "
+                f"wandb sync {run_dir / 'wandb'}/offline-run-*")
+    assert ours == [expected]
+    assert lines.index(ours[0]) == lines.index("stage pretrain: running") + 1
+    assert any(line.startswith("  epoch 1/") for line in lines)  # the run's own output stays
+
+
+def test_online_stages_print_their_run_address_and_quiet_prints_nothing(tmp_path, capsys):
+    run = SimpleNamespace(url="https://wandb.ai/team/proj/runs/abc123")
+    tracker = WandbTracker(WandbConfig(mode="online"), tmp_path, "r/1", {})
+    tracker.settings["mode"] = "online"  # whatever WANDB_MODE the test session sets
+    tracker._announce("pretrain", run)
+    tracker._announce("knn", SimpleNamespace(url="https://wandb.ai/team/proj/runs/def456"))
+    assert capsys.readouterr().out.splitlines() == [
+        "  W&B pretrain: https://wandb.ai/team/proj/runs/abc123",
+        "  W&B knn: https://wandb.ai/team/proj/runs/def456"]
+    quiet = WandbTracker(WandbConfig(mode="online"), tmp_path, "r/1", {}, quiet=True)
+    quiet.settings["mode"] = "online"
+    quiet._announce("pretrain", run)
+    offline = WandbTracker(WandbConfig(mode="offline"), tmp_path, "r/1", {}, quiet=True)
+    offline.settings["mode"] = "offline"
+    offline._announce("pretrain", run)
+    assert capsys.readouterr().out == ""
 
 
 def test_environment_overrides_the_recipe(monkeypatch):
