@@ -17,10 +17,12 @@ from torch import nn
 
 from ssl_pipeline.backbones import (
     INPUT_CONV_RULES,
+    PointOutputConv2d,
     backbones,
     create_backbone,
     export_backbone,
     load_backbone,
+    point_output_convs,
     replace_input_conv,
 )
 from ssl_pipeline.errors import SSLPipelineError
@@ -163,13 +165,20 @@ def test_pretrained_rgb_filters_adapted_by_timm_rule():
     assert set(INPUT_CONV_RULES) >= {"none", "adapt_input_conv", "random_init", "small_stem"}
 
 
+def assert_same_outputs(theirs: torch.Tensor, ours: torch.Tensor) -> None:
+    """A plain timm/torchvision model and our backbone with the same weights compute the same
+    function: equal up to float32 rounding, as our convs with a 1x1 output (the last stage of
+    a ResNet on 32 px images) run as a matrix product (PointOutputConv2d)."""
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
 def test_timm_loads_our_export_with_checkpoint_path(tmp_path):
     backbone = create_backbone("timm:resnet18", input_size=32, stem="default").eval()
     path = export_backbone(backbone, tmp_path)
     model = timm.create_model("resnet18", num_classes=0, checkpoint_path=str(path)).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert torch.equal(model(x), backbone(x))
+        assert_same_outputs(model(x), backbone(x))
         assert torch.equal(load_backbone(path)(x), backbone(x))  # the file path works too
 
 
@@ -189,7 +198,7 @@ def test_a_small_stem_export_loads_into_a_plain_model_with_the_readmes_two_lines
     model.load_state_dict(safetensors.torch.load_file(path))
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert torch.equal(model.eval()(x), backbone(x))
+        assert_same_outputs(model.eval()(x), backbone(x))
 
 
 @pytest.mark.parametrize("name", ["timm:resnet18", "torchvision:resnet18"])
@@ -210,7 +219,7 @@ def test_without_batchnorm_round_trips_and_loads_with_identity_norm_layer(name, 
             model = torchvision.models.resnet18(norm_layer=nn.Identity)
             model.fc = nn.Identity()
             model.load_state_dict(safetensors.torch.load_file(path))
-        assert torch.equal(model.eval()(x), backbone(x))
+        assert_same_outputs(model.eval()(x), backbone(x))
 
 
 def test_removing_batchnorm_from_a_model_without_it_is_an_error():
@@ -228,7 +237,7 @@ def test_torchvision_recipe_loads_our_export(tmp_path, monkeypatch):
     model.load_state_dict(safetensors.torch.load_file("backbone.safetensors"))
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert torch.equal(model.eval()(x), backbone(x))
+        assert_same_outputs(model.eval()(x), backbone(x))
 
 
 def test_export_record_and_atomic_files(tmp_path):
@@ -263,7 +272,7 @@ def test_third_party_pth_checkpoint_loads_with_a_warning(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         expected = reference.forward_head(reference.forward_features(x), pre_logits=True)
-        assert torch.equal(backbone(x), expected)
+        assert_same_outputs(backbone(x), expected)
 
 
 def test_third_party_safetensors_needs_a_name(tmp_path):
@@ -354,3 +363,51 @@ def test_the_cli_refuses_a_weights_file_that_runs_code_with_status_2(tmp_path, c
                    "--out", str(tmp_path / "run"), *sets])
     assert status == 2 and "pickled code" in capsys.readouterr().err
     assert not marker.exists()
+
+
+# (in_size, kernel, stride, padding): 1x1 outputs (ResNet's last stage on tiny maps, its
+# stride-2 entry and 1x1 shortcut, a 7x7 stem on one pixel), then other sizes, which take
+# nn.Conv2d's own path
+POINT_CASES = [(1, 3, 1, 1), (2, 3, 2, 1), (2, 1, 2, 0), (1, 1, 1, 0), (1, 7, 2, 3), (3, 3, 1, 0),
+               (5, 5, 2, 0), (4, 3, 1, 1), (3, 3, 2, 1), (2, 3, 1, 1)]
+
+
+@pytest.mark.parametrize("size, kernel, stride, padding", POINT_CASES)
+@pytest.mark.parametrize("bias, channels_last", [(False, False), (True, True)])
+def test_point_output_conv_is_the_same_convolution_with_the_same_gradients(
+        size, kernel, stride, padding, bias, channels_last):
+    torch.manual_seed(0)
+    plain = nn.Conv2d(6, 5, kernel, stride=stride, padding=padding, bias=bias).double()
+    point = copy.deepcopy(plain)
+    point_output_convs(point)
+    assert type(point) is PointOutputConv2d and point.state_dict().keys() == plain.state_dict().keys()
+    x = torch.randn(4, 6, size, size, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = plain(x1), point(x2)
+    assert y1.shape == y2.shape
+    torch.testing.assert_close(y2, y1)
+    g = torch.randn_like(y1)
+    (y1 * g).sum().backward()
+    (y2 * g).sum().backward()
+    torch.testing.assert_close(x2.grad, x1.grad)
+    torch.testing.assert_close(point.weight.grad, plain.weight.grad)
+    if bias:
+        torch.testing.assert_close(point.bias.grad, plain.bias.grad)
+
+
+def test_backbones_convert_plain_convs_only_and_export_unchanged_weights(tmp_path):
+    backbone = create_backbone("timm:resnet18", in_chans=1, input_size=8)
+    convs = [m for m in backbone.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(type(m) is PointOutputConv2d for m in convs)
+    plain = timm.create_model("resnet18", num_classes=0, in_chans=1)
+    plain.conv1, plain.maxpool = nn.Conv2d(1, 64, 3, 1, 1, bias=False), nn.Identity()
+    plain.load_state_dict(backbone.model.state_dict())  # the same keys and shapes
+    backbone.eval(), plain.eval()
+    x = torch.randn(3, 1, 8, 8)
+    torch.testing.assert_close(backbone(x), plain(x), rtol=1e-4, atol=1e-5)
+    # grouped and dilated convs keep nn.Conv2d's own forward
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 4, 3, dilation=2),
+                          nn.Conv2d(4, 4, 3, padding="same"), nn.Conv2d(4, 4, 3, padding_mode="reflect"))
+    assert all(type(m) is nn.Conv2d for m in point_output_convs(model))

@@ -61,6 +61,16 @@ def test_benchmark_quick_run_writes_its_json(tmp_path, name, fashion_mnist_root)
                 assert list(case["ratios"]["options_over_ours_default"]) == ["contiguous"]
 
 
+def test_point_output_convs_quick_run_times_both_sides_of_the_same_training(tmp_path):
+    proc, figures = quick_run("point_output_convs", tmp_path)
+    assert [c["image_size"] for c in figures["cases"]] == [8, 32]
+    for case in figures["cases"]:
+        # all 20 of ResNet-18's convs; only those with a 1x1 output take the matrix product
+        assert case["convs_converted"] == 20
+        assert case["speedup_point_over_plain"] > 0 and case["max_loss_difference"] < 1e-2
+    assert proc.stdout.count(" x") >= 2  # each case printed its ratio
+
+
 def test_faiss_kernels_check_quick_run_finds_the_true_neighbours(tmp_path):
     # on the kernels this machine's environment gives (a preset is left alone)
     proc, figures = quick_run("faiss_kernels_check", tmp_path)
