@@ -140,8 +140,8 @@ class PointOutputConv2d(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         (h, w), (kh, kw), (sh, sw), (ph, pw) = x.shape[-2:], self.kernel_size, self.stride, self.padding
-        if (h + 2 * ph - kh) // sh != 0 or (w + 2 * pw - kw) // sw != 0:
-            return super().forward(x)
+        if x.dim() != 4 or (h + 2 * ph - kh) // sh != 0 or (w + 2 * pw - kw) // sw != 0:
+            return super().forward(x)  # unbatched (C, H, W) input, or an output larger than 1x1
         rows, cols = min(h, kh - ph), min(w, kw - pw)  # the input positions the output sees
         weight = self.weight[:, :, ph:ph + rows, pw:pw + cols]
         out = F.linear(x[:, :, :rows, :cols].flatten(1), weight.flatten(1), self.bias)

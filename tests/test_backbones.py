@@ -395,6 +395,8 @@ def test_point_output_conv_is_the_same_convolution_with_the_same_gradients(
     torch.testing.assert_close(point.weight.grad, plain.weight.grad)
     if bias:
         torch.testing.assert_close(point.bias.grad, plain.bias.grad)
+    with torch.no_grad():  # unbatched input, as nn.Conv2d takes it
+        torch.testing.assert_close(point(x[0]), plain(x[0]))
 
 
 def test_backbones_convert_plain_convs_only_and_export_unchanged_weights(tmp_path):
