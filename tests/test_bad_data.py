@@ -161,6 +161,7 @@ def test_a_dataloader_worker_raises_the_same_error(tmp_path):
     batches._shutdown_workers()
 
 
+@pytest.mark.slow
 def test_a_file_that_breaks_during_training_stops_it_with_status_2_keeping_checkpoints(
         tmp_path, tiny_overrides, monkeypatch, capsys):
     """Every image becomes unreadable after step 1: the run stops with status 2 naming a
@@ -240,6 +241,7 @@ def test_skip_is_refused_for_webdataset_shards(tmp_path):
         build_dataset(DataConfig(name="webdataset", root=str(tmp_path), on_bad_image="skip"))
 
 
+@pytest.mark.slow
 def test_a_run_with_skip_finishes_and_its_report_lists_the_files(tmp_path, tiny_overrides):
     write_folder(tmp_path / "images", per_class=30)
     broken = tmp_path / "images" / "bees" / "broken.jpg"

@@ -79,6 +79,7 @@ def test_simsiam_collapse_is_warned_in_the_log_results_and_report(tmp_path, tiny
     assert "SimSiam may have collapsed" in (tmp_path / "run" / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_a_healthy_simsiam_run_has_no_collapse_warning(tmp_path, tiny_overrides):
     status = main(["run", QUICKSTART, "--quiet", "--out", str(tmp_path / "run"),
                    *sets([*tiny_overrides, "method.name=simsiam", "stages=[pretrain]"])])

@@ -61,6 +61,7 @@ def test_benchmark_quick_run_writes_its_json(tmp_path, name, fashion_mnist_root)
                 assert list(case["ratios"]["options_over_ours_default"]) == ["contiguous"]
 
 
+@pytest.mark.slow
 def test_point_output_convs_quick_run_times_both_sides_of_the_same_training(tmp_path):
     proc, figures = quick_run("point_output_convs", tmp_path)
     assert [c["image_size"] for c in figures["cases"]] == [8, 32]

@@ -16,6 +16,7 @@ from ssl_pipeline.estimate import describe, estimate
 QUICKSTART = str(Path(__file__).parents[1] / "recipes" / "quickstart.yaml")
 
 
+@pytest.mark.slow
 def test_estimate_projects_the_stage_from_a_few_steps(tmp_path, tiny_overrides, capsys):
     overrides = [*tiny_overrides, "data.fake.train_samples=160", "pretrain.epochs=7",
                  "pretrain.monitor_every_n_epochs=3", "pretrain.checkpoint_every_n_steps=4"]
@@ -46,6 +47,7 @@ def test_a_time_budget_caps_the_projection(tiny_overrides):
     assert e["stopped_by_budget"] and e["projected_seconds"] == 30.0
 
 
+@pytest.mark.slow
 def test_slow_data_is_named_as_the_bound(tiny_overrides, monkeypatch):
     real = TransformedDataset._item
 
@@ -89,6 +91,7 @@ def test_without_a_pretrain_stage_the_evaluation_of_eval_backbone_is_projected(t
     assert "projected evaluation:" in printed and "finetune" in printed and "measured:" not in printed
 
 
+@pytest.mark.slow
 def test_estimate_projects_finetuning_runs_and_feature_extraction(tiny_overrides):
     """Every fine-tuning run is projected (backbone and random init, each label fraction's
     seeds and epochs, each grid pair), from the timed step, validation, test and save; per-run

@@ -44,6 +44,7 @@ def evaluated_run(tmp_path_factory):
     return result, cache, overrides
 
 
+@pytest.mark.slow
 def test_results_json_has_the_documented_shape(evaluated_run):
     result, _, _ = evaluated_run
     results = json.loads((result.run_dir / "results.json").read_text())
@@ -88,6 +89,7 @@ def test_features_are_cached_and_reused(evaluated_run, tmp_path):
     assert again.results["knn"]["top1"] == result.results["knn"]["top1"]
 
 
+@pytest.mark.slow
 def test_baselines_are_reused_across_runs_only_when_everything_matches(tiny_overrides, tmp_path,
                                                                        monkeypatch):
     cache = tmp_path / "cache"
@@ -261,6 +263,7 @@ def test_channels_last_extraction_gives_the_same_features_hash_and_export(tmp_pa
         (tmp_path / "fast" / "backbone.safetensors").read_bytes()
 
 
+@pytest.mark.slow
 def test_finetune_grid_is_chosen_on_validation_and_tested_once(tiny_overrides, tmp_path, monkeypatch):
     """A grid of (lr, backbone_lr_ratio) pairs: every pair trains from the same start, the pair
     with the best validation score is reported, and only its model ever sees the test split."""
@@ -313,6 +316,7 @@ def test_finetune_grid_values_are_checked(tmp_path, capsys):
         assert len(err.strip().splitlines()) == 1 and "constrained" not in err and "Value error" not in err, err
 
 
+@pytest.mark.slow
 def test_finetune_epochs_may_differ_per_label_fraction(tiny_overrides, tmp_path):
     """`eval.finetune.epochs` as a mapping: each label fraction's runs train its own epochs
     (SimCLR: 60 on 1% of the labels, 30 on 10%), recorded with the fraction's results."""
@@ -337,6 +341,7 @@ def test_validated_epochs_are_evenly_spaced_and_end_with_the_last():
     assert validated_epochs(3, 10) == validated_epochs(3, None) == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_finetuning_validates_only_the_epochs_asked_for(tiny_overrides, tmp_path):
     """`eval.finetune.validations`: each run validates that many of its epochs, the best of
     them reported; results, report.md and metrics.jsonl say which."""
@@ -392,6 +397,7 @@ def test_chosen_settings_name_each_seeds_choice_when_they_differ():
     assert evaluation.chosen_settings([{"lr": 0.01, "backbone_lr_ratio": 0.1}]) == {}  # no grid
 
 
+@pytest.mark.slow
 def test_a_finetune_stage_killed_part_way_resumes_without_redoing_finished_runs(tiny_overrides, tmp_path,
                                                                                 monkeypatch):
     """Each fine-tuning run's result is kept as it finishes; `--resume` after a crash in the
@@ -427,6 +433,7 @@ def test_a_finetune_stage_killed_part_way_resumes_without_redoing_finished_runs(
     assert "finetune" in results["baselines"]["random_init"]
 
 
+@pytest.mark.slow
 def test_a_finetuning_run_killed_mid_run_goes_on_from_its_last_epoch(tiny_overrides, tmp_path,
                                                                     monkeypatch):
     """Within a run, `--resume` goes on from the last finished epoch's checkpoint (kept under
@@ -472,6 +479,7 @@ def test_a_finetuning_run_killed_mid_run_goes_on_from_its_last_epoch(tiny_overri
     assert steps == sorted(set(steps))  # no training step logged twice
 
 
+@pytest.mark.slow
 def test_full_data_finetuning_repeats_over_its_own_seeds(tiny_overrides, tmp_path):
     """`finetune.full_data_seeds` runs 100% of the labels that many times (the seed draws the
     head's init, the batch order and the augmentations) and reports their mean and std."""

@@ -79,6 +79,7 @@ def records(path):
     return [{k: v for k, v in json.loads(line).items() if k != "time"} for line in path.open()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("validations", [None, 2])
 def test_a_finetuning_run_resumed_after_a_crash_ends_as_an_uninterrupted_one(tmp_path, capsys, validations):
     """Also when only some epochs are validated (2 of 4: after epochs 2 and 4)."""

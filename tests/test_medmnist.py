@@ -211,6 +211,7 @@ def test_the_transfer_recipe_on_multi_label_chestmnist(tmp_path, tiny_overrides)
     assert "| chestmnist (28 px) | backbone |" in table and "0.768 / 0.947" in table
 
 
+@pytest.mark.slow
 def test_pretraining_on_multi_label_data_is_monitored_and_exports_the_best_epoch(tmp_path, tiny_overrides, capsys):
     """ChestMNIST pretraining: the online monitor measures val k-NN AUC (mean over the 14
     labels) every epoch, best.ckpt and `export: best` follow it, and the stage result, the

@@ -38,6 +38,7 @@ def test_every_recipe_runs_end_to_end_on_tiny_fake_data(tmp_path, tiny_overrides
     assert result.results["pretrain"]["steps"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", methods.names())
 def test_each_method_runs_and_leaves_a_complete_run_directory(tmp_path, tiny_overrides, method):
     result = run_tiny(tmp_path, tiny_overrides, f"method.name={method}")
@@ -70,6 +71,7 @@ def test_each_method_runs_and_leaves_a_complete_run_directory(tmp_path, tiny_ove
         assert torch.equal(value, trained[key]), key
 
 
+@pytest.mark.slow
 def test_export_best_uses_the_best_monitored_checkpoint(tmp_path, tiny_overrides):
     result = run_tiny(tmp_path, tiny_overrides, "export=best", "pretrain.epochs=3")
     pre = result.results["pretrain"]
@@ -82,6 +84,7 @@ def test_export_best_uses_the_best_monitored_checkpoint(tmp_path, tiny_overrides
         assert torch.equal(value, best["state_dict"]["backbone.model." + key])
 
 
+@pytest.mark.slow
 def test_plain_timm_export_loads_in_timm(tmp_path, tiny_overrides):
     result = run_tiny(tmp_path, tiny_overrides, "backbone.stem=default", "data.image_size=32")
     model = timm.create_model("resnet18", num_classes=0,
@@ -95,6 +98,7 @@ def test_plain_timm_export_loads_in_timm(tmp_path, tiny_overrides):
     torch.testing.assert_close(ours(x), model.eval()(x), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_skips_finished_stages(tmp_path, tiny_overrides, capsys):
     first = run_tiny(tmp_path, tiny_overrides)
     before = (first.run_dir / "backbone.safetensors").stat().st_mtime_ns
@@ -122,6 +126,7 @@ def test_bad_settings_fail_before_writing(tmp_path, tiny_overrides, override, me
         assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_offline_wandb_runs_live_under_their_run_directory(tmp_path, tiny_overrides, monkeypatch):
     monkeypatch.delenv("WANDB_MODE")
     overrides = [o for o in tiny_overrides if not o.startswith("tracking")]
@@ -142,6 +147,7 @@ def test_offline_wandb_runs_live_under_their_run_directory(tmp_path, tiny_overri
     assert not first_ids & second_ids  # a later run in the same process gets its own W&B runs
 
 
+@pytest.mark.slow
 def test_out_dir_of_an_earlier_run_is_refused_not_mixed(tmp_path, tiny_overrides):
     first = run_tiny(tmp_path, tiny_overrides)
     before = (first.run_dir / "results.json").read_bytes()

@@ -152,6 +152,7 @@ def test_every_suite_in_recipes_runs_end_to_end_on_tiny_fake_data(path, tmp_path
 # ---------------------------------------------------------------- running
 
 
+@pytest.mark.slow
 def test_suite_run_writes_variant_dirs_comparison_and_a_small_summary(finished_suite):
     out = finished_suite.out_dir
     for name in ("simclr", "supervised"):

@@ -45,6 +45,7 @@ def _by_job(run_dir: Path) -> dict:
     return {r.job_type: r for r in offline_runs(run_dir)}
 
 
+@pytest.mark.slow
 def test_one_offline_wandb_run_per_stage_in_one_group(offline_run):
     run_dir, _ = offline_run
     runs = _by_job(run_dir)
@@ -168,6 +169,7 @@ def test_stage_metrics_flattens_numbers_only():
                     "baselines/raw_pixels/knn/top1": 0.8}
 
 
+@pytest.mark.slow
 def test_resumed_stage_continues_its_wandb_run(tmp_path, monkeypatch, capfd):
     monkeypatch.delenv("WANDB_MODE")
     monkeypatch.setenv("WANDB_API_KEY", CANARY)
