@@ -9,24 +9,24 @@ import pytest
 
 
 def pytest_configure(config):
-    """Under pytest-xdist (the default: `-n auto --maxprocesses=2` in pyproject.toml) each worker
-    process gets its share of the cores for torch's and BLAS's threads, set before torch is
-    imported, so two workers on 2 cores do not run 4 spinning threads; subprocesses the tests
-    start inherit it. Without xdist (`-n 0`) nothing is set."""
+    """Under pytest-xdist (the default: `-n auto --maxprocesses=4` in pyproject.toml) each worker
+    process gets its share of the cores this process may use for torch's and BLAS's threads, set
+    before torch is imported, so two workers on 2 cores do not run 4 spinning threads;
+    subprocesses the tests start inherit it. Without xdist (`-n 0`) nothing is set."""
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if workers:
-        threads = str(max(1, (os.cpu_count() or 1) // int(workers)))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        threads = str(max(1, (cores or 1) // int(workers)))
         for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ.setdefault(name, threads)
 
 
 def pytest_collection_modifyitems(config, items):
-    """The long (`slow`) tests first, longest known first, so that workers sharing the suite
-    start them early instead of one worker running them alone at the end (the order within
-    each group is unchanged)."""
-    first = {"test_quickstart_as_a_user_runs_it": 0}
+    """The long (`slow`) tests first, the quickstart run (the longest) first of all, so that
+    workers sharing the suite start them early instead of one worker running them alone at the
+    end (the order within each group is unchanged)."""
     items.sort(key=lambda item: (item.get_closest_marker("slow") is None,
-                                 first.get(getattr(item, "originalname", None) or item.name, 1)))
+                                 item.name != "test_quickstart_as_a_user_runs_it"))
 
 
 @pytest.fixture(scope="session")
