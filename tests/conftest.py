@@ -56,10 +56,18 @@ def no_wandb_by_default(monkeypatch):
     monkeypatch.delenv("SSL_PIPELINE_RUN_DIR", raising=False)
 
 
-# Overrides that turn any recipe into a seconds-long smoke run on tiny synthetic data.
+# Overrides that turn any recipe into a seconds-long smoke run on tiny synthetic data. The
+# backbone keeps its default stem (a ResNet's stride-4 stem, as at the recipes' 224 px): stem
+# `auto` would pick the small stride-1 stem at 16 px, 16x the convolutions' work for nothing a
+# smoke run checks (the small stem runs end to end in the quickstart test and in
+# test_backbones.py). Fine-tuning trains 2 epochs a grid pair (the quickstart's 10 cost
+# ~0.3 s an epoch of Lightning's loop and validation even on 48 images); tests about
+# fine-tuning set their own epochs.
 TINY = [
     "data.name=fake",
     "data.image_size=16",
+    "backbone.stem=default",
+    "eval.finetune.epochs=2",
     "data.fake.train_samples=48",
     "data.fake.val_samples=16",
     "data.fake.test_samples=16",

@@ -157,7 +157,7 @@ def test_sharded_feature_extraction_counts_every_sample_once_in_dataset_order(tm
 # ---------------------------------------------------------------------- the CLI under DDP
 
 DDP = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "trainer.precision=32",
-       "data.name=fake", "data.image_size=16", "data.fake.train_samples=64",
+       "data.name=fake", "data.image_size=16", "backbone.stem=default", "data.fake.train_samples=64",
        "data.fake.val_samples=16", "data.fake.test_samples=16", "pretrain.epochs=2",
        "pretrain.batch_size=16", "pretrain.monitor_every_n_epochs=1", "trainer.log_every_n_steps=1",
        "eval.seeds=1", "eval.linear_probe.epochs=5", "tracking.wandb.mode=disabled",
