@@ -16,6 +16,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from ssl_pipeline.backbones import Backbone, create_backbone, export_backbone, load_backbone
 from ssl_pipeline.data import TransformedDataset
+from ssl_pipeline.data.base import stratified_subsample
 from ssl_pipeline.data.device_views import DeviceViews, ToUint8Tensor
 from ssl_pipeline.data.transforms import (
     ViewSettings,
@@ -148,11 +149,25 @@ def monitor_callback(ctx: RunContext) -> OnlineKNNMonitor | None:
     d = ctx.resolved.data
     transform = eval_transform(d["image_size"], d["mean"], d["std"])
     batch = max(ctx.resolved.per_device_batch_size, 256)
-    bank = loader(TransformedDataset(bundle.train, transform), batch, ctx.recipe.data.num_workers)
-    val = loader(TransformedDataset(bundle.val, transform), batch, ctx.recipe.data.num_workers)
+    bank_split = capped(bundle.train, p.monitor_max_bank, ctx.recipe.seed)
+    val_split = capped(bundle.val, p.monitor_max_queries, ctx.recipe.seed)
+    if not ctx.quiet and (len(bank_split), len(val_split)) != (len(bundle.train), len(bundle.val)):
+        print(f"monitor: bank {len(bank_split)} of {len(bundle.train)} train images, queries "
+              f"{len(val_split)} of {len(bundle.val)} val images (pretrain.monitor_max_bank / "
+              "monitor_max_queries: a seeded draw keeping the class proportions)", flush=True)
+    bank = loader(TransformedDataset(bank_split, transform), batch, ctx.recipe.data.num_workers)
+    val = loader(TransformedDataset(val_split, transform), batch, ctx.recipe.data.num_workers)
     return OnlineKNNMonitor(bank, val, bundle.num_classes, p.monitor_every_n_epochs,
                             p.monitor_k, p.monitor_temperature,
                             score_head=p.monitor_data is None, multi_label=bundle.multi_label)
+
+
+def capped(split, most: int | None, seed: int):
+    """`split`, or a seeded draw of `most` of its samples keeping the class proportions (the
+    same draw in every process and on every resume)."""
+    if most is None or len(split) <= most:
+        return split
+    return split.subset(stratified_subsample(split.labels, most, seed))
 
 
 def monitor_bundle(ctx: RunContext):
@@ -344,7 +359,11 @@ def monitor_results(progress, checkpoint: ModelCheckpoint) -> dict[str, Any]:
     `monitor_knn_auc_*` (mean per-label AUC); `monitor_metric` says which (None: no monitor)."""
     metric = progress.monitor.metric if progress.monitor is not None else None
     name = metric or "knn_top1"  # no monitor: the top-1 keys, empty and None, as before
+    monitor = progress.monitor
     return {"monitor_metric": metric,
+            # the images each monitor pass searched (pretrain.monitor_max_bank / _queries)
+            "monitor_bank_images": len(monitor.bank_loader.dataset) if monitor else None,
+            "monitor_query_images": len(monitor.val_loader.dataset) if monitor else None,
             f"monitor_{name}_by_epoch": {str(h["epoch"]): h[name] for h in progress.history
                                          if name in h},
             f"best_monitor_{name}": _best(checkpoint)}

@@ -1,5 +1,6 @@
 """The online monitor's numbers and the per-epoch curve the pretraining stage records."""
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -117,3 +118,36 @@ def test_epoch_curve_accumulates_wall_time_and_keeps_gaps():
     assert curve == {"epoch": [1, 2, 3], "seconds": [10.0, 22.5, 33.5], "loss": [2.0, 1.5, 1.25],
                      "knn_top1": [None, 0.61235, None]}
     assert epoch_curve([]) == {"epoch": [], "seconds": []}
+
+
+def test_the_monitor_caps_keep_class_proportions_with_one_seeded_draw():
+    import numpy as np
+
+    from ssl_pipeline.data.base import ArrayDataset, Split
+    from ssl_pipeline.pretrain import capped
+
+    labels = np.repeat([0, 1, 2], [60, 30, 10])
+    split = Split(ArrayDataset(np.zeros((100, 2, 2), np.uint8), labels), np.arange(100)[::-1])
+    assert capped(split, None, seed=0) is split and capped(split, 100, seed=0) is split
+    drawn = capped(split, 50, seed=0)
+    assert len(drawn) == 50 and np.bincount(drawn.labels).tolist() == [30, 15, 5]
+    assert set(drawn.indices) <= set(split.indices)  # the same source, no sample twice
+    assert len(set(drawn.indices)) == 50
+    assert drawn.indices.tolist() == capped(split, 50, seed=0).indices.tolist()  # every process
+    assert drawn.indices.tolist() != capped(split, 50, seed=1).indices.tolist()
+
+
+def test_a_capped_monitor_searches_only_its_share_and_records_it(tmp_path, tiny_overrides, capsys):
+    import ssl_pipeline
+
+    recipe = Path(__file__).parents[1] / "recipes" / "quickstart.yaml"
+    overrides = [*tiny_overrides, "stages=[pretrain]", "pretrain.epochs=1",
+                 "pretrain.monitor_max_bank=20", "pretrain.monitor_max_queries=8"]
+    result = ssl_pipeline.run(recipe, overrides=overrides, out_dir=tmp_path / "capped")
+    pre = result.results["pretrain"]
+    assert (pre["monitor_bank_images"], pre["monitor_query_images"]) == (20, 8)
+    assert set(pre["monitor_knn_top1_by_epoch"]) == {"1"}
+    assert "monitor: bank 20 of 48 train images, queries 8 of 16 val images" in capsys.readouterr().out
+    whole = ssl_pipeline.run(recipe, overrides=overrides[:-2], out_dir=tmp_path / "whole", quiet=True)
+    assert (whole.results["pretrain"]["monitor_bank_images"],
+            whole.results["pretrain"]["monitor_query_images"]) == (48, 16)
