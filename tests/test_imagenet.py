@@ -167,6 +167,8 @@ def test_the_recipes_carry_the_published_settings():
         assert recipe.data.name == "imagenet" and recipe.trainer.devices > 1
         header = "".join(line for line in path.read_text().splitlines() if line.startswith("#"))
         assert re.search(r"\[(google-research/simclr|facebookresearch/simsiam)", header)  # sources
+    for path in RECIPES:  # fine-tuning validates 10 epochs a run (a pass costs 1/3-2/3 of a 1% epoch)
+        assert load_recipe(path).eval.finetune.validations == 10
     for path in ROOT.glob("recipes/imagenet_*.yaml"):  # the papers' probe, beside ours
         assert {"linear_probe", "linear_probe_classic"} <= set(load_recipe(path).stages)
     for path in ROOT.glob("recipes/imagenet100_*.yaml"):
