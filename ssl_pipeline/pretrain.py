@@ -16,7 +16,6 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from ssl_pipeline.backbones import Backbone, create_backbone, export_backbone, load_backbone
 from ssl_pipeline.data import TransformedDataset
-from ssl_pipeline.data.base import stratified_subsample
 from ssl_pipeline.data.device_views import DeviceViews, ToUint8Tensor
 from ssl_pipeline.data.transforms import (
     ViewSettings,
@@ -149,8 +148,11 @@ def monitor_callback(ctx: RunContext) -> OnlineKNNMonitor | None:
     d = ctx.resolved.data
     transform = eval_transform(d["image_size"], d["mean"], d["std"])
     batch = max(ctx.resolved.per_device_batch_size, 256)
-    bank_split = capped(bundle.train, p.monitor_max_bank, ctx.recipe.seed)
-    val_split = capped(bundle.val, p.monitor_max_queries, ctx.recipe.seed)
+    # the data's split seed: the same draw in every process, on every resume and for every
+    # seed of a suite
+    seed = (p.monitor_data or ctx.recipe.data).split_seed
+    bank_split = bundle.train.stratified(p.monitor_max_bank, seed)
+    val_split = bundle.val.stratified(p.monitor_max_queries, seed)
     if not ctx.quiet and (len(bank_split), len(val_split)) != (len(bundle.train), len(bundle.val)):
         print(f"monitor: bank {len(bank_split)} of {len(bundle.train)} train images, queries "
               f"{len(val_split)} of {len(bundle.val)} val images (pretrain.monitor_max_bank / "
@@ -160,14 +162,6 @@ def monitor_callback(ctx: RunContext) -> OnlineKNNMonitor | None:
     return OnlineKNNMonitor(bank, val, bundle.num_classes, p.monitor_every_n_epochs,
                             p.monitor_k, p.monitor_temperature,
                             score_head=p.monitor_data is None, multi_label=bundle.multi_label)
-
-
-def capped(split, most: int | None, seed: int):
-    """`split`, or a seeded draw of `most` of its samples keeping the class proportions (the
-    same draw in every process and on every resume)."""
-    if most is None or len(split) <= most:
-        return split
-    return split.subset(stratified_subsample(split.labels, most, seed))
 
 
 def monitor_bundle(ctx: RunContext):
@@ -357,9 +351,9 @@ def monitor_results(progress, checkpoint: ModelCheckpoint) -> dict[str, Any]:
     """The online monitor's values by epoch and its best, named by what it measured:
     `monitor_knn_top1_by_epoch` and `best_monitor_knn_top1`, or for multi-label data
     `monitor_knn_auc_*` (mean per-label AUC); `monitor_metric` says which (None: no monitor)."""
-    metric = progress.monitor.metric if progress.monitor is not None else None
-    name = metric or "knn_top1"  # no monitor: the top-1 keys, empty and None, as before
     monitor = progress.monitor
+    metric = monitor.metric if monitor is not None else None
+    name = metric or "knn_top1"  # no monitor: the top-1 keys, empty and None, as before
     return {"monitor_metric": metric,
             # the images each monitor pass searched (pretrain.monitor_max_bank / _queries)
             "monitor_bank_images": len(monitor.bank_loader.dataset) if monitor else None,

@@ -198,12 +198,12 @@ class PretrainConfig(Strict):
     # watched. Seen at the pretraining data's size, channels and normalization. None: the
     # pretraining data's own train and val splits (when labeled).
     monitor_data: DataConfig | None = None
-    # At most this many bank (train) images and queries (val images) for the monitor, a seeded
-    # class-proportional draw made once for the run (null: all). Each pass extracts the features
-    # of both: over Fashion-MNIST's 57,000 + 3,000 a pass took 36.5 s on a 2-core Zen 4, over
-    # 10,000 + 2,000 7.1 s (`ssl-pipeline estimate`). A smaller bank usually gives a lower k-NN
-    # top-1 (fewer close neighbours), but the same draw every epoch, so it still ranks the
-    # epochs for `best`.
+    # At most this many bank (train) images and queries (val images) for the monitor, a
+    # class-proportional draw seeded by the data's split_seed, made once for the run (null:
+    # all). Each pass extracts the features of both: over Fashion-MNIST's 57,000 + 3,000 a pass
+    # took 36.5 s on a 2-core Zen 4, over 10,000 + 2,000 7.1 s (`ssl-pipeline estimate`). A
+    # smaller bank usually gives a lower k-NN top-1 (fewer close neighbours), but the same draw
+    # every epoch, so it still ranks the epochs for `best`.
     monitor_max_bank: int | None = Field(None, ge=1)
     monitor_max_queries: int | None = Field(None, ge=1)
 

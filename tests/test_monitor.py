@@ -124,17 +124,16 @@ def test_the_monitor_caps_keep_class_proportions_with_one_seeded_draw():
     import numpy as np
 
     from ssl_pipeline.data.base import ArrayDataset, Split
-    from ssl_pipeline.pretrain import capped
 
     labels = np.repeat([0, 1, 2], [60, 30, 10])
     split = Split(ArrayDataset(np.zeros((100, 2, 2), np.uint8), labels), np.arange(100)[::-1])
-    assert capped(split, None, seed=0) is split and capped(split, 100, seed=0) is split
-    drawn = capped(split, 50, seed=0)
+    assert split.stratified(None, seed=0) is split and split.stratified(100, seed=0) is split
+    drawn = split.stratified(50, seed=0)
     assert len(drawn) == 50 and np.bincount(drawn.labels).tolist() == [30, 15, 5]
     assert set(drawn.indices) <= set(split.indices)  # the same source, no sample twice
     assert len(set(drawn.indices)) == 50
-    assert drawn.indices.tolist() == capped(split, 50, seed=0).indices.tolist()  # every process
-    assert drawn.indices.tolist() != capped(split, 50, seed=1).indices.tolist()
+    assert drawn.indices.tolist() == split.stratified(50, seed=0).indices.tolist()  # every process
+    assert drawn.indices.tolist() != split.stratified(50, seed=1).indices.tolist()
 
 
 def test_a_capped_monitor_searches_only_its_share_and_records_it(tmp_path, tiny_overrides, capsys):

@@ -18,7 +18,6 @@ from ssl_pipeline.data.base import (
     TransformedDataset,
     datasets,
     split_hash,
-    stratified_subsample,
 )
 from ssl_pipeline.errors import SSLPipelineError
 
@@ -53,9 +52,7 @@ def build_dataset(cfg) -> DataBundle:
     channels = cfg.channels or bundle.channels
     splits = {name: as_split(getattr(bundle, name)) for name in SPLITS}
     if cfg.max_train_samples:
-        train = splits["train"]
-        keep = stratified_subsample(train.labels, cfg.max_train_samples, cfg.split_seed)
-        splits["train"] = train.subset(keep)
+        splits["train"] = splits["train"].stratified(cfg.max_train_samples, cfg.split_seed)
     if channels != bundle.channels:
         splits = {
             name: None if s is None else Split(s.source, s.indices, channels)

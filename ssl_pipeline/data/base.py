@@ -251,6 +251,13 @@ class Split(torch.utils.data.Dataset):
         """The samples at `positions` of this split, still indexed into the same source."""
         return Split(self.source, self.indices[positions], self.channels)
 
+    def stratified(self, size: int | None, seed: int) -> Split:
+        """This split, or a seeded draw of `size` of its samples keeping the class proportions
+        (`stratified_subsample`) when it has more."""
+        if size is None or size >= len(self):
+            return self
+        return self.subset(stratified_subsample(self.labels, size, seed))
+
 
 def carve_splits(
     labels: np.ndarray, seed: int, val_fraction: float, test_fraction: float | None = None
