@@ -480,7 +480,7 @@ MEAN1, STD1, MEAN3, STD3 = [0.5], [0.25], [0.5, 0.4, 0.3], [0.2, 0.2, 0.2]
 
 def test_fit_views_follows_the_data():
     gray_small, rgb_cifar, rgb_large = (fit_views(s, c, {}) for s, c in [(8, 1), (32, 3), (224, 3)])
-    assert (gray_small.color_jitter_prob, gray_small.grayscale_prob) == (0.0, 0.0)
+    assert (gray_small.color_jitter_prob, gray_small.grayscale_prob) == (0.8, 0.0)
     assert (rgb_cifar.color_jitter_prob, rgb_cifar.grayscale_prob) == (0.8, 0.2)
     assert [v.crop_min_scale for v in (gray_small, rgb_cifar, rgb_large)] == [0.3, 0.2, 0.08]
     assert [v.blur_prob for v in (gray_small, rgb_cifar, rgb_large)] == [0.0, 0.0, 0.5]
