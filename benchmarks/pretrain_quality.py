@@ -8,6 +8,10 @@ differs:
   at its defaults (views made on the device from uint8 batches, `trainer.precision: auto`,
   channels_last, SGD lr 0.06 x batch / 256 with a cosine schedule, no weight decay on norms
   and biases), the online monitor and W&B off; the exported backbone is evaluated.
+- ours, constant lr: the same with `pretrain.scheduler: constant`, the reference's schedule.
+  In a short run the cosine schedule trains at half the mean lr, and that alone can cost
+  points (2026-12-02, with brightness/contrast jitter on: 3.8 points of k-NN at k=20), so this
+  row is the one that isolates the training code (views, precision, layout, loop).
 - reference: lightly's documented loop, as in `pretrain_throughput.py`: `SimCLRTransform`
   (the settings `fit_views` gives the data) per image in 2 DataLoader workers, a plain fp32
   PyTorch step of the same backbone + `SimCLRProjectionHead(512, 2048, 128)` +
@@ -22,7 +26,7 @@ stem (7x7 stride 2 + max-pool; `--stem small` for the 3x3 stem that `auto` picks
 our k-NN at both protocols (k=20 T=0.07, k=200 T=0.1). A random-init backbone of the same
 architecture is evaluated the same way, to show how far the training moved the features.
 
-    python -m benchmarks.pretrain_quality            # ~19 minutes on 2 cores
+    python -m benchmarks.pretrain_quality            # ~10 minutes on 2 cores (Zen 4)
     python benchmarks/pretrain_quality.py --quick    # a smoke run, about 30 seconds
 """
 
@@ -54,8 +58,11 @@ def case_settings(args) -> dict:
             "epochs": args.epochs, "stem": args.stem}
 
 
-def run_ours(case: dict, seed: int, workdir: Path):
-    """Our pretraining at its defaults; returns (backbone, seconds, steps, last epoch's loss)."""
+def run_ours(case: dict, seed: int, workdir: Path, extra: tuple[str, ...] = (), tag: str = "ours"):
+    """Our pretraining at its defaults and the `extra` overrides; returns (backbone, seconds,
+    steps, last epoch's loss, the lr schedule it ran with)."""
+    import yaml
+
     import ssl_pipeline
     from ssl_pipeline.recipe import apply_overrides, recipe_from_dict
 
@@ -64,14 +71,16 @@ def run_ours(case: dict, seed: int, workdir: Path):
         f"data.max_train_samples={case['train_images']}", f"backbone.name={BACKBONE}",
         f"backbone.stem={case['stem']}", f"pretrain.batch_size={case['batch']}",
         f"pretrain.epochs={case['epochs']}", "pretrain.monitor_every_n_epochs=0",
-        "tracking.wandb.mode=disabled", "trainer.accelerator=cpu", f"seed={seed}",
+        "tracking.wandb.mode=disabled", "trainer.accelerator=cpu", f"seed={seed}", *extra,
     ]
     recipe = recipe_from_dict(apply_overrides({"name": "pretrain_quality"}, overrides))
     start = time.perf_counter()
-    result = ssl_pipeline.run(recipe, out_dir=workdir / f"ours_seed{seed}", quiet=True)
+    result = ssl_pipeline.run(recipe, out_dir=workdir / f"{tag}_seed{seed}", quiet=True)
     seconds = time.perf_counter() - start
     pre = result.results["pretrain"]
-    return ssl_pipeline.load_backbone(result.run_dir), seconds, pre["steps"], pre.get("loss_last_epoch")
+    written = yaml.safe_load((result.run_dir / "recipe.yaml").read_text())
+    return (ssl_pipeline.load_backbone(result.run_dir), seconds, pre["steps"],
+            pre.get("loss_last_epoch"), written["pretrain"]["scheduler"])
 
 
 def run_reference(case: dict, seed: int, train):
@@ -120,15 +129,21 @@ def random_init(case: dict, seed: int):
     return revive_zero_init_norms(reference_backbone(case))
 
 
+SIDES = ("ours", "ours_constant_lr", "reference")
+
+
 def summarize(rows: list[dict]) -> dict:
     out = {}
-    for side in ("ours", "reference", "random_init"):
+    for side in (*SIDES, "random_init"):
         mine = [r for r in rows if r["side"] == side]
         if mine:
             out[side] = {k: {"mean": round(float(np.mean([r["knn"][k] for r in mine])), 4),
                              "by_seed": [r["knn"][k] for r in mine]} for k in mine[0]["knn"]}
-    out["ours_minus_reference_points"] = {
-        k: round(100 * (out["ours"][k]["mean"] - out["reference"][k]["mean"]), 2) for k in out["ours"]}
+    for side in ("ours", "ours_constant_lr"):
+        if side in out:
+            out[f"{side}_minus_reference_points"] = {
+                k: round(100 * (out[side][k]["mean"] - out["reference"][k]["mean"]), 2)
+                for k in out[side]}
     return out
 
 
@@ -160,14 +175,18 @@ def main(argv=None) -> dict:
     rows = []
     with tempfile.TemporaryDirectory(prefix="pretrain_quality_") as tmp:
         for seed in args.seeds:
-            for side in ("ours", "reference"):
+            for side in SIDES:
                 print(f"  seed {seed}: {side} ...", flush=True)
                 if side == "ours":
-                    backbone, seconds, steps, loss = run_ours(case, seed, Path(tmp))
+                    backbone, seconds, steps, loss, schedule = run_ours(case, seed, Path(tmp))
+                elif side == "ours_constant_lr":
+                    backbone, seconds, steps, loss, schedule = run_ours(
+                        case, seed, Path(tmp), ("pretrain.scheduler=constant",), side)
                 else:
                     backbone, seconds, steps, loss = run_reference(case, seed, train)
+                    schedule = "constant"
                 rows.append({"side": side, "seed": seed, "seconds": round(seconds, 1),
-                             "steps": steps, "last_loss": loss,
+                             "steps": steps, "last_loss": loss, "lr_schedule": schedule,
                              "knn": knn_accuracies(backbone, bundle, args.queries)})
                 print(f"    {side}: {steps} steps in {seconds:.0f} s, k-NN {rows[-1]['knn']}",
                       flush=True)
@@ -179,9 +198,12 @@ def main(argv=None) -> dict:
           f"{min(args.queries, len(bundle.test))} test images (bank: the training images)")
     for k in summary["ours"]:
         print(f"  {k}: ours {summary['ours'][k]['mean']:.4f} {summary['ours'][k]['by_seed']}, "
+              f"ours constant lr {summary['ours_constant_lr'][k]['mean']:.4f} "
+              f"{summary['ours_constant_lr'][k]['by_seed']}, "
               f"reference {summary['reference'][k]['mean']:.4f} {summary['reference'][k]['by_seed']}, "
               f"random init {summary['random_init'][k]['mean']:.4f}; ours - reference "
-              f"{summary['ours_minus_reference_points'][k]:+.2f} points")
+              f"{summary['ours_minus_reference_points'][k]:+.2f} points, ours constant lr - "
+              f"reference {summary['ours_constant_lr_minus_reference_points'][k]:+.2f}")
     setup = {k: v for k, v in case.items() if k != "bundle"}
     return run.finish({
         "setup": {**setup, "train_images": len(train), "seeds": args.seeds,
@@ -192,6 +214,8 @@ def main(argv=None) -> dict:
         "notes": [
             "ours: ssl_pipeline.run, simclr at its defaults (device views, auto precision, "
             "channels_last, SGD + cosine), monitor and W&B off; the exported backbone.",
+            "ours_constant_lr: the same with pretrain.scheduler=constant (the reference's "
+            "schedule), to isolate the training code from the lr schedule.",
             "reference: lightly SimCLRTransform in 2 workers, fp32 plain loop, SGD constant lr "
             "0.06 x batch/256, momentum 0.9, weight decay 5e-4 (pretrain_throughput's loop).",
             "k-NN: our knn_classify, bank = training subset features, queries = test split, "

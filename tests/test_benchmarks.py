@@ -114,13 +114,18 @@ def test_pretrain_quality_quick_run_trains_both_sides_equally_and_scores_them_al
     proc, figures = quick_run("pretrain_quality", tmp_path)
     assert "ours - reference" in proc.stdout
     rows = {row["side"]: row for row in figures["rows"]}
-    assert set(rows) == {"ours", "reference", "random_init"}
+    assert set(rows) == {"ours", "ours_constant_lr", "reference", "random_init"}
     # the same epochs over the same images at the same batch: the same number of steps
     per_epoch = figures["setup"]["train_images"] // figures["setup"]["batch"]
-    assert rows["ours"]["steps"] == rows["reference"]["steps"] == per_epoch * figures["setup"]["epochs"]
+    assert (rows["ours"]["steps"] == rows["ours_constant_lr"]["steps"] == rows["reference"]["steps"]
+            == per_epoch * figures["setup"]["epochs"])
+    # ours at its default schedule, and with the reference's
+    assert [rows[s]["lr_schedule"] for s in ("ours", "ours_constant_lr", "reference")] == [
+        "cosine", "constant", "constant"]
     for row in rows.values():
         assert set(row["knn"]) == {"k20", "k200"} and all(0 <= v <= 1 for v in row["knn"].values())
     summary = figures["summary"]
     for k in ("k20", "k200"):
-        expected = 100 * (summary["ours"][k]["mean"] - summary["reference"][k]["mean"])
-        assert summary["ours_minus_reference_points"][k] == pytest.approx(expected, abs=0.01)
+        for side in ("ours", "ours_constant_lr"):
+            expected = 100 * (summary[side][k]["mean"] - summary["reference"][k]["mean"])
+            assert summary[f"{side}_minus_reference_points"][k] == pytest.approx(expected, abs=0.01)
