@@ -214,8 +214,8 @@ def main(argv=None) -> dict:
         "notes": [
             "ours: ssl_pipeline.run, simclr at its defaults (device views, auto precision, "
             "channels_last, SGD + cosine), monitor and W&B off; the exported backbone.",
-            "ours_constant_lr: the same with pretrain.scheduler=constant (the reference's "
-            "schedule), to isolate the training code from the lr schedule.",
+            ("ours_constant_lr: the same with pretrain.scheduler=constant (the reference's "
+             "schedule), to isolate the training code from the lr schedule."),
             "reference: lightly SimCLRTransform in 2 workers, fp32 plain loop, SGD constant lr "
             "0.06 x batch/256, momentum 0.9, weight decay 5e-4 (pretrain_throughput's loop).",
             "k-NN: our knn_classify, bank = training subset features, queries = test split, "
