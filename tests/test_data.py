@@ -254,7 +254,7 @@ def write_cifar_pickle(path: Path, entry: dict) -> None:
 
 
 def write_cifar(root: Path, name: str) -> dict[str, np.ndarray]:
-    spec = cifar.TORCHVISION[name]
+    spec = cifar.torchvision_spec(name)
     folder = root / spec.base_folder
     folder.mkdir(parents=True)
     classes, label_key = (10, "labels") if name == "cifar10" else (100, "fine_labels")
@@ -303,13 +303,14 @@ def test_cifar_download_only_when_asked(tmp_path, monkeypatch):
         calls.append(url)
         write_cifar(Path(root), "cifar10")
 
-    utils = cifar.torchvision.datasets.utils
+    from torchvision.datasets import utils  # cifar imports it when it downloads
+
     monkeypatch.setattr(utils, "download_and_extract_archive", fake_download)
     with pytest.raises(SSLPipelineError):
         build_dataset(data_cfg(name="cifar10", root=str(tmp_path)))
     assert calls == []
     bundle = build_dataset(data_cfg(name="cifar10", root=str(tmp_path), download=True))
-    assert calls == [cifar.torchvision.datasets.CIFAR10.url] and len(bundle.test) == 20
+    assert calls == [cifar.torchvision_spec("cifar10").url] and len(bundle.test) == 20
 
 
 def test_cifar_pickles_cannot_run_code(tmp_path):

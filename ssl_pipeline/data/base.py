@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from PIL import Image
-from sklearn.model_selection import train_test_split
 
 from ssl_pipeline.data.bad_images import bad_image, source_of
 from ssl_pipeline.errors import SSLPipelineError
@@ -195,6 +194,9 @@ def stratified_split(
     labeled = labels >= 0
     # multi-label (N, L): label sets are too many to stratify by; a plain seeded split
     stratify = labels if labels.ndim == 1 and labeled.all() and len(np.unique(labels)) > 1 else None
+    # imported here, not with the module: sklearn takes ~1.4 s to import
+    from sklearn.model_selection import train_test_split
+
     keep, held = train_test_split(
         indices, test_size=fraction, random_state=seed, stratify=stratify
     )
@@ -299,6 +301,8 @@ def stratified_subsample(labels: np.ndarray, size: int, seed: int) -> np.ndarray
     if size >= len(labels):
         return np.arange(len(labels))
     stratify = labels if labels.ndim == 1 and (labels >= 0).all() else None
+    from sklearn.model_selection import train_test_split
+
     try:
         keep, _ = train_test_split(
             np.arange(len(labels)), train_size=size, random_state=seed, stratify=stratify

@@ -12,9 +12,14 @@ import pickle
 from pathlib import Path
 
 import numpy as np
-import torchvision
 
-from ssl_pipeline.data.base import ArrayDataset, DataBundle, Split, carve_splits, datasets
+from ssl_pipeline.data.base import (
+    ArrayDataset,
+    DataBundle,
+    Split,
+    carve_splits,
+    datasets,
+)
 from ssl_pipeline.errors import SSLPipelineError
 
 DEFAULT_ROOT = "data/cache"  # when data.root is not set; relative to the working directory
@@ -24,7 +29,14 @@ STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
-TORCHVISION = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}
+
+
+def torchvision_spec(name: str):
+    """torchvision's dataset class for `name`: its file names, URL and checksums. Imported
+    here, not with the module: listing or checking datasets need not load torchvision."""
+    import torchvision.datasets
+
+    return {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
 
 # CIFAR batches are pickled dicts of a uint8 numpy array and lists; these are the only globals
 # such a pickle needs (old numpy, numpy 2, and Python 3 protocol-2 bytes)
@@ -68,12 +80,14 @@ def read_batches(folder: Path, files: list[str]) -> ArrayDataset:
 
 def locate(name: str, root: Path, download: bool) -> Path:
     """The folder holding the batch files; downloads into `root` first when asked to."""
-    spec = TORCHVISION[name]
+    spec = torchvision_spec(name)
     needed = [f for f, _ in spec.train_list + spec.test_list] + [spec.meta["filename"]]
     folder = root / spec.base_folder
     if download and not all((folder / f).is_file() for f in needed):
         try:
-            torchvision.datasets.utils.download_and_extract_archive(
+            from torchvision.datasets.utils import download_and_extract_archive
+
+            download_and_extract_archive(
                 spec.url, str(root), filename=spec.filename, md5=spec.tgz_md5
             )
         except (OSError, RuntimeError) as error:  # URLError is an OSError
@@ -89,7 +103,7 @@ def locate(name: str, root: Path, download: bool) -> Path:
 
 
 def build_cifar(cfg, name: str, num_classes: int) -> DataBundle:
-    spec = TORCHVISION[name]
+    spec = torchvision_spec(name)
     folder = locate(name, Path(cfg.root or DEFAULT_ROOT), cfg.download)
     train = read_batches(folder, [f for f, _ in spec.train_list])
     test = read_batches(folder, [f for f, _ in spec.test_list])

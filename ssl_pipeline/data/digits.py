@@ -7,7 +7,6 @@ whole recipe offline in seconds.
 from __future__ import annotations
 
 import numpy as np
-from sklearn.datasets import load_digits
 
 from ssl_pipeline.data.base import (
     ArrayDataset,
@@ -21,6 +20,8 @@ from ssl_pipeline.data.base import (
 
 @datasets.register("digits", "scikit-learn's 8x8 handwritten digits (1 channel, 10 classes)")
 def build_digits(cfg) -> DataBundle:
+    from sklearn.datasets import load_digits  # here: importing sklearn takes ~1.4 s
+
     digits = load_digits()
     # the source stores 0..16 ink levels as floats; x16 spreads them over 0..256, clipped to 255
     images = np.clip(digits.images * 16, 0, 255).astype(np.uint8)  # (1797, 8, 8)
