@@ -85,7 +85,8 @@ def run_ours(case: dict, seed: int, workdir: Path, extra: tuple[str, ...] = (), 
 
 def run_reference(case: dict, seed: int, train):
     """lightly's documented loop (`pretrain_throughput.reference_training`) for `epochs` full
-    epochs; returns (backbone, seconds, steps, last loss)."""
+    epochs; returns (backbone, seconds, steps, last loss, "constant": lightly's examples keep
+    the lr constant)."""
     backbone, step = reference_training(case, seed)
     loader = reference_loader(case, train)  # shuffles from torch's global generator, seeded above
     start, steps, loss = time.perf_counter(), 0, None
@@ -93,7 +94,8 @@ def run_reference(case: dict, seed: int, train):
         for (x0, x1), _ in loader:
             loss = step(x0, x1)
             steps += 1
-    return backbone.eval(), time.perf_counter() - start, steps, None if loss is None else loss.item()
+    return (backbone.eval(), time.perf_counter() - start, steps,
+            None if loss is None else loss.item(), "constant")
 
 
 def knn_accuracies(backbone, bundle, queries: int) -> dict[str, float]:
@@ -174,17 +176,16 @@ def main(argv=None) -> dict:
     case["bundle"] = bundle
     rows = []
     with tempfile.TemporaryDirectory(prefix="pretrain_quality_") as tmp:
+        runners = {  # side -> seed -> (backbone, seconds, steps, last loss, lr schedule)
+            "ours": lambda seed: run_ours(case, seed, Path(tmp)),
+            "ours_constant_lr": lambda seed: run_ours(
+                case, seed, Path(tmp), ("pretrain.scheduler=constant",), "ours_constant_lr"),
+            "reference": lambda seed: run_reference(case, seed, train),
+        }
         for seed in args.seeds:
             for side in SIDES:
                 print(f"  seed {seed}: {side} ...", flush=True)
-                if side == "ours":
-                    backbone, seconds, steps, loss, schedule = run_ours(case, seed, Path(tmp))
-                elif side == "ours_constant_lr":
-                    backbone, seconds, steps, loss, schedule = run_ours(
-                        case, seed, Path(tmp), ("pretrain.scheduler=constant",), side)
-                else:
-                    backbone, seconds, steps, loss = run_reference(case, seed, train)
-                    schedule = "constant"
+                backbone, seconds, steps, loss, schedule = runners[side](seed)
                 rows.append({"side": side, "seed": seed, "seconds": round(seconds, 1),
                              "steps": steps, "last_loss": loss, "lr_schedule": schedule,
                              "knn": knn_accuracies(backbone, bundle, args.queries)})

@@ -30,14 +30,6 @@ STATS = {
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
 
-
-def torchvision_spec(name: str):
-    """torchvision's dataset class for `name`: its file names, URL and checksums. Imported
-    here, not with the module: listing or checking datasets need not load torchvision."""
-    import torchvision.datasets
-
-    return {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
-
 # CIFAR batches are pickled dicts of a uint8 numpy array and lists; these are the only globals
 # such a pickle needs (old numpy, numpy 2, and Python 3 protocol-2 bytes)
 ALLOWED_GLOBALS = {
@@ -76,6 +68,14 @@ def read_batches(folder: Path, files: list[str]) -> ArrayDataset:
         images.append(np.asarray(entry["data"], np.uint8).reshape(-1, 3, 32, 32))
         labels.extend(entry["labels"] if "labels" in entry else entry["fine_labels"])
     return ArrayDataset(np.concatenate(images).transpose(0, 2, 3, 1), np.array(labels))
+
+
+def torchvision_spec(name: str):
+    """torchvision's dataset class for `name`: its file names, URL and checksums. Imported
+    here, not with the module: listing or checking datasets need not load torchvision."""
+    import torchvision.datasets
+
+    return {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
 
 
 def locate(name: str, root: Path, download: bool) -> Path:
