@@ -104,18 +104,22 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _cpu_id() -> str:
-    """Family/model numbers and AVX-512, for CPUs whose model name is only "AMD EPYC"."""
+def _cpu_id(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """Family/model numbers and the matrix extensions that set bf16 speed (AVX-512, its bf16
+    instructions, AMX tiles), for CPUs whose model name is only "AMD EPYC" or "Intel Xeon"."""
     fields = {}
     try:
-        for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines():
+        for line in cpuinfo.read_text().split("\n\n")[0].splitlines():
             key, _, value = line.partition(":")
             fields[key.strip()] = value.strip()
     except OSError:
         return "unknown"
-    avx512 = "avx512f" in fields.get("flags", "").split()
+    flags = set(fields.get("flags", "").split())
+    has = {name: "yes" if flag in flags else "no"
+           for name, flag in (("AVX-512", "avx512f"), ("AVX512-BF16", "avx512_bf16"),
+                              ("AMX-BF16", "amx_bf16"))}
     return (f"{fields.get('vendor_id', '?')} family {fields.get('cpu family', '?')} model "
-            f"{fields.get('model', '?')}, AVX-512 {'yes' if avx512 else 'no'}")
+            f"{fields.get('model', '?')}, " + ", ".join(f"{k} {v}" for k, v in has.items()))
 
 
 def _meminfo_kib(field: str) -> int:

@@ -129,3 +129,18 @@ def test_pretrain_quality_quick_run_trains_both_sides_equally_and_scores_them_al
         for side in ("ours", "ours_constant_lr"):
             expected = 100 * (summary[side][k]["mean"] - summary["reference"][k]["mean"])
             assert summary[f"{side}_minus_reference_points"][k] == pytest.approx(expected, abs=0.01)
+
+
+def test_machine_cpu_id_names_the_bf16_matrix_extensions(tmp_path):
+    from benchmarks.machine import _cpu_id
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("vendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 143\n"
+                       "flags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n\n"
+                       "processor\t: 1\nflags\t\t: fpu\n")
+    assert _cpu_id(cpuinfo) == ("GenuineIntel family 6 model 143, AVX-512 yes, AVX512-BF16 yes, "
+                                "AMX-BF16 yes")
+    cpuinfo.write_text("vendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\nflags\t\t: avx2\n")
+    assert _cpu_id(cpuinfo) == ("AuthenticAMD family 25 model 1, AVX-512 no, AVX512-BF16 no, "
+                                "AMX-BF16 no")
+    assert _cpu_id(tmp_path / "missing") == "unknown"
