@@ -5,6 +5,8 @@ Public API: `run`, `run_suite`, `load_recipe`, `load_suite`, `create_backbone`, 
 on first use, so `import ssl_pipeline` stays fast and submodules import without cycles.
 """
 
+import sys
+
 from ssl_pipeline.errors import SSLPipelineError
 from ssl_pipeline.registry import load
 
@@ -34,7 +36,19 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'ssl_pipeline' has no attribute {name!r}")
 
 
+# kind -> (the module holding its registry, the built-in entries' descriptions in names.py)
+_BUILT_IN = {"backbones": ("ssl_pipeline.backbones", "BACKBONE_DESCRIPTIONS"),
+             "stages": ("ssl_pipeline.stages", "STAGE_DESCRIPTIONS")}
+
+
 def _list(kind: str) -> list[tuple[str, str]]:
+    registry_module, descriptions = _BUILT_IN.get(kind, (None, None))
+    if registry_module is not None and registry_module not in sys.modules:
+        # Nothing can have registered more than the built-ins without importing the registry:
+        # list them from names.py rather than import torch, timm and Lightning (5-8 s).
+        from ssl_pipeline import names
+
+        return sorted(getattr(names, descriptions).items())
     return [(e.name, e.description) for e in load(_REGISTRIES[kind])]
 
 

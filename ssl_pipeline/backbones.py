@@ -69,10 +69,12 @@ from torch.nn import functional as F
 
 from ssl_pipeline.atomic import write_atomic
 from ssl_pipeline.errors import SSLPipelineError
+from ssl_pipeline.names import BACKBONE_DESCRIPTIONS
 from ssl_pipeline.registry import Registry, nearest
 
 # "timm" and "torchvision" build headless models (kind="source"); the other entries are the
 # modifications create_backbone applies on top (kind="modifier"), listed so users can find them.
+# Their descriptions live in names.py, where `ssl-pipeline list backbones` reads them.
 backbones: Registry = Registry("backbone")
 
 FORMAT_VERSION = 1
@@ -302,12 +304,7 @@ def _call_builder(name: str, build: Callable[..., nn.Module], *args: Any, **kwar
         ) from e
 
 
-@backbones.register(
-    "timm",
-    "timm:<model>  any timm model, e.g. timm:resnet50, timm:vit_small_patch16_224 "
-    "img_size=32 (pretrained weights need internet)",
-    kind="source",
-)
+@backbones.register("timm", BACKBONE_DESCRIPTIONS["timm"], kind="source")
 def build_timm(
     model_name: str, *, in_chans: int, pretrained: bool, **model_kwargs
 ) -> HeadlessModel:
@@ -335,12 +332,7 @@ def build_timm(
     )
 
 
-@backbones.register(
-    "torchvision",
-    "torchvision:<model>  any torchvision classifier, e.g. torchvision:alexnet; "
-    "its classifier becomes Identity (pretrained weights need internet)",
-    kind="source",
-)
+@backbones.register("torchvision", BACKBONE_DESCRIPTIONS["torchvision"], kind="source")
 def build_torchvision(
     model_name: str, *, in_chans: int, pretrained: bool, **model_kwargs
 ) -> HeadlessModel:
@@ -414,12 +406,7 @@ def remove_torchvision_head(model: nn.Module) -> tuple[str, ...]:
     return tuple(removed)
 
 
-@backbones.register(
-    "in_chans",
-    "in_chans=N  N input bands (1 gray, 13 Sentinel-2): timm builds it, torchvision's first "
-    "conv is swapped; pretrained RGB filters adapted by timm's adapt_input_conv",
-    kind="modifier",
-)
+@backbones.register("in_chans", BACKBONE_DESCRIPTIONS["in_chans"], kind="modifier")
 def replace_input_conv(model: nn.Module, in_chans: int, *, adapt_weights: bool) -> str:
     """Swap the model's first Conv2d for one with `in_chans` inputs; returns the rule applied.
 
@@ -534,12 +521,7 @@ def resolve_stem(stem: str, model: nn.Module, input_size: int | None, name: str)
     return stem
 
 
-@backbones.register(
-    "small_stem",
-    "stem=small  3x3 stride-1 conv1 and no max-pool for 28-64 px images; ResNet family "
-    "(resnet*, seresnet*, resnext*, wide_resnet*); stem=auto picks it at input_size <= 64",
-    kind="modifier",
-)
+@backbones.register("small_stem", BACKBONE_DESCRIPTIONS["small_stem"], kind="modifier")
 def use_small_stem(model: nn.Module, in_chans: int) -> None:
     """CIFAR-style stem: conv1 becomes a 3x3 stride-1 conv and the max-pool goes."""
     # timm's deep stems are a Sequential of convs; the last one sets the width bn1 expects

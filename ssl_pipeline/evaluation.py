@@ -42,6 +42,7 @@ from ssl_pipeline.evals.together import FitGroup, FitOrder, fit_devices
 from ssl_pipeline.features import (
     cache_key, cached_features, process_group, weights_hash,
 )
+from ssl_pipeline.names import STAGE_DESCRIPTIONS
 from ssl_pipeline.progress import on_terminal
 from ssl_pipeline.provenance import code_fingerprint
 from ssl_pipeline.stages import RunContext, stage_registry
@@ -412,15 +413,10 @@ def few_shot_result(ctx: RunContext, subject: Subject) -> dict[str, Any]:
 
 def _register_stages() -> None:
     """Each evaluation stage is `evaluate_subjects` with its own per-subject function."""
-    for name, result, description in [
-        ("knn", knn_result, "weighted k-NN (faiss, cosine) on cached features; test split"),
-        ("linear_probe", probe_result, "linear probe on cached features, tuned on validation"),
-        ("few_shot", few_shot_result, "k examples per class, logistic regression and k-NN, over seeds"),
-        ("finetune", finetune_result, "fine-tune the whole network on label fractions; best epoch on val"),
-        ("linear_probe_classic", classic_probe_result,
-         "the papers' linear probe: frozen backbone on augmented images, LARS, best epoch on val"),
-    ]:
-        stage_registry.register(name, description, prepare=share_features,
+    for name, result in [("knn", knn_result), ("linear_probe", probe_result),
+                         ("few_shot", few_shot_result), ("finetune", finetune_result),
+                         ("linear_probe_classic", classic_probe_result)]:
+        stage_registry.register(name, STAGE_DESCRIPTIONS[name], prepare=share_features,
                                 # after DDP pretraining every process trains these (together.py)
                                 trains_together=name in ("finetune", "linear_probe_classic"))(
             partial(evaluate_subjects, stage=name, evaluate=result))

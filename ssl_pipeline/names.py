@@ -1,11 +1,35 @@
-"""Names that light modules share without importing the heavy ones (torch, torchvision and
-Lightning take about 5 seconds here): the built-in dataset and stage names, which a recipe is
+"""Names that light modules share without importing the heavy ones (torch, torchvision, timm
+and Lightning take 5-8 seconds here): the built-in dataset and stage names, which a recipe is
 checked against without importing the registries (a name not among them is looked up in the
 registry, where code may have registered its own; tests/test_recipe.py checks that these are
-exactly the built-in registered names), and what the online monitor measures, for the reports."""
+exactly the built-in registered names); the descriptions of the built-in stages and backbone
+entries, which their registrations use and `ssl-pipeline list` shows without importing them;
+and what the online monitor measures, for the reports."""
 
 DATASETS = ("cifar10", "cifar100", "csv", "digits", "eurosat", "fake", "fashion_mnist",
             "image_folder", "imagenet", "medmnist", "webdataset")
-STAGES = ("few_shot", "finetune", "knn", "linear_probe", "linear_probe_classic", "pretrain")
+STAGE_DESCRIPTIONS = {
+    "pretrain": "train the backbone with the recipe's method, then export it",
+    "knn": "weighted k-NN (faiss, cosine) on cached features; test split",
+    "linear_probe": "linear probe on cached features, tuned on validation",
+    "few_shot": "k examples per class, logistic regression and k-NN, over seeds",
+    "finetune": "fine-tune the whole network on label fractions; best epoch on val",
+    "linear_probe_classic":
+        "the papers' linear probe: frozen backbone on augmented images, LARS, best epoch on val",
+}
+STAGES = tuple(sorted(STAGE_DESCRIPTIONS))
+# "timm" and "torchvision" build headless models; the others are modifications on top
+BACKBONE_DESCRIPTIONS = {
+    "timm": "timm:<model>  any timm model, e.g. timm:resnet50, timm:vit_small_patch16_224 "
+            "img_size=32 (pretrained weights need internet)",
+    "torchvision": "torchvision:<model>  any torchvision classifier, e.g. torchvision:alexnet; "
+                   "its classifier becomes Identity (pretrained weights need internet)",
+    "in_chans": "in_chans=N  N input bands (1 gray, 13 Sentinel-2): timm builds it, "
+                "torchvision's first conv is swapped; pretrained RGB filters adapted by timm's "
+                "adapt_input_conv",
+    "small_stem": "stem=small  3x3 stride-1 conv1 and no max-pool for 28-64 px images; ResNet "
+                  "family (resnet*, seresnet*, resnext*, wide_resnet*); stem=auto picks it at "
+                  "input_size <= 64",
+}
 # what the online monitor measures -> how reports and progress lines name it
 MONITOR_METRICS = {"knn_top1": "val k-NN top-1", "knn_auc": "val k-NN AUC (mean over labels)"}

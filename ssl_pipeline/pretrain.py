@@ -29,6 +29,7 @@ from ssl_pipeline.compute import ChannelsLast
 from ssl_pipeline.errors import SSLPipelineError
 from ssl_pipeline.methods import OptimSettings, PretrainMethod, methods
 from ssl_pipeline.monitor import OnlineKNNMonitor
+from ssl_pipeline.names import STAGE_DESCRIPTIONS
 from ssl_pipeline.progress import on_terminal
 from ssl_pipeline.provenance import provenance
 from ssl_pipeline.recipe import Recipe
@@ -236,8 +237,7 @@ def slurm_plugins(requeue: bool) -> list:
     return []
 
 
-@stage_registry.register("pretrain", "train the backbone with the recipe's method, then export it",
-                         distributed=True)
+@stage_registry.register("pretrain", STAGE_DESCRIPTIONS["pretrain"], distributed=True)
 def pretrain_stage(ctx: RunContext) -> dict[str, Any]:
     recipe = ctx.recipe
     pl.seed_everything(recipe.seed, verbose=False)  # identical initial weights on every rank

@@ -193,8 +193,32 @@ def test_the_names_a_recipe_is_checked_against_are_the_registered_ones():
     import ssl_pipeline
     from ssl_pipeline import names
 
+    from ssl_pipeline.backbones import backbones
+    from ssl_pipeline.pipeline import stage_registry
+
     assert names.DATASETS == tuple(n for n, _ in ssl_pipeline.list_datasets())
     assert names.STAGES == tuple(n for n, _ in ssl_pipeline.list_stages())
+    # what `ssl-pipeline list` shows before the registries are imported is what they hold
+    assert sorted(names.STAGE_DESCRIPTIONS.items()) == [(e.name, e.description) for e in stage_registry]
+    assert sorted(names.BACKBONE_DESCRIPTIONS.items()) == [(e.name, e.description) for e in backbones]
+
+
+def test_listing_stages_and_backbones_imports_neither_torch_nor_timm():
+    """`ssl-pipeline list stages|backbones` answered in 5-8 s while importing the pipeline."""
+    code = ("import ssl_pipeline\n"
+            "listed = ssl_pipeline.list_stages() + ssl_pipeline.list_backbones()\n"
+            "assert ('pretrain', 'train the backbone with the recipe\\'s method, then export it') in listed\n"
+            "assert len(listed) == 10, listed")
+    assert heavy_modules_imported_by(code) == []
+
+
+def test_a_stage_registered_by_code_is_listed(monkeypatch):
+    import ssl_pipeline
+    from ssl_pipeline.pipeline import stage_registry  # the built-ins registered before the copy
+
+    monkeypatch.setattr(stage_registry, "_entries", dict(stage_registry._entries))
+    stage_registry.register("my_stage", "a stage of our own")(lambda ctx: {})
+    assert ("my_stage", "a stage of our own") in ssl_pipeline.list_stages()
 
 
 def test_method_settings_read_from_source_equal_the_imported_constructors():
