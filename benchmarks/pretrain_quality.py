@@ -146,6 +146,10 @@ def summarize(rows: list[dict]) -> dict:
             out[f"{side}_minus_reference_points"] = {
                 k: round(100 * (out[side][k]["mean"] - out["reference"][k]["mean"]), 2)
                 for k in out[side]}
+    if "random_init" in out:  # a run this short compares how far each loop moved random features
+        out["below_random_init"] = {
+            side: [k for k in out[side] if out[side][k]["mean"] < out["random_init"][k]["mean"]]
+            for side in SIDES if side in out}
     return out
 
 
@@ -205,6 +209,12 @@ def main(argv=None) -> dict:
               f"random init {summary['random_init'][k]['mean']:.4f}; ours - reference "
               f"{summary['ours_minus_reference_points'][k]:+.2f} points, ours constant lr - "
               f"reference {summary['ours_constant_lr_minus_reference_points'][k]:+.2f}")
+    below = {side: ks for side, ks in summary["below_random_init"].items() if ks}
+    if below:
+        print("  below the random-init backbone: " + "; ".join(
+            f"{side} at {', '.join(ks)}" for side, ks in below.items()) + ". The features have not "
+            "yet moved past random init there: a longer run (--epochs) compares the loops on "
+            "features they learned.")
     setup = {k: v for k, v in case.items() if k != "bundle"}
     return run.finish({
         "setup": {**setup, "train_images": len(train), "seeds": args.seeds,

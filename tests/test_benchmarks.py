@@ -144,3 +144,19 @@ def test_machine_cpu_id_names_the_bf16_matrix_extensions(tmp_path):
     assert _cpu_id(cpuinfo) == ("AuthenticAMD family 25 model 1, AVX-512 no, AVX512-BF16 no, "
                                 "AMX-BF16 no")
     assert _cpu_id(tmp_path / "missing") == "unknown"
+
+
+def test_pretrain_quality_names_the_sides_a_random_init_backbone_beats():
+    from benchmarks.pretrain_quality import summarize
+
+    def row(side, seed, k20, k200):
+        return {"side": side, "seed": seed, "knn": {"k20": k20, "k200": k200}}
+
+    rows = [row("ours", 0, 0.70, 0.71), row("ours", 1, 0.72, 0.73),
+            row("ours_constant_lr", 0, 0.76, 0.72), row("reference", 0, 0.75, 0.70),
+            row("random_init", 0, 0.75, 0.69), row("random_init", 1, 0.77, 0.69)]
+    summary = summarize(rows)
+    assert summary["random_init"]["k20"]["mean"] == 0.76
+    assert summary["below_random_init"] == {"ours": ["k20"], "ours_constant_lr": [],
+                                            "reference": ["k20"]}
+    assert summary["ours_minus_reference_points"] == {"k20": -4.0, "k200": 2.0}
