@@ -38,6 +38,7 @@ def __getattr__(name: str):
 
 # kind -> (the module holding its registry, the built-in entries' descriptions in names.py)
 _BUILT_IN = {"backbones": ("ssl_pipeline.backbones", "BACKBONE_DESCRIPTIONS"),
+             "datasets": ("ssl_pipeline.data.base", "DATASET_DESCRIPTIONS"),
              "stages": ("ssl_pipeline.stages", "STAGE_DESCRIPTIONS")}
 
 
@@ -45,7 +46,7 @@ def _list(kind: str) -> list[tuple[str, str]]:
     registry_module, descriptions = _BUILT_IN.get(kind, (None, None))
     if registry_module is not None and registry_module not in sys.modules:
         # Nothing can have registered more than the built-ins without importing the registry:
-        # list them from names.py rather than import torch, timm and Lightning (5-8 s).
+        # list them from names.py rather than import torch, timm and Lightning (2-8 s).
         from ssl_pipeline import names
 
         return sorted(getattr(names, descriptions).items())

@@ -2,12 +2,26 @@
 and Lightning take 5-8 seconds here): the built-in dataset and stage names, which a recipe is
 checked against without importing the registries (a name not among them is looked up in the
 registry, where code may have registered its own; tests/test_recipe.py checks that these are
-exactly the built-in registered names); the descriptions of the built-in stages and backbone
-entries, which their registrations use and `ssl-pipeline list` shows without importing them;
+exactly the built-in registered names); the descriptions of the built-in datasets, stages and
+backbone entries, which their registrations use and `ssl-pipeline list` shows without importing
+them;
 and what the online monitor measures, for the reports."""
 
-DATASETS = ("cifar10", "cifar100", "csv", "digits", "eurosat", "fake", "fashion_mnist",
-            "image_folder", "imagenet", "medmnist", "webdataset")
+DATASET_DESCRIPTIONS = {
+    "cifar10": "CIFAR-10 color photos (32 px, 3 channels, 10 classes)",
+    "cifar100": "CIFAR-100 color photos (32 px, 3 channels, 100 classes)",
+    "csv": "image files listed in a CSV: path, optional label and split columns",
+    "digits": "scikit-learn's 8x8 handwritten digits (1 channel, 10 classes)",
+    "eurosat": "EuroSAT Sentinel-2 tiles: data.eurosat.bands rgb (JPEG) or ms (13-band GeoTIFF, "
+               "per-band normalized reflectance)",
+    "fake": "synthetic class patterns plus noise (any size, channels, classes)",
+    "fashion_mnist": "Fashion-MNIST clothing photos (28 px, 1 channel, 10 classes)",
+    "image_folder": "a folder of images: class sub-folders, or unlabeled",
+    "imagenet": "ILSVRC-2012: train/<wnid>/, val/ in class folders or flat with the devkit",
+    "medmnist": "MedMNIST v2 .npz files: data.medmnist.subset at data.medmnist.size px",
+    "webdataset": "WebDataset tar shards (.tar): images with optional .cls labels",
+}
+DATASETS = tuple(sorted(DATASET_DESCRIPTIONS))
 STAGE_DESCRIPTIONS = {
     "pretrain": "train the backbone with the recipe's method, then export it",
     "knn": "weighted k-NN (faiss, cosine) on cached features; test split",

@@ -194,6 +194,7 @@ def test_the_names_a_recipe_is_checked_against_are_the_registered_ones():
     from ssl_pipeline import names
 
     from ssl_pipeline.backbones import backbones
+    from ssl_pipeline.data import datasets
     from ssl_pipeline.pipeline import stage_registry
 
     assert names.DATASETS == tuple(n for n, _ in ssl_pipeline.list_datasets())
@@ -201,14 +202,16 @@ def test_the_names_a_recipe_is_checked_against_are_the_registered_ones():
     # what `ssl-pipeline list` shows before the registries are imported is what they hold
     assert sorted(names.STAGE_DESCRIPTIONS.items()) == [(e.name, e.description) for e in stage_registry]
     assert sorted(names.BACKBONE_DESCRIPTIONS.items()) == [(e.name, e.description) for e in backbones]
+    assert sorted(names.DATASET_DESCRIPTIONS.items()) == [(e.name, e.description) for e in datasets]
 
 
-def test_listing_stages_and_backbones_imports_neither_torch_nor_timm():
-    """`ssl-pipeline list stages|backbones` answered in 5-8 s while importing the pipeline."""
+def test_listing_stages_backbones_and_datasets_imports_neither_torch_nor_timm():
+    """`ssl-pipeline list stages|backbones|datasets` answered in 2-8 s while importing them."""
     code = ("import ssl_pipeline\n"
-            "listed = ssl_pipeline.list_stages() + ssl_pipeline.list_backbones()\n"
+            "listed = ssl_pipeline.list_stages() + ssl_pipeline.list_backbones()"
+            " + ssl_pipeline.list_datasets()\n"
             "assert ('pretrain', 'train the backbone with the recipe\\'s method, then export it') in listed\n"
-            "assert len(listed) == 10, listed")
+            "assert len(listed) == 21, listed")
     assert heavy_modules_imported_by(code) == []
 
 

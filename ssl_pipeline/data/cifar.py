@@ -21,6 +21,7 @@ from ssl_pipeline.data.base import (
     datasets,
 )
 from ssl_pipeline.errors import SSLPipelineError
+from ssl_pipeline.names import DATASET_DESCRIPTIONS
 
 DEFAULT_ROOT = "data/cache"  # when data.root is not set; relative to the working directory
 
@@ -130,11 +131,11 @@ def build_cifar(cfg, name: str, num_classes: int) -> DataBundle:
     )
 
 
-@datasets.register("cifar10", "CIFAR-10 color photos (32 px, 3 channels, 10 classes)")
+@datasets.register("cifar10", DATASET_DESCRIPTIONS["cifar10"])
 def build_cifar10(cfg) -> DataBundle:
     return build_cifar(cfg, "cifar10", 10)
 
 
-@datasets.register("cifar100", "CIFAR-100 color photos (32 px, 3 channels, 100 classes)")
+@datasets.register("cifar100", DATASET_DESCRIPTIONS["cifar100"])
 def build_cifar100(cfg) -> DataBundle:
     return build_cifar(cfg, "cifar100", 100)

@@ -31,13 +31,14 @@ from ssl_pipeline.data.image_folder import (
     resolve_decode,
 )
 from ssl_pipeline.errors import SSLPipelineError
+from ssl_pipeline.names import DATASET_DESCRIPTIONS
 
 PATH_COLUMNS = ("path", "image", "file", "filename")
 SEPARATOR = "|"  # between the labels of a multi-label row
 SPLITS = ("train", "val", "test")
 
 
-@datasets.register("csv", "image files listed in a CSV: path, optional label and split columns")
+@datasets.register("csv", DATASET_DESCRIPTIONS["csv"])
 def build_csv(cfg) -> DataBundle:
     table = Path(cfg.root) if cfg.root else None
     if table is None or not table.is_file():

@@ -16,9 +16,10 @@ from ssl_pipeline.data.base import (
     pixel_stats,
     splits_of,
 )
+from ssl_pipeline.names import DATASET_DESCRIPTIONS
 
 
-@datasets.register("digits", "scikit-learn's 8x8 handwritten digits (1 channel, 10 classes)")
+@datasets.register("digits", DATASET_DESCRIPTIONS["digits"])
 def build_digits(cfg) -> DataBundle:
     from sklearn.datasets import load_digits  # here: importing sklearn takes ~1.4 s
 

@@ -47,6 +47,7 @@ from ssl_pipeline.data.bad_images import READ_ERRORS, bad_image, skipped_record
 from ssl_pipeline.data.base import DataBundle, Split, datasets
 from ssl_pipeline.data.image_folder import Screen, label_images, list_images, photo_bundle
 from ssl_pipeline.errors import SSLPipelineError
+from ssl_pipeline.names import DATASET_DESCRIPTIONS
 
 CLASSES = ("AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture",
            "PermanentCrop", "Residential", "River", "SeaLake")
@@ -70,8 +71,7 @@ MS_SUFFIXES = (".tif", ".tiff")
 RGB_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
-@datasets.register("eurosat", "EuroSAT Sentinel-2 tiles: data.eurosat.bands rgb (JPEG) or ms "
-                   "(13-band GeoTIFF, per-band normalized reflectance)")
+@datasets.register("eurosat", DATASET_DESCRIPTIONS["eurosat"])
 def build_eurosat(cfg) -> DataBundle:
     bands = cfg.eurosat.bands
     multispectral = bands != "rgb"

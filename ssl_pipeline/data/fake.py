@@ -19,6 +19,7 @@ from ssl_pipeline.data.base import (
     splits_of,
 )
 from ssl_pipeline.errors import SSLPipelineError
+from ssl_pipeline.names import DATASET_DESCRIPTIONS
 
 DEFAULT_NUM_CLASSES = 4
 NOISE_STD = 40.0  # gray levels; the patterns span about 0-255, so classes overlap only a little
@@ -40,7 +41,7 @@ def draw_samples(rng: np.random.Generator, patterns: np.ndarray, count: int):
     return np.clip(images, 0, 255).round().astype(np.uint8), labels
 
 
-@datasets.register("fake", "synthetic class patterns plus noise (any size, channels, classes)")
+@datasets.register("fake", DATASET_DESCRIPTIONS["fake"])
 def build_fake(cfg) -> DataBundle:
     size = cfg.image_size or cfg.fake.image_size
     channels = cfg.channels or cfg.fake.channels

@@ -13,6 +13,7 @@ import numpy as np
 
 from ssl_pipeline.data.base import ArrayDataset, DataBundle, Split, carve_splits, datasets
 from ssl_pipeline.errors import SSLPipelineError
+from ssl_pipeline.names import DATASET_DESCRIPTIONS
 
 # where `apt-get install dataset-fashion-mnist` puts the files; a constant so tests can move it
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -71,7 +72,7 @@ def candidate_dirs(root: str | None) -> list[Path]:
     return [DEBIAN_DIR]
 
 
-@datasets.register("fashion_mnist", "Fashion-MNIST clothing photos (28 px, 1 channel, 10 classes)")
+@datasets.register("fashion_mnist", DATASET_DESCRIPTIONS["fashion_mnist"])
 def build_fashion_mnist(cfg) -> DataBundle:
     tried = candidate_dirs(cfg.root)
     folder, files = next(((d, f) for d in tried if (f := find_files(d))), (None, None))

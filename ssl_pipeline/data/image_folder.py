@@ -57,6 +57,7 @@ from ssl_pipeline.data.base import (
 from ssl_pipeline.data.dicom import EXTENSIONS as DICOM_EXTENSIONS
 from ssl_pipeline.data.dicom import is_dicom, read_dicom
 from ssl_pipeline.errors import SSLPipelineError
+from ssl_pipeline.names import DATASET_DESCRIPTIONS
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", *DICOM_EXTENSIONS)
 # the photos are most likely closer to ImageNet than to anything else we know statistics for
@@ -246,7 +247,7 @@ def label_images(
     return ImageFiles(paths, np.array([index[name] for name in names]), decode)
 
 
-@datasets.register("image_folder", "a folder of images: class sub-folders, or unlabeled")
+@datasets.register("image_folder", DATASET_DESCRIPTIONS["image_folder"])
 def build_image_folder(cfg) -> DataBundle:
     if not cfg.root or not Path(cfg.root).is_dir():
         raise SSLPipelineError(

@@ -30,6 +30,7 @@ from ssl_pipeline.data.base import (
     pixel_stats,
 )
 from ssl_pipeline.errors import SSLPipelineError
+from ssl_pipeline.names import DATASET_DESCRIPTIONS
 
 # subset -> number of classes (MedMNIST v2, Yang et al. 2023, Table 1)
 SUBSETS = {
@@ -51,7 +52,7 @@ def file_name(subset: str, size: int) -> str:
     return f"{subset}.npz" if size == 28 else f"{subset}_{size}.npz"
 
 
-@datasets.register("medmnist", "MedMNIST v2 .npz files: data.medmnist.subset at data.medmnist.size px")
+@datasets.register("medmnist", DATASET_DESCRIPTIONS["medmnist"])
 def build_medmnist(cfg) -> DataBundle:
     subset, size = cfg.medmnist.subset, cfg.medmnist.size
     multi = subset in MULTI_LABEL

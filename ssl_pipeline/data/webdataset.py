@@ -37,6 +37,7 @@ from ssl_pipeline.data.bad_images import BadImage
 from ssl_pipeline.data.base import SPLITS, UNLABELED, DataBundle, datasets
 from ssl_pipeline.data.image_folder import open_encoded, photo_bundle, resolve_decode
 from ssl_pipeline.errors import SSLPipelineError
+from ssl_pipeline.names import DATASET_DESCRIPTIONS
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # in order of preference within a sample
 INDEX_VERSION = 1
@@ -319,7 +320,7 @@ def label_samples(name: str, shards: list[Path], index: dict, classes: list[int]
     return TarShards(shards, index, np.searchsorted(classes, raw), decode)
 
 
-@datasets.register("webdataset", "WebDataset tar shards (.tar): images with optional .cls labels")
+@datasets.register("webdataset", DATASET_DESCRIPTIONS["webdataset"])
 def build_webdataset(cfg) -> DataBundle:
     if getattr(cfg, "on_bad_image", "error") == "skip":
         raise SSLPipelineError(
