@@ -4,8 +4,7 @@ checked against without importing the registries (a name not among them is looke
 registry, where code may have registered its own; tests/test_recipe.py checks that these are
 exactly the built-in registered names); the descriptions of the built-in datasets, stages and
 backbone entries, which their registrations use and `ssl-pipeline list` shows without importing
-them;
-and what the online monitor measures, for the reports."""
+them; and what the online monitor measures, for the reports."""
 
 DATASET_DESCRIPTIONS = {
     "cifar10": "CIFAR-10 color photos (32 px, 3 channels, 10 classes)",
