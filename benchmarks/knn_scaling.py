@@ -1,17 +1,20 @@
-"""Our faiss k-NN against lightly's `knn_predict` and scikit-learn, and how it scales.
+"""Our k-NN against lightly's `knn_predict` and scikit-learn, and how it scales.
 
 Part 1, side by side on one synthetic bank (default 60k x 512, 10k queries, 10 classes): the
 same classifier three ways, k=200 and T=0.1 (InstDisc, lightly's default): each of the k
 nearest bank rows by cosine similarity votes for its class with weight exp(sim / T).
 
-- ours: `knn_classify(..., ks=(200,), temperature=0.1)`, top-1 = scores.argmax(1). A second row,
-  "ours, pipeline call", is what the pipeline runs: k=20 T=0.07 and k=200 T=0.1 from one search.
+- ours: `knn_classify(..., ks=(200,), temperature=0.1)`, top-1 = scores.argmax(1), with its
+  default exact search (`search="auto"`: the bf16 first pass with float32 re-scoring on CPUs
+  with AMX, else faiss; each row records which ran). "ours with search=faiss" is the same call
+  on faiss's exact search. "ours, pipeline call" is what the pipeline runs: k=20 T=0.07 and
+  k=200 T=0.1 from one search.
 - lightly: `knn_predict` on L2-normalized torch tensors, the bank as (D, N) the way lightly's
   `KNNClassifier` stores it, all queries at once as its docstring shows; top-1 = pred[:, 0].
 - scikit-learn: `KNeighborsClassifier(algorithm="brute", metric="cosine")` with
   weights = exp((1 - cosine distance) / T), i.e. the same vote; fit + predict.
-- ours with OpenBLAS's own kernels: "ours" again, with faiss's OpenBLAS on the kernels it picks
-  by itself when `OPENBLAS_CORETYPE` is unset (found by a probe process), i.e. without
+- ours with OpenBLAS's own kernels: "ours with search=faiss", faiss's OpenBLAS on the kernels
+  it picks by itself when `OPENBLAS_CORETYPE` is unset (found by a probe process), i.e. without
   `ssl_pipeline.blas` choosing the AVX-512 ones; numpy's OpenBLAS is loaded as in every row.
   Every row records the kernels each OpenBLAS in its process ran (threadpoolctl).
 
@@ -51,17 +54,25 @@ import numpy as np
 if __package__ in (None, ""):  # run as a file: make the `benchmarks` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.machine import BenchmarkRun, benchmark_parser, RESULTS_DIR, memory_available_bytes
-from ssl_pipeline.blas import openblas_kernels  # standard library only: loads no OpenBLAS
+from benchmarks.machine import (
+    RESULTS_DIR,
+    BenchmarkRun,
+    benchmark_parser,
+    memory_available_bytes,
+)
+from ssl_pipeline.blas import (
+    openblas_kernels,  # standard library only: loads no OpenBLAS
+)
 
 REPO = Path(__file__).resolve().parents[1]
 MIB = 2**20
 METHODS = {
-    "ours": "ours: knn_classify (faiss IndexFlatIP), k=200 T=0.1",
+    "ours": "ours: knn_classify, k=200 T=0.1, its default search",
+    "ours_faiss": "ours with search=faiss (faiss.knn, exact float32)",
     "ours_pipeline": "ours, pipeline call: k=20 T=0.07 and k=200 T=0.1 from one search",
     "lightly": "lightly knn_predict, all queries at once",
     "sklearn": "scikit-learn KNeighborsClassifier, brute, cosine, exp(sim/T) weights",
-    "ours_own_kernels": "ours, with faiss's OpenBLAS choosing its own kernels",
+    "ours_own_kernels": "ours with search=faiss, faiss's OpenBLAS choosing its kernels",
 }
 
 
@@ -109,13 +120,17 @@ def bank_of(data: dict, spec: dict) -> np.ndarray:
     return data.pop("bank") if spec.get("handoff") else data["bank"]
 
 
-def run_ours(data: dict, spec: dict) -> dict[str, np.ndarray]:
+def run_ours(data: dict, spec: dict, search: str = "auto") -> dict[str, np.ndarray]:
     from ssl_pipeline.evals.knn import knn_classify
 
     k, t = spec["k"], spec["temperature"]
     scores = knn_classify(bank_of(data, spec), data["bank_labels"], data["queries"],
-                          spec["classes"], ks=(k,), temperature=t)
+                          spec["classes"], ks=(k,), temperature=t, search=search)
     return {"top1": scores[k].argmax(1)}
+
+
+def run_ours_faiss(data: dict, spec: dict) -> dict[str, np.ndarray]:
+    return run_ours(data, spec, search="faiss")
 
 
 def run_ours_pipeline(data: dict, spec: dict) -> dict[str, np.ndarray]:
@@ -151,8 +166,9 @@ def run_sklearn(data: dict, spec: dict) -> dict[str, np.ndarray]:
     return {"top1": classifier.predict(data["queries"])}
 
 
-RUNNERS = {"ours": run_ours, "ours_pipeline": run_ours_pipeline, "lightly": run_lightly,
-           "sklearn": run_sklearn, "ours_own_kernels": run_ours}
+RUNNERS = {"ours": run_ours, "ours_faiss": run_ours_faiss, "ours_pipeline": run_ours_pipeline,
+           "lightly": run_lightly, "sklearn": run_sklearn, "ours_own_kernels": run_ours_faiss}
+SEARCH = {"ours": "auto", "ours_faiss": "faiss", "ours_pipeline": "auto", "ours_own_kernels": "faiss"}
 
 
 def openblas_own_choice() -> str | None:
@@ -199,6 +215,11 @@ def measure(spec: dict) -> dict:
     warmup = dict(spec, bank=2000, queries=100, handoff=False)
     run(make_data(warmup), warmup)  # imports, thread pools, BLAS buffers: not part of the call
     data = make_data(spec)
+    search = None
+    if spec["method"] in SEARCH:  # which exact search knn_classify runs (BankSearch's choice)
+        from ssl_pipeline.evals.knn import choose_search
+
+        search = choose_search(data["bank"], SEARCH[spec["method"]])
     gc.collect()
     exact_peak = reset_peak_rss()
     rss_before = status_mib("VmRSS")
@@ -218,6 +239,8 @@ def measure(spec: dict) -> dict:
     }
     if "top1_k20" in out:
         result["top1_accuracy_k20"] = float((out["top1_k20"] == truth).mean())
+    if search:
+        result["search"] = search
     np.save(spec["predictions"], out["top1"])
     return result
 
@@ -272,11 +295,14 @@ def compare(args, workdir: Path) -> dict:
             "rows": rows, "ratios": ratios(rows)}
 
 
+REFERENCES = ("lightly", "sklearn", "ours_faiss", "ours_pipeline", "ours_own_kernels")
+
+
 def ratios(rows: dict) -> dict:
     """Reference / ours, for time and peak-memory growth (above 1: ours is faster or smaller)."""
     ours = rows.get("ours", {})
     out = {}
-    for ref in ("lightly", "sklearn", "ours_pipeline", "ours_own_kernels"):
+    for ref in REFERENCES:
         row = rows.get(ref, {})
         if "seconds" in row and "seconds" in ours:
             out[f"{ref}_time_over_ours"] = row["seconds"] / ours["seconds"]
@@ -327,10 +353,11 @@ def print_comparison(c: dict) -> None:
             continue
         agree = row.get("agreement_with_ours", float("nan"))
         kernels = ", ".join(f"{lib} {arch}" for lib, arch in sorted(row["openblas_kernels"].items()))
+        search = f"  search {row['search']}" if "search" in row else ""
         print(f"{METHODS[method]:<72} {row['seconds']:>8.2f} {row['peak_growth_mib']:>10.0f} "
-              f"{row['top1_accuracy']:>6.3f} {agree:>6.3f}  OpenBLAS {kernels or '-'}")
+              f"{row['top1_accuracy']:>6.3f} {agree:>6.3f}  OpenBLAS {kernels or '-'}{search}")
     r = c["ratios"]
-    for ref in ("lightly", "sklearn", "ours_pipeline", "ours_own_kernels"):
+    for ref in REFERENCES:
         if f"{ref}_time_over_ours" in r:
             print(f"  {ref} / ours: time x{r[f'{ref}_time_over_ours']:.2f}, "
                   f"peak memory growth x{r[f'{ref}_memory_over_ours']:.2f}")

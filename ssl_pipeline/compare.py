@@ -208,8 +208,9 @@ def _shared(runs: list[Run]) -> list[list[Run]]:
 
 
 # Not what tells the experiments apart: what the pipeline resolved, where results and caches
-# went, the name (in the label already) and the stages (the table's columns show them).
-_NOT_SETTINGS = ("resolved", "tracking", "name", "stages", "eval.cache_dir")
+# went, the name (in the label already), the stages (the table's columns show them) and how the
+# exact k-NN search ran (the same neighbours either way).
+_NOT_SETTINGS = ("resolved", "tracking", "name", "stages", "eval.cache_dir", "eval.knn.search")
 
 
 def differing_settings(recipes: list[dict], most: int = 3) -> list[str]:

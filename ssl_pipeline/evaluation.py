@@ -377,7 +377,8 @@ def knn_result(ctx: RunContext, subject: Subject) -> dict[str, Any]:
     settings = ctx.recipe.eval.knn.settings
     ks = tuple(k for k, _ in settings)
     scores = knn_classify(*f["train"], f["test"][0], ctx.data.num_classes, ks=ks,
-                          temperature=dict(settings), progress=bar(ctx, "knn", subject))
+                          temperature=dict(settings), progress=bar(ctx, "knn", subject),
+                          search=ctx.recipe.eval.knn.search)
     by_k = {}
     for k in ks:
         metrics = classification_metrics(scores[k], f["test"][1],

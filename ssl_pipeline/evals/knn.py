@@ -6,6 +6,10 @@ for its class with weight exp(similarity / T), exactly as lightly's `knn_predict
 lightly's benchmarks k=200, T=0.1. One search with the largest k serves every k. Queries go in
 chunks and faiss tiles the bank itself, so a full (queries x bank) similarity matrix never
 exists: the cause of the out-of-memory errors in DINO's and solo-learn's k-NN at ImageNet scale.
+
+The search is exact: faiss's (on its GPU index when faiss sees a GPU), or on CPUs with bf16
+matrix units (Intel AMX) our bf16 first pass with exact float32 re-scoring (`bf16_search.py`),
+which finds the same neighbours in about half the time there.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from ssl_pipeline.progress import progress_bar
 faiss = import_faiss()  # on its AVX-512 kernels where OpenBLAS would not pick them (blas.py)
 
 PROTOCOLS = {20: 0.07, 200: 0.1}  # k -> T: DINO; InstDisc and lightly's benchmarks
+SEARCHES = ("auto", "faiss", "bf16")  # the recipe's eval.knn.search
+BF16_MIN_BANK = 8192  # below this faiss is as quick; `auto` keeps it
 
 
 def l2_normalized(features: np.ndarray) -> np.ndarray:
@@ -35,13 +41,19 @@ class BankSearch:
 
     On the GPUs through a faiss GPU index when faiss has any. On CPU with `faiss.knn` over one
     normalized copy of the bank: no index, whose own copy (grown by reallocation as rows are
-    added) would double the memory; a 1M x 2048 bank is 8 GB.
+    added) would double the memory; a 1M x 2048 bank is 8 GB. `search="auto"` uses the bf16
+    search instead on CPUs with bf16 matrix units (AMX) for banks of at least `BF16_MIN_BANK`
+    finite rows whose bf16 copy (half the bank) fits in the free memory, when its kernel
+    compiles; "bf16" asks for it anywhere (tests, comparisons), "faiss" never uses it.
     """
 
-    def __init__(self, bank: np.ndarray):
+    def __init__(self, bank: np.ndarray, search: str = "auto"):
         self.bank = l2_normalized(bank)
-        self.index = None
-        if hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
+        self.index = self.bf16 = None
+        self.kind = choose_search(self.bank, search)
+        if self.kind == "bf16":
+            self.bf16 = _bf16_search(self.bank)
+        elif self.kind == "faiss-gpu":
             # Older faiss GPU builds cap k at 2048; the protocols here use k <= 200.
             self.index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(self.bank.shape[1]))
             self.index.add(self.bank)
@@ -50,7 +62,39 @@ class BankSearch:
         """`(similarities, bank indices)`, each (len(queries), k), most similar first."""
         if self.index is not None:
             return self.index.search(queries, k)
+        if self.bf16 is not None:
+            return self.bf16.search(queries, k)
         return faiss.knn(queries, self.bank, k, metric=faiss.METRIC_INNER_PRODUCT)
+
+
+def choose_search(bank: np.ndarray, search: str = "auto") -> str:
+    """What `BankSearch(bank, search)` runs: "bf16", "faiss-gpu" or "faiss" (see BankSearch)."""
+    if search not in SEARCHES:
+        raise SSLPipelineError(
+            f"k-NN: search must be one of {', '.join(SEARCHES)}, got {search!r}")
+    gpus = hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+    if search == "bf16" or (search == "auto" and not gpus and _bf16_pays(bank)):
+        return "bf16"
+    return "faiss-gpu" if gpus else "faiss"
+
+
+def _bf16_pays(bank: np.ndarray) -> bool:
+    from ssl_pipeline.evals import bf16_search as bf16
+
+    return (len(bank) >= BF16_MIN_BANK and bf16.has_bf16_matrix_units()
+            and bf16.fits_in_memory(bank) and bf16.all_finite(bank)
+            and bf16.compiled_kernel() is not None)
+
+
+def _bf16_search(bank: np.ndarray):
+    from ssl_pipeline.evals.bf16_search import Bf16Search, compiled_kernel
+
+    if compiled_kernel() is None:
+        raise SSLPipelineError(
+            "k-NN: search 'bf16' compiles a small C kernel on first use and found no working C "
+            "compiler (tried $CC, Python's own and cc): install one (e.g. apt-get install gcc) "
+            "or set eval.knn.search: faiss")
+    return Bf16Search(bank)
 
 
 def knn_classify(
@@ -62,6 +106,7 @@ def knn_classify(
     temperature: float | Mapping[int, float] = 0.07,
     chunk_size: int = 4096,
     progress: str | None = None,
+    search: str = "auto",
 ) -> dict[int, np.ndarray]:
     """Class scores `(num_queries, num_classes)` float64 for each k in `ks`, from one search.
 
@@ -72,12 +117,13 @@ def knn_classify(
     `temperature` is one T for every k, or one per k: `ks=tuple(PROTOCOLS),
     temperature=PROTOCOLS` gives DINO's and InstDisc's protocols from one search. A k above the
     bank size uses the whole bank. Top-1 is `scores.argmax(1)`; the ranking that lightly's
-    `knn_predict` returns is `np.argsort(-scores, 1)`.
+    `knn_predict` returns is `np.argsort(-scores, 1)`. `search` picks how the exact search
+    runs (`BankSearch`): "auto", "faiss" or "bf16".
     """
     temperatures = _temperatures(ks, temperature)
     bank, queries = np.asarray(bank), np.asarray(queries)
     bank_labels = _checked_labels(bank, bank_labels, queries, num_classes)
-    index = BankSearch(bank)
+    index = BankSearch(bank, search)
     k_max = min(max(ks), len(bank))
     scores = {k: np.zeros((len(queries), num_classes)) for k in ks}
     starts = range(0, len(queries), chunk_size)
@@ -95,8 +141,6 @@ def knn_classify(
                 continue
             scores[k][start : start + len(idx)] = _class_sums(labels[:, :kk], votes, num_classes)
     return scores
-
-
 
 
 def knn_top1(
