@@ -35,6 +35,7 @@ class OnlineKNNMonitor(pl.Callback):
         temperature: float = 0.07,
         score_head: bool = True,
         multi_label: bool = False,
+        search: str = "auto",
     ):
         self.metric = "knn_auc" if multi_label else "knn_top1"
         self.key = f"monitor/{self.metric}"  # what is logged, and what `best` selects on
@@ -44,6 +45,7 @@ class OnlineKNNMonitor(pl.Callback):
         self.every_n_epochs = every_n_epochs
         self.k = k
         self.temperature = temperature
+        self.search = search  # how the exact k-NN search runs (eval.knn.search)
         # a classifier head is scored on the monitor's val split only when that split has the
         # head's classes (not with pretrain.monitor_data)
         self.score_head = score_head
@@ -81,8 +83,8 @@ class OnlineKNNMonitor(pl.Callback):
         classes, so none has an AUC)."""
         if self.metric == "knn_top1":
             return knn_top1(bank, bank_labels, val, val_labels, self.num_classes, self.k,
-                            self.temperature)
+                            self.temperature, self.search)
         scores = knn_classify(bank, bank_labels, val, self.num_classes, (self.k,),
-                              self.temperature)[self.k]
+                              self.temperature, search=self.search)[self.k]
         auc = multi_label_metrics(scores, val_labels, kind="probabilities")["auc"]
         return float("nan") if auc is None else auc

@@ -162,7 +162,8 @@ def monitor_callback(ctx: RunContext) -> OnlineKNNMonitor | None:
     val = loader(TransformedDataset(val_split, transform), batch, ctx.recipe.data.num_workers)
     return OnlineKNNMonitor(bank, val, bundle.num_classes, p.monitor_every_n_epochs,
                             p.monitor_k, p.monitor_temperature,
-                            score_head=p.monitor_data is None, multi_label=bundle.multi_label)
+                            score_head=p.monitor_data is None, multi_label=bundle.multi_label,
+                            search=ctx.recipe.eval.knn.search)
 
 
 def monitor_bundle(ctx: RunContext):

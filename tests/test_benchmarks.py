@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parents[1]
-KNN_METHODS = "ours,ours_pipeline,lightly,sklearn"
+KNN_METHODS = "ours,ours_pipeline,lightly,sklearn,ours_faiss"
 
 
 def quick_run(name: str, tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
@@ -37,6 +37,8 @@ def test_benchmark_quick_run_writes_its_json(tmp_path, name, fashion_mnist_root)
         rows = figures["comparison"]["rows"]
         assert set(rows) == set(KNN_METHODS.split(","))
         assert all("error" not in row and row["openblas_kernels"] for row in rows.values())
+        # our rows say which exact search ran; the quick bank (5000 rows) is below bf16's minimum
+        assert rows["ours"]["search"] == rows["ours_faiss"]["search"] == "faiss"
         preset = os.environ.get("OPENBLAS_CORETYPE")
         if preset:  # kept by ssl_pipeline: faiss's OpenBLAS ran the preset kernels
             assert rows["ours"]["openblas_kernels"]["faiss"].lower() == preset.lower()

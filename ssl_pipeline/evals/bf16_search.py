@@ -1,31 +1,36 @@
 """Exact inner-product search with a bf16 first pass, for CPUs that multiply bf16 in matrix units.
 
 On an Intel Xeon with AMX, torch's bf16 matrix products run on the AMX tiles about 7x faster
-than float32 ones (1,836 against 261 GFLOP/s on the 2 cores we measured), and faiss-cpu's exact
-search is float32 throughout. Here:
+than float32 ones (1,836 against 261 GFLOP/s on the 2 cores we measured), while faiss-cpu's
+exact search is float32 throughout. Here, for each block of 1,024 queries:
 
-1. torch computes every query-bank similarity in bf16 (`bank_bf16 @ queries_bf16.T`), one block
-   of queries at a time so the block's similarities stay within `block_bytes`;
+1. torch computes their bf16 similarities to every bank row, one panel of up to 128 queries
+   at a time (`bank_bf16 @ panel_bf16.T`, (N, 128), 15 MB at N = 60k, read back from cache);
 2. a small C kernel (`bf16_select.c`) takes, per query, a lower bound on its k-th similarity
-   from the maxima of 32-row chunks, and re-scores in float32 every bank row whose bf16
-   similarity could reach that bound within the proven error of bf16 (the rounding of the
-   inputs, measured per vector; the float32 accumulation; the rounding of the output);
-3. the k best float32 similarities, most similar first.
+   from the maxima of 32-row chunks of its column, and keeps every bank row whose bf16
+   similarity could reach that bound within the proven error of bf16: the rounding of the
+   inputs (measured per vector, Cauchy-Schwarz), the float32 accumulation and the rounding of
+   the output;
+3. the kernel re-scores those rows in float32, bank row by bank row, so that each bank row is
+   read once for all the block's queries, and keeps the k best, most similar first.
 
 No row outside the re-scored ones can be among the k most similar, so the neighbours are those
-of an exact float32 search (up to the order of float32 sums when two similarities tie to the last
-bit): on the benchmark's 60k x 512 bank with 10k queries and k=200, ~370 rows re-scored per query,
-the same neighbour sets as `faiss.knn`, in about half its time (`benchmarks/knn_scaling.py`).
+of an exact float32 search, up to similarities that tie within float32 rounding (summed in
+another order, either may come first). On the benchmark's 60k x 512 bank with 10k queries and
+k=200 (Xeon with AMX, 2 cores): ~360 rows re-scored per query, 0.93 s against 2.2 s for
+`faiss.knn`, the same neighbour sets for 9,998 of the 10,000 queries and near-ties (1e-8
+apart in float64) for the other two.
 
 The kernel is compiled on first use with the system's C compiler (`$CC`, else the one Python
 was built with, else `cc`) and cached under `$XDG_CACHE_HOME/ssl_pipeline/kernels` (default
-`~/.cache/...`), keyed by its source, the compiler's flags and the CPU; without a compiler
+`~/.cache/...`), keyed by its source, the compiler, its flags and the CPU; without a compiler
 `compiled_kernel()` returns None and `BankSearch` uses faiss.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import itertools
 import logging
@@ -36,7 +41,6 @@ import subprocess
 import sysconfig
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -46,9 +50,8 @@ from ssl_pipeline.blas import cpu_flags
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("bf16_select.c")
-CHUNK = 32  # bank rows per chunk in the kernel (its CHUNK)
 PANEL = 128  # queries per torch product: (bank, 128) panels ran fastest on AMX (256: same)
-_FLAGS = (["-O3", "-march=native", "-fopenmp-simd"], ["-O3"])  # the first that compiles
+_FLAGS = (["-O3", "-march=native"], ["-O3"])  # the first that compiles
 _U = 2.0**-24  # float32 unit roundoff
 
 
@@ -79,7 +82,7 @@ def _cache_dir() -> Path:
     return Path(base) / "ssl_pipeline" / "kernels"
 
 
-@cache
+@functools.cache
 def compiled_kernel() -> ctypes.CDLL | None:
     """The kernel as a loaded library, compiled on first use; None (logged once) when this
     machine has no working C compiler."""
@@ -124,8 +127,15 @@ def _compile(cc: str, flags: list[str], library: Path) -> bool:
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i = ctypes.c_void_p, ctypes.c_int64
-    lib.select_and_rescore.restype = i
-    lib.select_and_rescore.argtypes = [p, i, i, i, i, i, p, p, i, i, p, p, p]
+    for name, restype, args in [
+        ("block_new", p, [i]),
+        ("block_free", None, [p]),
+        ("select_candidates", i, [p, i, i, i, i, p, i, p, i]),
+        ("rescore", i, [p, i, i, i, i, p, p, i]),
+        ("top_k", i, [p, i, i, i, p, p]),
+    ]:
+        getattr(lib, name).restype = restype
+        getattr(lib, name).argtypes = args
     return lib
 
 
@@ -155,16 +165,18 @@ class Bf16Search:
     """`search(queries, k)` over `bank (N, D)` float32 (C-contiguous), as `faiss.knn` with the
     inner product: `(similarities, rows)` each (len(queries), k), most similar first.
 
-    Holds a bf16 copy of the bank beside it (half its size). `block_bytes` caps the bf16
-    similarities held at once (one block of queries against the whole bank).
+    Holds a bf16 copy of the bank beside it (half its size) and one panel of bf16 similarities,
+    (N, W) with W <= 128 queries chosen so that the panel stays within `block_bytes`.
     """
 
-    def __init__(self, bank: np.ndarray, block_bytes: int = 128 * 2**20):
+    def __init__(self, bank: np.ndarray, block_bytes: int = 128 * 2**20, block: int = 1024):
         import torch
 
         lib = compiled_kernel()
         if lib is None:
             raise RuntimeError("bf16 search needs its compiled kernel (a C compiler)")
+        if len(bank) >= 2**31:
+            raise ValueError(f"bf16 search keeps bank rows as int32: {len(bank)} rows is too many")
         self.lib, self.torch = lib, torch
         self.bank = np.ascontiguousarray(bank, dtype=np.float32)
         bank_t = torch.from_numpy(self.bank)
@@ -172,8 +184,11 @@ class Bf16Search:
         norm, err = _rounding(bank_t, self.bank_bf16)
         self.bank_norm = float(norm.max()) if len(norm) else 0.0
         self.bank_err = float(err.max()) if len(err) else 0.0
-        panels = block_bytes // (2 * PANEL * max(len(self.bank), 1))
-        self.block = PANEL * int(min(max(panels, 1), 16))
+        # queries per panel: 128 ran fastest on AMX (a (60k, 128) bf16 panel is 15 MB, which
+        # the kernel reads back from cache); fewer for banks whose panel would exceed the budget
+        self.panel = int(min(max(block_bytes // (2 * max(len(bank), 1)) // 16 * 16, 16), PANEL))
+        # queries re-scored together: a bank row is read once per block of them
+        self.block = max(block // self.panel, 1) * self.panel
         self.threads = max(torch.get_num_threads(), 1)
         self.rescored_per_query = 0.0  # rows re-scored in float32 per query, last search
 
@@ -188,34 +203,58 @@ class Bf16Search:
         return (band * (1 + 1e-5) + 1e-30).astype(np.float32)  # 1e-30: flushed subnormals
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        torch = self.torch
         nb, d = self.bank.shape
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if not 1 <= k <= nb or queries.shape[1:] != (d,):
             raise ValueError(f"k={k} over a bank of {nb} rows, queries {queries.shape}")
         sims = np.empty((len(queries), k), np.float32)
         rows = np.empty((len(queries), k), np.int64)
-        panels = torch.empty(self.block // PANEL, nb, PANEL, dtype=torch.bfloat16)
+        panel = self.torch.empty(nb, self.panel, dtype=self.torch.bfloat16)
         rescored = 0
         with ThreadPoolExecutor(self.threads) as pool:
             for start in range(0, len(queries), self.block):
                 q = queries[start : start + self.block]
-                q_bf16 = torch.from_numpy(q).to(torch.bfloat16)
-                band = self.bands(torch.from_numpy(q), q_bf16)
-                n_panels = -(-len(q) // PANEL)
-                q_bf16 = torch.cat([q_bf16, q_bf16.new_zeros(n_panels * PANEL - len(q), d)])
-                for p in range(n_panels):  # (nb, PANEL) each, on the AMX tiles
-                    torch.mm(self.bank_bf16, q_bf16[p * PANEL : (p + 1) * PANEL].T, out=panels[p])
-                # ctypes releases the GIL: the threads run the kernel on their own panels
-                cuts = np.linspace(0, n_panels, min(self.threads, n_panels) + 1).astype(int)
-                out_s, out_r = sims[start : start + len(q)], rows[start : start + len(q)]
-                jobs = [pool.submit(self.lib.select_and_rescore, panels.data_ptr(), nb, PANEL,
-                                    int(a), int(b), len(q), q.ctypes.data, self.bank.ctypes.data,
-                                    d, k, band.ctypes.data, out_s.ctypes.data, out_r.ctypes.data)
-                        for a, b in itertools.pairwise(cuts)]
-                counts = [job.result() for job in jobs]
-                if min(counts) < 0:
-                    raise MemoryError("bf16 k-NN search: out of memory for the re-scored rows")
-                rescored += sum(counts)
+                handle = self.lib.block_new(len(q))
+                if not handle:
+                    raise MemoryError("bf16 k-NN search: out of memory")
+                try:
+                    self._select(pool, q, k, panel, handle)
+                    rescored += self._rescore_top_k(pool, q, k, handle, sims[start:], rows[start:])
+                finally:
+                    self.lib.block_free(handle)
         self.rescored_per_query = rescored / max(len(queries), 1)
         return sims, rows
+
+    def _run(self, pool, fn, ranges) -> list[int]:
+        """`fn(a, b)` for each range `[a, b)` on the pool's threads (ctypes releases the GIL)."""
+        done = [job.result() for job in [pool.submit(fn, int(a), int(b)) for a, b in ranges]]
+        if min(done, default=0) < 0:
+            raise MemoryError("bf16 k-NN search: out of memory for the re-scored rows")
+        return done
+
+    def _split(self, n: int):
+        return itertools.pairwise(np.linspace(0, n, min(self.threads, max(n, 1)) + 1).astype(int))
+
+    def _select(self, pool, q, k, panel, handle) -> None:
+        torch, w = self.torch, self.panel
+        q_bf16 = torch.from_numpy(q).to(torch.bfloat16)
+        band = self.bands(torch.from_numpy(q), q_bf16)
+        for p0 in range(0, len(q), w):
+            cols = q_bf16[p0 : p0 + w]
+            if len(cols) < w:  # the last panel: zero queries fill it, their columns are skipped
+                cols = torch.cat([cols, cols.new_zeros(w - len(cols), cols.shape[1])])
+            torch.mm(self.bank_bf16, cols.T, out=panel)  # (nb, w), on the AMX tiles
+            select = functools.partial(self._select_columns, panel, band[p0:], k, handle, p0)
+            self._run(pool, select, self._split(min(w, len(q) - p0)))
+
+    def _select_columns(self, panel, band, k, handle, p0, a, b) -> int:
+        return self.lib.select_candidates(panel.data_ptr(), len(self.bank), self.panel, a, b,
+                                          band.ctypes.data, k, handle, p0)
+
+    def _rescore_top_k(self, pool, q, k, handle, sims, rows) -> int:
+        nb, d = self.bank.shape
+        # threads split the bank rows: each streams its half once for all the block's queries
+        self._run(pool, lambda a, b: self.lib.rescore(
+            handle, 0, len(q), a, b, q.ctypes.data, self.bank.ctypes.data, d), self._split(nb))
+        return sum(self._run(pool, lambda a, b: self.lib.top_k(
+            handle, a, b, k, sims.ctypes.data, rows.ctypes.data), self._split(len(q))))

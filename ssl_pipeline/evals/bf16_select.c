@@ -1,16 +1,22 @@
-/* The selection and exact re-scoring step of ssl_pipeline's bf16 k-NN search (bf16_search.py).
+/* The selection and exact re-scoring steps of ssl_pipeline's bf16 k-NN search (bf16_search.py).
  *
- * Input: one block of queries' bf16 similarities to every bank row, computed by torch (on
- * Intel AMX, oneDNN's bf16 kernels), laid out as panels (P, nb, W): query r of the block is
- * column r % W of panel r / W. For each query this finds every bank row that can be among its k
- * most similar given the proven error bound of the bf16 similarities, re-scores those rows in
- * float32 from the float32 vectors, and writes the k best, most similar first (ties: lower row
- * first). Compiled on first use with the system's C compiler (bf16_search.compiled_kernel).
+ * For a block of queries, torch computes their bf16 similarities to every bank row (on Intel
+ * AMX, oneDNN's bf16 kernels) one panel of W queries at a time, laid out (nb, W). Then:
+ *   1. select_candidates, per panel: for each query every bank row that can be among its k most
+ *      similar given the proven error bound of the bf16 similarities;
+ *   2. rescore: those rows' float32 similarities from the float32 vectors;
+ *   3. top_k: the k best, most similar first (ties: lower row first).
+ * Each step takes a range (columns, bank rows, queries) so that threads can share it; ctypes
+ * releases the GIL. Compiled on first use with the system's C compiler
+ * (bf16_search.compiled_kernel).
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __AVX512BW__
+#include <immintrin.h>
+#endif
 
 #define CHUNK 32 /* bank rows per chunk: the unit of the lower bound and of the skip test */
 
@@ -30,6 +36,18 @@ static inline uint16_t bf16_at_most(float x) {
     uint16_t h = (uint16_t)(u >> 16);
     if ((u & 0xFFFF) && (u >> 31)) h += 1; /* negative: truncation rounded up; step down */
     return h;
+}
+
+/* float32 dot product with 32 independent partial sums: one running sum would wait on the
+ * latency of every multiply-add */
+static inline float dot(const float *a, const float *b, int64_t d) {
+    float acc[32] = {0}, s = 0.f;
+    int64_t t = 0;
+    for (; t + 32 <= d; t += 32)
+        for (int i = 0; i < 32; i++) acc[i] += a[t + i] * b[t + i];
+    for (; t < d; t++) s += a[t] * b[t];
+    for (int i = 0; i < 32; i++) s += acc[i];
+    return s;
 }
 
 typedef struct { float sim; int64_t row; } hit_t;
@@ -88,101 +106,167 @@ static uint16_t kth_largest_key(const uint16_t *a, int64_t n, int64_t stride, in
     return (uint16_t)((hb << 8) | lb);
 }
 
-static int add_hit(hits_t *h, float sim, int64_t row) {
-    if (h->n == h->cap) {
-        int64_t cap = h->cap ? 2 * h->cap : 512;
-        hit_t *grown = realloc(h->hits, sizeof(hit_t) * cap);
-        if (!grown) return -1;
-        h->hits = grown;
-        h->cap = cap;
+/* Candidates of a block of queries: per query, bank rows in increasing order (int32) and,
+ * once re-scored, their float32 similarities. */
+typedef struct { int32_t *rows; float *sims; int64_t n, cap; } cands_t;
+typedef struct { int64_t nq; cands_t *q; } block_t;
+
+void *block_new(int64_t nq) {
+    block_t *b = malloc(sizeof(block_t));
+    if (!b) return NULL;
+    b->nq = nq;
+    b->q = calloc(nq, sizeof(cands_t));
+    if (!b->q) { free(b); return NULL; }
+    return b;
+}
+
+void block_free(void *handle) {
+    block_t *b = handle;
+    if (!b) return;
+    for (int64_t q = 0; q < b->nq; q++) { free(b->q[q].rows); free(b->q[q].sims); }
+    free(b->q);
+    free(b);
+}
+
+static int add_row(cands_t *c, int32_t row) {
+    if (c->n == c->cap) {
+        int64_t cap = c->cap ? 2 * c->cap : 512;
+        int32_t *rows = realloc(c->rows, sizeof(int32_t) * cap);
+        if (!rows) return -1;
+        c->rows = rows;
+        float *sims = realloc(c->sims, sizeof(float) * cap);
+        if (!sims) return -1;
+        c->sims = sims;
+        c->cap = cap;
     }
-    h->hits[h->n].sim = sim;
-    h->hits[h->n].row = row;
-    h->n++;
+    c->rows[c->n++] = row;
     return 0;
 }
 
-/* Queries of panels [p0, p1) below n_queries. band[q] bounds |the bf16 product before its
- * output rounding - the float32 product| for query q (bf16_search.py derives it). queries
- * (n_queries, d) and bank (nb, d) are float32; out_sims/out_rows (n_queries, k). Returns the
- * number of rows re-scored, or -1 when memory ran out. */
-int64_t select_and_rescore(const uint16_t *sims, int64_t nb, int64_t W, int64_t p0, int64_t p1,
-                           int64_t n_queries, const float *queries, const float *bank, int64_t d,
-                           int64_t k, const float *band, float *out_sims, int64_t *out_rows) {
-    int64_t q0 = p0 * W, q1 = p1 * W < n_queries ? p1 * W : n_queries, nq = q1 - q0;
-    int64_t chunks = (nb + CHUNK - 1) / CHUNK, rescored = 0, failed = 0;
-    if (nq <= 0) return 0;
-    uint16_t *chunk_max = malloc(sizeof(uint16_t) * chunks * (p1 - p0) * W); /* (panel, chunk, W) keys */
-    uint16_t *cut = malloc(sizeof(uint16_t) * nq);
-    hits_t *found = calloc(nq, sizeof(hits_t));
-    if (!chunk_max || !cut || !found) { free(chunk_max); free(cut); free(found); return -1; }
-
-    for (int64_t p = p0; p < p1; p++) { /* 1. each chunk's largest similarity, per query */
-        const uint16_t *panel = sims + p * nb * W;
-        for (int64_t c = 0; c < chunks; c++) {
-            int64_t b = c * CHUNK, e = b + CHUNK < nb ? b + CHUNK : nb;
-            uint16_t *m = chunk_max + ((p - p0) * chunks + c) * W;
-            for (int64_t r = 0; r < W; r++) m[r] = order_key(panel[b * W + r]);
-            for (int64_t j = b + 1; j < e; j++) {
-                const uint16_t *row = panel + j * W;
-                for (int64_t r = 0; r < W; r++) {
-                    uint16_t v = order_key(row[r]);
-                    m[r] = v > m[r] ? v : m[r];
-                }
+/* Step 1, one panel: sims (nb, W) bf16 bits, column r = query q_offset + r of the block; handles
+ * columns [c0, c1). band[r] bounds |the bf16 product before its output rounding - the float32
+ * product| for column r. Adds to each query's candidates every row that can be among its k
+ * most similar. Returns 0, or -1 when memory ran out. */
+int64_t select_candidates(const uint16_t *sims, int64_t nb, int64_t W, int64_t c0, int64_t c1,
+                          const float *band, int64_t k, void *handle, int64_t q_offset) {
+    block_t *blk = handle;
+    int64_t nc = c1 - c0, chunks = (nb + CHUNK - 1) / CHUNK;
+    if (nc <= 0) return 0;
+    uint16_t *chunk_max = malloc(sizeof(uint16_t) * chunks * nc); /* (chunk, column) keys */
+    uint16_t *cut = malloc(sizeof(uint16_t) * nc);
+    if (!chunk_max || !cut) { free(chunk_max); free(cut); return -1; }
+    for (int64_t c = 0; c < chunks; c++) { /* each chunk's largest similarity, per column */
+        int64_t b = c * CHUNK, e = b + CHUNK < nb ? b + CHUNK : nb;
+        uint16_t *m = chunk_max + c * nc;
+        const uint16_t *row = sims + b * W + c0;
+        for (int64_t r = 0; r < nc; r++) m[r] = order_key(row[r]);
+        for (int64_t j = b + 1; j < e; j++) {
+            row = sims + j * W + c0;
+            for (int64_t r = 0; r < nc; r++) {
+                uint16_t v = order_key(row[r]);
+                m[r] = v > m[r] ? v : m[r];
             }
         }
     }
-    /* 2. per query the cut: with out = bf16 output, s = the product before output rounding and
-     * x = the float32 product, |out - s| <= 2^-9 |s| <= u |out| (u = 2^-8) and |s - x| <= band.
-     * The k-th largest chunk maximum L: >= k rows have out >= L, so the k-th largest x is
-     * >= T = L - u|L| - band. A row can reach T only if out + u|out| + band >= T. */
-    const float u = 1.0f / 256.0f;
-    for (int64_t q = q0; q < q1; q++) {
-        if (chunks < k) { cut[q - q0] = 0; continue; } /* fewer chunks than k: every row */
-        int64_t p = q / W, r = q % W;
-        uint16_t lk = kth_largest_key(chunk_max + (p - p0) * chunks * W + r, chunks, W, k);
-        float L = bf16_value(key_bits(lk));
-        float t = L - u * fabsf(L) - 2.0f * band[q];
+    /* Per column the cut: with out = the bf16 output, s = the product before output rounding
+     * and x = the float32 product, |out - s| <= 2^-9 |s| (round to nearest; subnormals: within
+     * band's absolute term), so |out - s| <= 2^-9 / (1 - 2^-9) |out| <= u |out|, and
+     * |s - x| <= band. v - u|v| and v + u|v| increase with v. The k-th largest chunk maximum
+     * L: >= k rows have out >= L, so the k-th largest x is >= T = L - u|L| - band. A row can
+     * reach T only if out + u|out| + band >= T. */
+    const float u = (1.0f / 512.0f) * (1.0f + 1.0f / 256.0f);
+    for (int64_t r = 0; r < nc; r++) {
+        if (chunks < k) { cut[r] = 0; continue; } /* fewer chunks than k: every row */
+        float L = bf16_value(key_bits(kth_largest_key(chunk_max + r, chunks, nc, k)));
+        float t = L - u * fabsf(L) - 2.0f * band[c0 + r];
         t = t >= 0 ? t / (1.0f + u) : t / (1.0f - u); /* the out at which out + u|out| = t */
         t -= 1e-6f * (fabsf(t) + 1e-3f);               /* float32 rounding in these lines */
-        cut[q - q0] = order_key(bf16_at_most(t));
+        cut[r] = order_key(bf16_at_most(t));
     }
-    /* 3. rows at or above the cut re-scored in float32, chunk by chunk so that a chunk's bank
-     * rows are read from memory once for all the block's queries that need them */
-    for (int64_t c = 0; c < chunks && !failed; c++) {
-        int64_t b = c * CHUNK, e = b + CHUNK < nb ? b + CHUNK : nb;
-        for (int64_t q = q0; q < q1; q++) {
-            int64_t p = q / W, r = q % W;
-            uint16_t t = cut[q - q0];
-            if (chunk_max[((p - p0) * chunks + c) * W + r] < t) continue;
-            const uint16_t *panel = sims + p * nb * W;
-            const float *qv = queries + q * d;
-            for (int64_t j = b; j < e; j++) {
-                if (order_key(panel[j * W + r]) < t) continue;
-                const float *x = bank + j * d;
-                float s = 0.f;
-                _Pragma("omp simd reduction(+:s)")
-                for (int64_t i = 0; i < d; i++) s += qv[i] * x[i];
-                if (add_hit(found + (q - q0), s, j)) { failed = 1; break; }
+    int failed = 0;
+    for (int64_t c = 0; c < chunks && !failed; c++) { /* rows at or above the cut */
+        int64_t b = c * CHUNK, e = b + CHUNK < nb ? b + CHUNK : nb, r = 0;
+        const uint16_t *m = chunk_max + c * nc;
+#ifdef __AVX512BW__
+        /* 32 columns a compare: order keys of the row against the columns' cuts */
+        for (; r + 32 <= nc && !failed; r += 32) {
+            __m512i cuts = _mm512_loadu_si512(cut + r);
+            if (!_mm512_cmpge_epu16_mask(_mm512_loadu_si512(m + r), cuts)) continue;
+            for (int64_t j = b; j < e && !failed; j++) {
+                __m512i h = _mm512_loadu_si512(sims + j * W + c0 + r);
+                __m512i key = _mm512_xor_si512(h, _mm512_or_si512(_mm512_srai_epi16(h, 15),
+                                                                  _mm512_set1_epi16((short)0x8000)));
+                for (__mmask32 hit = _mm512_cmpge_epu16_mask(key, cuts); hit; hit &= hit - 1)
+                    if (add_row(blk->q + q_offset + c0 + r + __builtin_ctz(hit), (int32_t)j)) failed = 1;
             }
         }
+#endif
+        for (; r < nc && !failed; r++) {
+            if (m[r] < cut[r]) continue;
+            cands_t *cand = blk->q + q_offset + c0 + r;
+            for (int64_t j = b; j < e; j++)  /* the chunk's 32 x W block is in L1 by now */
+                if (order_key(sims[j * W + c0 + r]) >= cut[r] && add_row(cand, (int32_t)j)) { failed = 1; break; }
+        }
     }
-    /* 4. the k best of each query's re-scored rows, best first */
+    free(chunk_max); free(cut);
+    return failed ? -1 : 0;
+}
+
+/* Step 2: the float32 similarity of every candidate of queries [q0, q1) in bank rows
+ * [row0, row1), bank-row-major so that each bank row is read from memory once for all the
+ * queries that need it. queries: the block's (nq, d); bank: (nb, d). Returns 0, or -1 when
+ * memory ran out. */
+int64_t rescore(void *handle, int64_t q0, int64_t q1, int64_t row0, int64_t row1,
+                const float *queries, const float *bank, int64_t d) {
+    block_t *blk = handle;
+    int64_t nq = q1 - q0;
+    if (nq <= 0) return 0;
+    int64_t *at = malloc(sizeof(int64_t) * nq);
+    if (!at) return -1;
+    for (int64_t q = 0; q < nq; q++) { /* the first candidate at or after row0 */
+        cands_t *c = blk->q + q0 + q;
+        int64_t lo = 0, hi = c->n;
+        while (lo < hi) { int64_t mid = (lo + hi) / 2; if (c->rows[mid] < row0) lo = mid + 1; else hi = mid; }
+        at[q] = lo;
+    }
+    const int64_t step = 64; /* bank rows per step: 64 x d float32 stay in L2 across queries */
+    for (int64_t b = row0; b < row1; b += step) {
+        int64_t e = b + step < row1 ? b + step : row1;
+        for (int64_t q = 0; q < nq; q++) {
+            cands_t *c = blk->q + q0 + q;
+            const float *qv = queries + (q0 + q) * d;
+            int64_t i = at[q];
+            for (; i < c->n && c->rows[i] < e; i++) c->sims[i] = dot(qv, bank + (int64_t)c->rows[i] * d, d);
+            at[q] = i;
+        }
+    }
+    free(at);
+    return 0;
+}
+
+/* Step 3: for queries [q0, q1) the k best re-scored candidates, best first (ties: lower row
+ * first), into out_sims/out_rows (nq, k) rows q; -inf and -1 past a query's candidates.
+ * Returns the number of candidates of those queries, or -1 when memory ran out. */
+int64_t top_k(void *handle, int64_t q0, int64_t q1, int64_t k, float *out_sims, int64_t *out_rows) {
+    block_t *blk = handle;
+    int64_t total = 0, cap = 0;
+    hit_t *hits = NULL;
     for (int64_t q = q0; q < q1; q++) {
-        hits_t *h = found + (q - q0);
-        rescored += h->n;
-        int64_t kk = h->n < k ? h->n : k;
-        if (!failed) {
-            if (h->n > kk) best_first(h->hits, h->n, kk);
-            sort_hits(h->hits, kk);
-            for (int64_t t = 0; t < kk; t++) {
-                out_sims[q * k + t] = h->hits[t].sim;
-                out_rows[q * k + t] = h->hits[t].row;
-            }
-            for (int64_t t = kk; t < k; t++) { out_sims[q * k + t] = -INFINITY; out_rows[q * k + t] = -1; }
+        cands_t *c = blk->q + q;
+        total += c->n;
+        if (c->n > cap) {
+            cap = c->n;
+            hit_t *grown = realloc(hits, sizeof(hit_t) * cap);
+            if (!grown) { free(hits); return -1; }
+            hits = grown;
         }
-        free(h->hits);
+        for (int64_t i = 0; i < c->n; i++) { hits[i].sim = c->sims[i]; hits[i].row = c->rows[i]; }
+        int64_t kk = c->n < k ? c->n : k;
+        if (c->n > kk) best_first(hits, c->n, kk);
+        sort_hits(hits, kk);
+        for (int64_t t = 0; t < kk; t++) { out_sims[q * k + t] = hits[t].sim; out_rows[q * k + t] = hits[t].row; }
+        for (int64_t t = kk; t < k; t++) { out_sims[q * k + t] = -INFINITY; out_rows[q * k + t] = -1; }
     }
-    free(chunk_max); free(cut); free(found);
-    return failed ? -1 : rescored;
+    free(hits);
+    return total;
 }

@@ -144,10 +144,11 @@ def knn_classify(
 
 
 def knn_top1(
-    bank, bank_labels, queries, query_labels, num_classes, k=20, temperature=0.07
+    bank, bank_labels, queries, query_labels, num_classes, k=20, temperature=0.07, search="auto"
 ) -> float:
     """Top-1 accuracy of weighted k-NN, as a fraction in [0, 1]."""
-    scores = knn_classify(bank, bank_labels, queries, num_classes, (k,), temperature)[k]
+    scores = knn_classify(bank, bank_labels, queries, num_classes, (k,), temperature,
+                          search=search)[k]
     return float((scores.argmax(1) == np.asarray(query_labels)).mean())
 
 
