@@ -147,6 +147,20 @@ def test_compiled_once_then_loaded_from_the_cache(tmp_path, monkeypatch):
     assert [p.stat().st_mtime_ns for p in built] == [stamp]
 
 
+def test_an_unwritable_cache_falls_back_to_the_temporary_directory(tmp_path, monkeypatch):
+    """A read-only home (a file where the cache folder should be, here): the kernel is built in
+    a folder of the temporary directory; with that unwritable too, faiss, and no error."""
+    (tmp_path / "not_a_folder").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "not_a_folder"))
+    monkeypatch.setattr(bf16_search.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    compiled_kernel.cache_clear()
+    assert compiled_kernel() is not None
+    assert len(list((tmp_path / "tmp").glob("ssl_pipeline-kernels-*/*.so"))) == 1
+    monkeypatch.setattr(bf16_search.tempfile, "gettempdir", lambda: str(tmp_path / "not_a_folder"))
+    compiled_kernel.cache_clear()
+    assert compiled_kernel() is None
+
+
 def test_a_failing_compiler_leaves_faiss_and_no_partial_files(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("CC", "false")  # exists, always fails
@@ -156,7 +170,7 @@ def test_a_failing_compiler_leaves_faiss_and_no_partial_files(tmp_path, monkeypa
     compiled_kernel.cache_clear()
     with caplog.at_level(logging.INFO, logger=bf16_search.__name__):
         assert compiled_kernel() is None
-    assert "could not compile" in caplog.text
+    assert "could not build" in caplog.text
     assert list((tmp_path / "ssl_pipeline" / "kernels").iterdir()) == []
     bank = np.random.default_rng(5).standard_normal((9000, 16), dtype=np.float32)
     monkeypatch.setattr(bf16_search, "has_bf16_matrix_units", lambda: True)

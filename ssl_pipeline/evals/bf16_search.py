@@ -23,8 +23,9 @@ apart in float64) for the other two.
 
 The kernel is compiled on first use with the system's C compiler (`$CC`, else the one Python
 was built with, else `cc`) and cached under `$XDG_CACHE_HOME/ssl_pipeline/kernels` (default
-`~/.cache/...`), keyed by its source, the compiler, its flags and the CPU; without a compiler
-`compiled_kernel()` returns None and `BankSearch` uses faiss.
+`~/.cache/...`; where that cannot be written, a folder in the temporary directory), keyed by its
+source, the compiler, its flags and the CPU; without a compiler `compiled_kernel()` returns None
+and `BankSearch` uses faiss.
 """
 
 from __future__ import annotations
@@ -77,15 +78,19 @@ def _compiler() -> str | None:
     return next((shutil.which(n) for n in names if n and shutil.which(n)), None)
 
 
-def _cache_dir() -> Path:
+def _kernel_dirs() -> list[Path]:
+    """Where the compiled kernel is kept: the user's cache, else (not writable: a read-only
+    home on a cluster node) a folder of this user's in the temporary directory."""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "ssl_pipeline" / "kernels"
+    user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+    return [Path(base) / "ssl_pipeline" / "kernels",
+            Path(tempfile.gettempdir()) / f"ssl_pipeline-kernels-{user}"]
 
 
 @functools.cache
 def compiled_kernel() -> ctypes.CDLL | None:
     """The kernel as a loaded library, compiled on first use; None (logged once) when this
-    machine has no working C compiler."""
+    machine has no working C compiler or nowhere to keep its output."""
     cc = _compiler()
     if cc is None:
         log.info("bf16 k-NN search: no C compiler found ($CC, cc); using faiss")
@@ -95,23 +100,33 @@ def compiled_kernel() -> ctypes.CDLL | None:
     for flags in _FLAGS:
         key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(flags).encode(),
                                           machine.encode()])).hexdigest()[:16]
-        library = _cache_dir() / f"bf16_select_{key}.so"
-        if not library.exists() and not _compile(cc, flags, library):
-            continue
-        try:
-            return _declare(ctypes.CDLL(str(library)))
-        except OSError as e:
-            log.info("bf16 k-NN search: %s does not load (%s)", library, e)
-    log.info("bf16 k-NN search: %s could not compile %s; using faiss", cc, SOURCE.name)
+        for folder in _kernel_dirs():
+            library = folder / f"bf16_select_{key}.so"
+            built = True if library.exists() else _compile(cc, flags, library)
+            if built is None:  # the folder is not writable: the next one
+                continue
+            if built:
+                try:
+                    return _declare(ctypes.CDLL(str(library)))
+                except OSError as e:
+                    log.info("bf16 k-NN search: %s does not load (%s)", library, e)
+            break  # the compiler failed with these flags: the next flags
+    log.info("bf16 k-NN search: %s could not build %s; using faiss", cc, SOURCE.name)
     return None
 
 
-def _compile(cc: str, flags: list[str], library: Path) -> bool:
-    library.parent.mkdir(parents=True, exist_ok=True)
-    # compiled beside its final name, then renamed: processes compiling at once (DDP ranks
-    # sharing a home directory) never load a half-written file
-    fd, partial = tempfile.mkstemp(suffix=".so", dir=library.parent)
-    os.close(fd)
+def _compile(cc: str, flags: list[str], library: Path) -> bool | None:
+    """True when `library` was built, False when the compiler failed, None when its folder
+    cannot be written."""
+    try:
+        library.parent.mkdir(parents=True, exist_ok=True)
+        # compiled beside its final name, then renamed: processes compiling at once (DDP ranks
+        # sharing a home directory) never load a half-written file
+        fd, partial = tempfile.mkstemp(suffix=".so", dir=library.parent)
+        os.close(fd)
+    except OSError as e:
+        log.info("bf16 k-NN search: cannot write to %s (%s)", library.parent, e)
+        return None
     cmd = [cc, *flags, "-fPIC", "-shared", "-o", partial, str(SOURCE)]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
