@@ -17,11 +17,14 @@ normalized tensors go through both sides:
   evaluation stage calls, on a `RunContext` built from the default recipe: DataLoader of
   `eval.batch_size` (256) with `data.num_workers` (0) workers, `weights_hash` + `cache_key`,
   `cached_features` -> `extract_features` (eval mode, no gradients, in the backbone's dtype:
-  it never autocasts, whatever `trainer.precision` resolves to) and the `.npz` cache write.
+  by default it never autocasts, whatever `trainer.precision` resolves to) and the `.npz` cache
+  write.
   *cold*: a fresh context and an empty cache directory, as the first run of a recipe.
   *cached*: a fresh context whose cache directory already holds the file, as a re-run (the
   weights are still hashed to find the key, then the file is read).
   *extract_features alone*: the inner call on an identical loader, no hash, no cache.
+  *cold, bf16 features* (where bf16 is native): *cold* with `eval.feature_precision=bf16`, the
+  opt-in that runs the backbone under bf16 autocast (features within bf16 rounding).
 - reference: the loop users write: `model.eval(); with torch.no_grad(): for x, _ in
   DataLoader(TransformedDataset(split, Compose([ToTensor(), Normalize(mean, std)])),
   batch_size, num_workers=2): feats.append(model(x))`, fp32.
@@ -71,11 +74,11 @@ def write_split_folders(root: Path, test_images: int, classes: int = 4) -> Path:
     return root
 
 
-def case_recipe(case: dict, cache_dir: Path):
-    """The default recipe with only the data (and the cache directory) set."""
+def case_recipe(case: dict, cache_dir: Path, extra: tuple[str, ...] = ()):
+    """The default recipe with only the data (and the cache directory) set, plus `extra`."""
     from ssl_pipeline.recipe import apply_overrides, recipe_from_dict
 
-    overrides = [f"data.name={case['dataset']}", f"eval.cache_dir={cache_dir}"]
+    overrides = [f"data.name={case['dataset']}", f"eval.cache_dir={cache_dir}", *extra]
     if case["dataset"] == "image_folder":
         overrides.append(f"data.root={case['root']}")
     return recipe_from_dict(apply_overrides({"name": "feature_throughput"}, overrides))
@@ -112,12 +115,12 @@ def case_backbone(recipe, bundle):
     return backbone
 
 
-def run_context(case: dict, bundle, cache_dir: Path, run_dir: Path):
+def run_context(case: dict, bundle, cache_dir: Path, run_dir: Path, extra: tuple[str, ...] = ()):
     """A fresh RunContext of the default recipe (resolved on this machine) holding `bundle`."""
     from ssl_pipeline.pipeline import resolve
     from ssl_pipeline.stages import RunContext
 
-    recipe = case_recipe(case, cache_dir)
+    recipe = case_recipe(case, cache_dir, extra)
     ctx = RunContext(recipe, run_dir, resolve(recipe), quiet=True)
     ctx.__dict__["data"] = bundle  # `data` is a cached_property: the cut test split
     return ctx
@@ -126,11 +129,15 @@ def run_context(case: dict, bundle, cache_dir: Path, run_dir: Path):
 # ------------------------------------------------------------------ the two sides
 
 
-def ours(case: dict, bundle, backbone, cache_dir: Path, run_dir: Path) -> tuple[dict, np.ndarray]:
+BF16_FEATURES = ("eval.feature_precision=bf16",)  # the opt-in row's recipe override
+
+
+def ours(case: dict, bundle, backbone, cache_dir: Path, run_dir: Path,
+         extra: tuple[str, ...] = ()) -> tuple[dict, np.ndarray]:
     """One `evaluation.features` call, as an evaluation stage makes it, timed."""
     from ssl_pipeline.evaluation import Subject, features
 
-    ctx = run_context(case, bundle, cache_dir, run_dir)
+    ctx = run_context(case, bundle, cache_dir, run_dir, extra)
     start = time.perf_counter()
     x, _ = features(ctx, Subject("backbone", backbone), "test")
     seconds = time.perf_counter() - start
@@ -271,7 +278,10 @@ def row(passes: list[dict], images: int) -> dict:
 def measure_case(case: dict, tmp: Path) -> dict:
     import torch
 
+    from ssl_pipeline.compute import cpu_has_native_bf16
     from ssl_pipeline.features import weights_hash
+
+    bf16 = cpu_has_native_bf16()  # the opt-in bf16 row only where bf16 is native
 
     n = case["images"]
     bundle = case_bundle(case, n)
@@ -291,6 +301,9 @@ def measure_case(case: dict, tmp: Path) -> dict:
 
     passes: dict[str, list] = {"reference": [], "ours_cold": [], "ours_cached": [],
                                "ours_extract_features_only": []}
+    if bf16:
+        passes["ours_cold_bf16_features"] = []
+        ours(case, warm, backbone, tmp / f"{case['name']}_warm_bf16", run_dir, BF16_FEATURES)
     outputs: dict[str, np.ndarray] = {}
     for r in range(case["rounds"]):
         cache = tmp / f"{case['name']}_cache_{r}"  # empty: a cold extraction
@@ -299,6 +312,10 @@ def measure_case(case: dict, tmp: Path) -> dict:
             ("reference", lambda: reference(bundle.test, plain_backbone, batch)),
             ("ours_extract_features_only", lambda: ours_extract_only(bundle, backbone, batch, workers)),
         ]
+        if bf16:
+            cache_bf16 = tmp / f"{case['name']}_cache_bf16_{r}"
+            sides.append(("ours_cold_bf16_features", lambda cache_bf16=cache_bf16: ours(
+                case, bundle, backbone, cache_bf16, run_dir, BF16_FEATURES)))
         for name, measure in (sides if r % 2 == 0 else sides[::-1]):
             print(f"  {case['name']}: round {r + 1}/{case['rounds']} {name} ...", flush=True)
             timing, outputs[name] = measure()
@@ -322,7 +339,8 @@ def measure_case(case: dict, tmp: Path) -> dict:
     }
     paired = {name: [round(r / o, 3) for r, o in zip(
         [p["seconds"] for p in passes["reference"]], [p["seconds"] for p in passes[name]])]
-        for name in ("ours_cold", "ours_extract_features_only")}
+        for name in ("ours_cold", "ours_extract_features_only", "ours_cold_bf16_features")
+        if name in passes}
     rows = {name: row(p, n) for name, p in passes.items()}
     ratio = lambda a: round(rows[a]["images_per_second"] / rows["reference"]["images_per_second"], 2)  # noqa: E731
     return {
@@ -342,13 +360,18 @@ def measure_case(case: dict, tmp: Path) -> dict:
             "cold_ours_over_reference": ratio("ours_cold"),
             "cached_rerun_ours_over_reference": ratio("ours_cached"),
             "extract_features_only_over_reference": ratio("ours_extract_features_only"),
+            **({"cold_bf16_features_over_reference": ratio("ours_cold_bf16_features"),
+                "cold_bf16_features_over_ours_cold": round(
+                    rows["ours_cold_bf16_features"]["images_per_second"]
+                    / rows["ours_cold"]["images_per_second"], 2)} if bf16 else {}),
         },
         "ratios_by_round": paired,  # reference seconds / ours seconds within each round
         "ours_breakdown": {"weights_hash_seconds": round(hash_seconds, 3), **data_path},
         "inputs_ours_vs_reference": inputs,
         "agreement_with_reference": {
             name: agreement(outputs[name], outputs["reference"])
-            for name in ("ours_cold", "ours_cached", "ours_extract_features_only")
+            for name in ("ours_cold", "ours_cached", "ours_extract_features_only",
+                         "ours_cold_bf16_features") if name in outputs
         },
         "torch_threads": torch.get_num_threads(),
     }
@@ -378,6 +401,12 @@ def print_case(c: dict) -> None:
           f"model): ours {b['ours_loader_seconds']:.2f} s, reference {b['reference_loader_seconds']:.2f} s")
     print(f"  features vs reference: max |diff| {a['max_abs_difference']:.2e}, cosine min "
           f"{a['cosine_min']:.6f}, bit-identical {a['bit_identical']}")
+    if "cold_bf16_features_over_reference" in r:
+        b16 = c["agreement_with_reference"]["ours_cold_bf16_features"]
+        print(f"  with eval.feature_precision=bf16: x{r['cold_bf16_features_over_reference']:.2f} "
+              f"the reference, x{r['cold_bf16_features_over_ours_cold']:.2f} our float32 "
+              f"default; features vs reference: cosine min {b16['cosine_min']:.6f}, mean "
+              f"{b16['cosine_mean']:.6f}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -428,6 +457,9 @@ def main(argv=None) -> dict:
             " weights are hashed for the key, then the .npz is read. What a re-run pays.",
             "ours_extract_features_only: features.extract_features on the same loader, no hash"
             " and no cache file: the extraction loop alone.",
+            ("ours_cold_bf16_features (where bf16 is native): ours_cold with the recipe override"
+             " eval.feature_precision=bf16, the backbone under bf16 autocast; its own empty cache"
+             " directory each round."),
             "reference: model.eval(); torch.no_grad(); DataLoader(split with Compose([ToTensor(),"
             " Normalize(mean, std)]), same batch size, num_workers=2); feats.append(model(x)); fp32.",
             "Both sides: the same backbone weights (ours: its weights in channels_last layout,"

@@ -164,8 +164,9 @@ def features(ctx: RunContext, subject: Subject, split: str,
         num_workers=ctx.recipe.data.num_workers,
     )
     model = subject.backbone if subject.backbone is not None else torch.nn.Flatten()
+    precision = ctx.recipe.eval.feature_precision
     key = cache_key(f"{subject.name}:{subject_weights_sha(ctx, subject)}", transform,
-                    split_key(ctx.data, split, data_fingerprint(ctx)))
+                    split_key(ctx.data, split, data_fingerprint(ctx)), precision)
     progress = bar(ctx, f"features {split}", subject)
     device = eval_device(ctx)
     start = time.time()
@@ -173,7 +174,7 @@ def features(ctx: RunContext, subject: Subject, split: str,
     if ctx.recipe.trainer.channels_last:
         channels_last(model)
     x, y, from_cache = cached_features(model, loader, Path(ctx.recipe.eval.cache_dir),
-                                       key, device, progress, together)
+                                       key, device, progress, together, precision)
     if not from_cache:
         ctx.count_images(len(dataset), time.time() - start)
     memo[(subject.name, split)] = (x, y)

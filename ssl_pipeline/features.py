@@ -39,11 +39,17 @@ def weights_hash(module: nn.Module) -> str:
 
 
 
-def cache_key(weights_sha: str, transform: object, split_hash: str) -> str:
+def cache_key(weights_sha: str, transform: object, split_hash: str, precision: str = "fp32") -> str:
     """The cache entry of one split's features: the weights, the transform, the split's
-    images and the code that extracts them (an edited checkout extracts its own)."""
+    images, the precision they were computed in and the code that extracts them (an edited
+    checkout extracts its own)."""
     text = f"{weights_sha}|{transform!r}|{split_hash}|{ssl_pipeline.__version__}|{code_fingerprint()}"
+    if precision != "fp32":  # float32 entries keep the keys they had before the option
+        text += f"|{precision}"
     return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+FEATURE_PRECISIONS = ("fp32", "bf16")
 
 
 @torch.no_grad()
@@ -52,19 +58,27 @@ def extract_features(
     loader: torch.utils.data.DataLoader,
     device: torch.device | str = "cpu",
     progress: str | None = None,
+    precision: str = "fp32",
 ) -> tuple[np.ndarray, np.ndarray]:
     """`(features (N, D) float32, labels (N,))` in loader order; restores the training mode.
 
     Batches stream through the backbone; `progress` names a progress bar shown on terminals.
+    `precision` "bf16" runs the backbone under bf16 autocast (eval.feature_precision): faster
+    where bf16 is native, features within bf16 rounding of the float32 ones.
     """
+    if precision not in FEATURE_PRECISIONS:
+        raise ValueError(f"precision must be one of {FEATURE_PRECISIONS}, got {precision!r}")
     was_training = backbone.training
     backbone.eval()  # BatchNorm uses its running statistics: features do not depend on the batch
     features, labels = [], []
     batches = progress_bar(loader, progress)
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16,
+                              enabled=precision == "bf16")
     try:
-        for images, targets in batches:
-            features.append(backbone(images.to(device)).float().cpu())
-            labels.append(torch.as_tensor(targets))
+        with autocast:
+            for images, targets in batches:
+                features.append(backbone(images.to(device)).float().cpu())
+                labels.append(torch.as_tensor(targets))
     finally:
         backbone.train(was_training)
     return torch.cat(features).numpy(), torch.cat(labels).numpy()
@@ -85,6 +99,7 @@ def cached_features(
     device: torch.device | str = "cpu",
     progress: str | None = None,
     together: bool = False,
+    precision: str = "fp32",
 ) -> tuple[np.ndarray | None, np.ndarray | None, bool]:
     """Features from `cache_dir/<key>.npz` when present, else extracted and saved there.
 
@@ -104,11 +119,11 @@ def cached_features(
         with np.load(path) as saved:
             return saved["features"], saved["labels"], True
     if world > 1:
-        features, labels = extract_sharded(backbone, loader, device, progress)
+        features, labels = extract_sharded(backbone, loader, device, progress, precision)
         if rank != 0:
             return None, None, False
     else:
-        features, labels = extract_features(backbone, loader, device, progress)
+        features, labels = extract_features(backbone, loader, device, progress, precision)
     path.parent.mkdir(parents=True, exist_ok=True)
 
     def save(tmp: str) -> None:
@@ -127,6 +142,7 @@ def extract_sharded(
     loader: torch.utils.data.DataLoader,
     device: torch.device | str = "cpu",
     progress: str | None = None,
+    precision: str = "fp32",
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """`extract_features` over a process group: this process's strided shard of
     `loader.dataset`, gathered on rank 0 in dataset order (None elsewhere)."""
@@ -138,7 +154,8 @@ def extract_sharded(
         num_workers=loader.num_workers, collate_fn=loader.collate_fn,
     )
     if len(mine):
-        x, y = extract_features(backbone, shard, device, progress if rank == 0 else None)
+        x, y = extract_features(backbone, shard, device, progress if rank == 0 else None,
+                                precision)
     else:  # fewer samples than processes
         x, y = np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
     comm = "cuda" if dist.get_backend() == "nccl" else "cpu"

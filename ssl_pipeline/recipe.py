@@ -361,6 +361,10 @@ class EvalConfig(Strict):
     reuse_baselines: bool = True
     seeds: int = Field(3, ge=1)  # linear probe and label-fraction repeats
     batch_size: int = Field(256, ge=1)  # feature extraction
+    # Features for every evaluation (and its baselines) computed in float32 (the default,
+    # whatever trainer.precision is), or under bf16 autocast: faster where bf16 is native
+    # (Intel AMX, recent GPUs), features within bf16 rounding; cached apart from float32 ones.
+    feature_precision: Literal["fp32", "bf16"] = "fp32"
     # Fine-tuning and classic-probe runs save a checkpoint (under <run dir>/runs/) at the end of
     # the first epoch that ends this many minutes after the last save (0: every epoch) and when
     # they finish; `--resume` goes on from it. null: none (a run cut off starts over).

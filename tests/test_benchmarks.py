@@ -95,11 +95,16 @@ def test_decode_throughput_quick_run_reports_per_worker_ratios(tmp_path):
 
 @pytest.mark.slow
 def test_feature_throughput_quick_run_compares_equal_work(tmp_path, fashion_mnist_root):
+    from ssl_pipeline.compute import cpu_has_native_bf16
+
     proc, figures = quick_run("feature_throughput", tmp_path)
     assert "x" in proc.stdout
     assert set(figures["cases"]) == {"28px", "224px"}
+    # the opt-in bf16 features row where bf16 is native (its features: cosine > 0.9999 below)
+    bf16_row = {"ours_cold_bf16_features"} if cpu_has_native_bf16() else set()
     for case in figures["cases"].values():
-        assert set(case["rows"]) == {"reference", "ours_cold", "ours_cached", "ours_extract_features_only"}
+        assert set(case["rows"]) == {"reference", "ours_cold", "ours_cached",
+                                     "ours_extract_features_only", *bf16_row}
         assert all(row["images_per_second"] > 0 for row in case["rows"].values())
         # both sides computed the same features from the same images
         for agreement in case["agreement_with_reference"].values():
