@@ -200,7 +200,8 @@ def test_auto_uses_bf16_only_where_it_pays(monkeypatch, amx, rows, finite, fits,
 
 def test_memory_check_reads_the_available_memory():
     assert bf16_search.fits_in_memory(np.zeros((10, 4), np.float32))
-    assert not bf16_search.fits_in_memory(np.zeros(1, np.float32), block_bytes=2**60)
+    if os.path.exists("/proc/meminfo"):  # elsewhere it cannot tell, and says it fits
+        assert not bf16_search.fits_in_memory(np.zeros(1, np.float32), block_bytes=2**60)
 
 
 def test_an_unknown_search_is_a_user_error():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,6 +91,21 @@ def read_offline_run(run_dir: Path) -> OfflineRun:
     return out
 
 
-def offline_runs(run_dir: Path) -> list[OfflineRun]:
-    """Every offline W&B run under a pipeline run directory, oldest first."""
-    return [read_offline_run(p) for p in sorted((Path(run_dir) / "wandb").glob("offline-run-*"))]
+def offline_runs(run_dir: Path, within: float = 30.0) -> list[OfflineRun]:
+    """Every offline W&B run under a pipeline run directory, oldest first.
+
+    wandb's service process may still be writing a run's log when `run.finish()` has returned
+    (seen under load in CI: the last run's file without its `run` record yet); the logs are
+    read again until each reads whole with its run record, for up to `within` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            runs = [read_offline_run(p)
+                    for p in sorted((Path(run_dir) / "wandb").glob("offline-run-*"))]
+        except Exception:  # a record cut short while being written
+            if time.monotonic() > deadline:
+                raise
+        else:
+            if all(r.run_id for r in runs) or time.monotonic() > deadline:
+                return runs
+        time.sleep(0.2)
