@@ -23,7 +23,8 @@ DATASET_DESCRIPTIONS = {
 DATASETS = tuple(sorted(DATASET_DESCRIPTIONS))
 STAGE_DESCRIPTIONS = {
     "pretrain": "train the backbone with the recipe's method, then export it",
-    "knn": "weighted k-NN (faiss, cosine) on cached features; test split",
+    "knn": "weighted k-NN (exact cosine: faiss, or bf16 + float32 on AMX) on cached features; "
+           "test split",
     "linear_probe": "linear probe on cached features, tuned on validation",
     "few_shot": "k examples per class, logistic regression and k-NN, over seeds",
     "finetune": "fine-tune the whole network on label fractions; best epoch on val",

@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from ssl_pipeline.blas import cpu_flags
+from ssl_pipeline.errors import SSLPipelineError
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +190,10 @@ class Bf16Search:
 
         lib = compiled_kernel()
         if lib is None:
-            raise RuntimeError("bf16 search needs its compiled kernel (a C compiler)")
+            raise SSLPipelineError(
+                "k-NN: search 'bf16' compiles a small C kernel on first use and could not build "
+                "it (no working C compiler found: tried $CC, Python's own and cc): install one "
+                "(e.g. apt-get install gcc) or set eval.knn.search: faiss")
         if len(bank) >= 2**31:
             raise ValueError(f"bf16 search keeps bank rows as int32: {len(bank)} rows is too many")
         self.lib, self.torch = lib, torch
@@ -206,6 +210,7 @@ class Bf16Search:
         self.block = max(block // self.panel, 1) * self.panel
         self.threads = max(torch.get_num_threads(), 1)
         self.rescored_per_query = 0.0  # rows re-scored in float32 per query, last search
+        self._panel = None  # (N, panel) bf16 similarities, made on the first search, then reused
 
     def bands(self, queries, queries_bf16) -> np.ndarray:
         """Per query, a bound on |bf16 product before output rounding - float32 product|:
@@ -224,7 +229,9 @@ class Bf16Search:
             raise ValueError(f"k={k} over a bank of {nb} rows, queries {queries.shape}")
         sims = np.empty((len(queries), k), np.float32)
         rows = np.empty((len(queries), k), np.int64)
-        panel = self.torch.empty(nb, self.panel, dtype=self.torch.bfloat16)
+        if self._panel is None:  # one buffer for every call (knn_classify calls per query chunk)
+            self._panel = self.torch.empty(nb, self.panel, dtype=self.torch.bfloat16)
+        panel = self._panel
         rescored = 0
         with ThreadPoolExecutor(self.threads) as pool:
             for start in range(0, len(queries), self.block):

@@ -51,8 +51,10 @@ class BankSearch:
         self.bank = l2_normalized(bank)
         self.index = self.bf16 = None
         self.kind = choose_search(self.bank, search)
-        if self.kind == "bf16":
-            self.bf16 = _bf16_search(self.bank)
+        if self.kind == "bf16":  # an error that says what to do where the kernel cannot be built
+            from ssl_pipeline.evals.bf16_search import Bf16Search
+
+            self.bf16 = Bf16Search(self.bank)
         elif self.kind == "faiss-gpu":
             # Older faiss GPU builds cap k at 2048; the protocols here use k <= 200.
             self.index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(self.bank.shape[1]))
@@ -84,17 +86,6 @@ def _bf16_pays(bank: np.ndarray) -> bool:
     return (len(bank) >= BF16_MIN_BANK and bf16.has_bf16_matrix_units()
             and bf16.fits_in_memory(bank) and bf16.all_finite(bank)
             and bf16.compiled_kernel() is not None)
-
-
-def _bf16_search(bank: np.ndarray):
-    from ssl_pipeline.evals.bf16_search import Bf16Search, compiled_kernel
-
-    if compiled_kernel() is None:
-        raise SSLPipelineError(
-            "k-NN: search 'bf16' compiles a small C kernel on first use and found no working C "
-            "compiler (tried $CC, Python's own and cc): install one (e.g. apt-get install gcc) "
-            "or set eval.knn.search: faiss")
-    return Bf16Search(bank)
 
 
 def knn_classify(
