@@ -44,6 +44,23 @@ def normalized(rng, n, d):
     return l2_normalized(rng.standard_normal((n, d), dtype=np.float32))
 
 
+def on_tiles() -> bool:
+    """True where the kernel runs step 1 on the AMX tiles (an Intel CPU with AMX-BF16, a
+    compiler that builds for it, Linux granting the tile state)."""
+    return compiled_kernel().amx_ready() == 1
+
+
+# Both first passes: on the AMX tiles (`amx_select`) where this machine has them, and torch's
+# bf16 product with `select_candidates` (everywhere; the path of CPUs without AMX).
+PATHS = pytest.mark.parametrize("tiles", [True, False], ids=["tiles", "panels"])
+
+
+def make_search(bank, tiles, **kwargs) -> Bf16Search:
+    search = Bf16Search(bank, tiles=tiles, **kwargs)
+    assert search.tiles == (tiles and on_tiles())
+    return search
+
+
 @pytest.fixture(autouse=True)
 def kernel_cache(tmp_path_factory, monkeypatch):
     """Compile into a directory of this test session, not the user's cache. Without a C
@@ -60,16 +77,18 @@ def kernel_cache(tmp_path_factory, monkeypatch):
     compiled_kernel.cache_clear()
 
 
+@PATHS
 @pytest.mark.parametrize("n, d, queries, k", [
     (9000, 64, 300, 200),  # the protocols' k; queries not a multiple of the 128-query panel
-    (9000, 37, 130, 20),   # a dimension that is no multiple of a vector register
+    (9000, 37, 130, 20),   # no multiple of a vector register nor of a tile (32) in rows or dims
     (4000, 16, 64, 1),     # k=1
     (500, 32, 40, 50),     # fewer 32-row chunks than k: every row is re-scored
+    (3000, 100, 1, 40),    # one query: 31 zero queries pad its tile group
 ])
-def test_same_neighbours_as_float64_search(n, d, queries, k):
+def test_same_neighbours_as_float64_search(n, d, queries, k, tiles):
     rng = np.random.default_rng([n, d, k])
     bank, q = normalized(rng, n, d), normalized(rng, queries, d)
-    search = Bf16Search(bank)
+    search = make_search(bank, tiles)
     assert_exact_neighbours(bank, q, k, *search.search(q, k))
     if n // 32 >= 4 * k:  # the bound prunes: far fewer rows re-scored than the bank
         assert search.rescored_per_query < n / 4
@@ -92,9 +111,10 @@ def crowded_at_zero(rng, n=6000, near=600, d=64, spread=1e-3):
     return bank, queries
 
 
-def test_exact_where_bf16_rounding_reorders_the_neighbours():
+@PATHS
+def test_exact_where_bf16_rounding_reorders_the_neighbours(tiles):
     bank, q = crowded_at_zero(np.random.default_rng(0))
-    search = Bf16Search(bank)
+    search = make_search(bank, tiles)
     found_sims, found_rows = search.search(q, 100)
     assert_exact_neighbours(bank, q, 100, found_sims, found_rows)
     # the test can fail: ranking by the bf16 similarities alone picks other rows
@@ -103,25 +123,67 @@ def test_exact_where_bf16_rounding_reorders_the_neighbours():
     assert any(set(a) != set(b) for a, b in zip(by_bf16, found_rows))
 
 
-def test_without_its_error_bound_the_search_would_miss_neighbours(monkeypatch):
+@PATHS
+def test_without_its_error_bound_the_search_would_miss_neighbours(monkeypatch, tiles):
     """The crowded bank needs the bound: with it zeroed the kernel prunes true neighbours (so
     the test above checks the bound, not luck)."""
     bank, q = crowded_at_zero(np.random.default_rng(0))
-    search = Bf16Search(bank)
+    search = make_search(bank, tiles)
     monkeypatch.setattr(search, "bands", lambda *a: np.zeros(len(a[0]), np.float32))
     with pytest.raises(AssertionError):
         assert_exact_neighbours(bank, q, 100, *search.search(q, 100))
 
 
-def test_negative_similarities_and_several_blocks():
+@PATHS
+def test_negative_similarities_and_several_blocks(tiles):
     """Queries pointing away from the bank (all similarities negative), in the smallest panels
     (16 queries, as for a bank too large for 128) and several blocks."""
     rng = np.random.default_rng(3)
     bank = normalized(rng, 7000, 32)
     q = l2_normalized(-bank[:300] + 0.05 * rng.standard_normal((300, 32), dtype=np.float32))
-    search = Bf16Search(bank, block_bytes=1, block=40)
+    search = make_search(bank, tiles, block_bytes=1, block=40)
     assert (search.panel, search.block) == (16, 32)
     assert_exact_neighbours(bank, q, 30, *search.search(q, 30))
+
+
+@PATHS
+def test_normalizing_as_it_goes_equals_searching_normalized_copies(tiles):
+    """`normalize=True` (what BankSearch asks for: no normalized copy of the bank) finds the
+    cosine neighbours of unnormalized rows of any length, zero rows included (similarity 0)."""
+    rng = np.random.default_rng(5)
+    bank = rng.standard_normal((9000, 70), dtype=np.float32)
+    bank *= rng.uniform(1e-3, 1e3, (9000, 1)).astype(np.float32)
+    bank[[3, 4000]] = 0
+    q = rng.standard_normal((200, 70), dtype=np.float32) * 30
+    q[7] = 0
+    search = make_search(bank, tiles, normalize=True)
+    sims, rows = search.search(q, 100)
+    assert_exact_neighbours(l2_normalized(bank), l2_normalized(q), 100, sims, rows)
+    assert (sims[7] == 0).all()  # a zero query is as similar to every row
+
+
+@PATHS
+def test_a_bank_in_increasing_similarity_order(tiles):
+    """The worst order for a cut that rises as the bank streams by: every row is more similar
+    to the query than the rows before it, so every row is kept for a while and the lists are
+    cut down and regrown again and again."""
+    rng = np.random.default_rng(6)
+    q = normalized(rng, 1, 48)
+    bank = normalized(rng, 20000, 48)
+    bank = bank[np.argsort(bank @ q[0])]
+    queries = l2_normalized(q + 1e-3 * rng.standard_normal((40, 48), dtype=np.float32))
+    assert_exact_neighbours(bank, queries, 150, *make_search(bank, tiles).search(queries, 150))
+
+
+@PATHS
+def test_ties_come_lower_row_first(tiles):
+    """Equal similarities (repeated bank rows) in increasing row order, as faiss orders them."""
+    rng = np.random.default_rng(8)
+    bank = normalized(rng, 9000, 32)
+    bank[[100, 2500, 8999]] = bank[50]
+    sims, rows = make_search(bank, tiles).search(bank[[50]], 10)
+    assert list(rows[0][:4]) == [50, 100, 2500, 8999]
+    assert sims[0][0] == sims[0][1] == sims[0][2] == sims[0][3]
 
 
 def test_knn_classify_scores_equal_faiss_scores():
@@ -214,6 +276,7 @@ def test_the_portable_build_finds_the_same_neighbours(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(bf16_search, "_FLAGS", (["-O3"],))
     compiled_kernel.cache_clear()
+    assert not on_tiles()  # the AMX step needs the native flags
     bank, q = crowded_at_zero(np.random.default_rng(1))
     assert_exact_neighbours(bank, q, 100, *Bf16Search(bank).search(q, 100))
     rng = np.random.default_rng(7)

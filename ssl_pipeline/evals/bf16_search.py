@@ -147,8 +147,11 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         ("block_new", p, [i]),
         ("block_free", None, [p]),
         ("select_candidates", i, [p, i, i, i, i, p, i, p, i]),
-        ("rescore", i, [p, i, i, i, i, p, p, i]),
+        ("rescore", i, [p, i, i, i, i, p, p, i, p, p]),
         ("top_k", i, [p, i, i, i, p, p]),
+        ("amx_ready", i, []),
+        ("amx_select", i, [p, i, i, i, p, i, i, p, i, p]),
+        ("to_tiles", None, [p, i, i, i, i, i, i, p, p, p, p]),
     ]:
         getattr(lib, name).restype = restype
         getattr(lib, name).argtypes = args
@@ -171,6 +174,22 @@ def _rounding(x, bf16) -> tuple[np.ndarray, np.ndarray]:
     return norm * slack, err * slack
 
 
+def _aligned_empty(shape: tuple[int, ...]) -> np.ndarray:
+    """`np.empty(shape, np.uint16)` on a 64-byte boundary (whole cache lines for the tiles),
+    from torch's allocator: numpy's asks Linux for transparent huge pages on large arrays, and
+    where memory is fragmented the first touch then waits on compaction (0.18 s for 64 MB,
+    against 0.03 s in 4 KB pages, measured)."""
+    import torch
+
+    return torch.empty(shape, dtype=torch.int16).numpy().view(np.uint16)
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    """A float32 copy of `x (N, D)` with unit rows (zero rows stay zero, as faiss leaves them)."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.divide(x, norms, out=np.zeros_like(x, dtype=np.float32), where=norms > 0)
+
+
 def all_finite(x: np.ndarray) -> bool:
     """`np.isfinite(x).all()` without a boolean copy of x (2 GB for a 1M x 2048 bank)."""
     step = max(1, 2**22 // max(x.shape[1] if x.ndim == 2 else 1, 1))
@@ -185,7 +204,8 @@ class Bf16Search:
     (N, W) with W <= 128 queries chosen so that the panel stays within `block_bytes`.
     """
 
-    def __init__(self, bank: np.ndarray, block_bytes: int = 128 * 2**20, block: int = 1024):
+    def __init__(self, bank: np.ndarray, block_bytes: int = 128 * 2**20, block: int = 1024,
+                 tiles: bool = True, normalize: bool = False):
         import torch
 
         lib = compiled_kernel()
@@ -199,8 +219,20 @@ class Bf16Search:
         self.lib, self.torch = lib, torch
         self.bank = np.ascontiguousarray(bank, dtype=np.float32)
         bank_t = torch.from_numpy(self.bank)
-        self.bank_bf16 = bank_t.to(torch.bfloat16)
-        norm, err = _rounding(bank_t, self.bank_bf16)
+        # on the AMX tiles where the kernel was built for them and Linux grants them
+        self.tiles = bool(tiles) and lib.amx_ready() == 1
+        self.threads = max(torch.get_num_threads(), 1)
+        self.normalize, self.bank_scale = normalize, None
+        if self.tiles:  # the bf16 copy in AMX's layout, in one pass with the rounding's norms
+            with ThreadPoolExecutor(self.threads) as pool:
+                self.bank_bf16, norm, err, self.bank_scale = self._to_tiles(
+                    self.bank, "B", pool, scaled=normalize)
+        else:
+            if normalize:
+                self.bank = _unit_rows(self.bank)
+                bank_t = torch.from_numpy(self.bank)
+            self.bank_bf16 = bank_t.to(torch.bfloat16)
+            norm, err = _rounding(bank_t, self.bank_bf16)
         self.bank_norm = float(norm.max()) if len(norm) else 0.0
         self.bank_err = float(err.max()) if len(err) else 0.0
         # queries per panel: 128 ran fastest on AMX (a (60k, 128) bf16 panel is 15 MB, which
@@ -208,28 +240,29 @@ class Bf16Search:
         self.panel = int(min(max(block_bytes // (2 * max(len(bank), 1)) // 16 * 16, 16), PANEL))
         # queries re-scored together: a bank row is read once per block of them
         self.block = max(block // self.panel, 1) * self.panel
-        self.threads = max(torch.get_num_threads(), 1)
         self.rescored_per_query = 0.0  # rows re-scored in float32 per query, last search
         self._panel = None  # (N, panel) bf16 similarities, made on the first search, then reused
 
-    def bands(self, queries, queries_bf16) -> np.ndarray:
-        """Per query, a bound on |bf16 product before output rounding - float32 product|:
-        |q.x - q'.x'| <= |q - q'| |x| + |q'| |x - x'| (inputs' rounding, Cauchy-Schwarz), plus
-        the float32 accumulation of D products, gamma_D |q'| |x'|."""
+    def bands(self, q_norm: np.ndarray, q_err: np.ndarray) -> np.ndarray:
+        """Per query, from the norms of the query and of its rounding (`_rounding`), a bound on
+        |bf16 product before output rounding - float32 product|: |q.x - q'.x'| <= |q - q'| |x| +
+        |q'| |x - x'| (inputs' rounding, Cauchy-Schwarz), plus the float32 accumulation of D
+        products, gamma_D |q'| |x'|."""
         d = self.bank.shape[1]
         gamma = d * _U / (1 - d * _U)
-        q_norm, q_err = _rounding(queries, queries_bf16)
         band = q_err * self.bank_norm + q_norm * self.bank_err + gamma * q_norm * self.bank_norm
         return (band * (1 + 1e-5) + 1e-30).astype(np.float32)  # 1e-30: flushed subnormals
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         nb, d = self.bank.shape
         queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if self.normalize and not self.tiles:
+            queries = _unit_rows(queries)
         if not 1 <= k <= nb or queries.shape[1:] != (d,):
             raise ValueError(f"k={k} over a bank of {nb} rows, queries {queries.shape}")
         sims = np.empty((len(queries), k), np.float32)
         rows = np.empty((len(queries), k), np.int64)
-        if self._panel is None:  # one buffer for every call (knn_classify calls per query chunk)
+        if self._panel is None and not self.tiles:  # one buffer for every call (knn_classify calls per query chunk)
             self._panel = self.torch.empty(nb, self.panel, dtype=self.torch.bfloat16)
         panel = self._panel
         rescored = 0
@@ -240,8 +273,13 @@ class Bf16Search:
                 if not handle:
                     raise MemoryError("bf16 k-NN search: out of memory")
                 try:
-                    self._select(pool, q, k, panel, handle)
-                    rescored += self._rescore_top_k(pool, q, k, handle, sims[start:], rows[start:])
+                    q_scale = None
+                    if self.tiles:
+                        q_scale = self._select_on_tiles(pool, q, k, handle)
+                    else:
+                        self._select(pool, q, k, panel, handle)
+                    rescored += self._rescore_top_k(pool, q, k, handle, sims[start:],
+                                                    rows[start:], q_scale)
                 finally:
                     self.lib.block_free(handle)
         self.rescored_per_query = rescored / max(len(queries), 1)
@@ -260,7 +298,7 @@ class Bf16Search:
     def _select(self, pool, q, k, panel, handle) -> None:
         torch, w = self.torch, self.panel
         q_bf16 = torch.from_numpy(q).to(torch.bfloat16)
-        band = self.bands(torch.from_numpy(q), q_bf16)
+        band = self.bands(*_rounding(torch.from_numpy(q), q_bf16))
         for p0 in range(0, len(q), w):
             cols = q_bf16[p0 : p0 + w]
             if len(cols) < w:  # the last panel: zero queries fill it, their columns are skipped
@@ -269,14 +307,51 @@ class Bf16Search:
             select = functools.partial(self._select_columns, panel, band[p0:], k, handle, p0)
             self._run(pool, select, self._split(min(w, len(q) - p0)))
 
+    def _to_tiles(self, x: np.ndarray, operand: str, pool=None, scaled: bool = False):
+        """`x (N, D)` float32 as bf16 tiles of AMX's A or B operand (`to_tiles` in the kernel),
+        with the norms `_rounding` gives and, `scaled`, each row first divided by its norm
+        (returned: the (N,) float32 factors, else None); on the pool's threads if any."""
+        n, d = x.shape
+        rows, dp = -(-n // 32) * 32, -(-d // 32) * 32
+        tiles = _aligned_empty((rows // 16, dp // 32, 512))
+        norm, err = np.empty(n), np.empty(n)
+        scale = np.empty(n, np.float32) if scaled else None
+        def run(a, b):
+            self.lib.to_tiles(x.ctypes.data, n, d, a, b, dp, int(operand == "B"),
+                              tiles.ctypes.data, norm.ctypes.data, err.ctypes.data,
+                              None if scale is None else scale.ctypes.data)
+            return 0
+        if pool is None:
+            run(0, rows)
+        else:
+            bounds = np.linspace(0, rows // 16, min(self.threads, rows // 16) + 1).astype(int) * 16
+            self._run(pool, run, itertools.pairwise(bounds))
+        return tiles, norm, err, scale
+
+    def _select_on_tiles(self, pool, q, k, handle) -> np.ndarray | None:
+        """Step 1 on the AMX tiles; the queries' scale factors when the search normalizes."""
+        n = len(q)
+        tiles, q_norm, q_err, q_scale = self._to_tiles(q, "A", scaled=self.normalize)
+        band = self.bands(q_norm, q_err)
+        groups = len(tiles) // 2  # threads take whole groups of 32 queries
+        bounds = np.linspace(0, groups, min(self.threads, groups) + 1).astype(int) * 32
+        self._run(pool, lambda a, b: self.lib.amx_select(
+            self.bank_bf16.ctypes.data, len(self.bank), len(self.bank_bf16) * 16,
+            self.bank_bf16.shape[1] * 32, tiles.ctypes.data, a, min(b, n), band.ctypes.data, k,
+            handle), itertools.pairwise(bounds))
+        return q_scale
+
     def _select_columns(self, panel, band, k, handle, p0, a, b) -> int:
         return self.lib.select_candidates(panel.data_ptr(), len(self.bank), self.panel, a, b,
                                           band.ctypes.data, k, handle, p0)
 
-    def _rescore_top_k(self, pool, q, k, handle, sims, rows) -> int:
+    def _rescore_top_k(self, pool, q, k, handle, sims, rows, q_scale=None) -> int:
         nb, d = self.bank.shape
+        scales = (None, None) if q_scale is None else (q_scale.ctypes.data,
+                                                       self.bank_scale.ctypes.data)
         # threads split the bank rows: each streams its half once for all the block's queries
         self._run(pool, lambda a, b: self.lib.rescore(
-            handle, 0, len(q), a, b, q.ctypes.data, self.bank.ctypes.data, d), self._split(nb))
+            handle, 0, len(q), a, b, q.ctypes.data, self.bank.ctypes.data, d, *scales),
+            self._split(nb))
         return sum(self._run(pool, lambda a, b: self.lib.top_k(
             handle, a, b, k, sims.ctypes.data, rows.ctypes.data), self._split(len(q))))

@@ -48,24 +48,28 @@ class BankSearch:
     """
 
     def __init__(self, bank: np.ndarray, search: str = "auto"):
-        self.bank = l2_normalized(bank)
-        self.index = self.bf16 = None
-        self.kind = choose_search(self.bank, search)
+        self.bank = self.index = self.bf16 = None
+        self.kind = choose_search(bank, search)
         if self.kind == "bf16":  # an error that says what to do where the kernel cannot be built
             from ssl_pipeline.evals.bf16_search import Bf16Search
 
-            self.bf16 = Bf16Search(self.bank)
-        elif self.kind == "faiss-gpu":
+            # normalizes as it goes: no normalized copy of the bank (nor its memory)
+            self.bf16 = Bf16Search(bank, normalize=True)
+            return
+        self.bank = l2_normalized(bank)
+        if self.kind == "faiss-gpu":
             # Older faiss GPU builds cap k at 2048; the protocols here use k <= 200.
             self.index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(self.bank.shape[1]))
             self.index.add(self.bank)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """`(similarities, bank indices)`, each (len(queries), k), most similar first."""
-        if self.index is not None:
-            return self.index.search(queries, k)
+        """`(cosine similarities, bank indices)` of `queries (Q, D)` (any length), each (Q, k),
+        most similar first."""
         if self.bf16 is not None:
             return self.bf16.search(queries, k)
+        queries = l2_normalized(queries)
+        if self.index is not None:
+            return self.index.search(queries, k)
         return faiss.knn(queries, self.bank, k, metric=faiss.METRIC_INNER_PRODUCT)
 
 
@@ -119,8 +123,7 @@ def knn_classify(
     scores = {k: np.zeros((len(queries), num_classes)) for k in ks}
     starts = range(0, len(queries), chunk_size)
     for start in progress_bar(starts, progress):  # one bar step per chunk of queries
-        chunk = l2_normalized(queries[start : start + chunk_size])
-        sims, idx = index.search(chunk, k_max)  # (q, k_max) each
+        sims, idx = index.search(queries[start : start + chunk_size], k_max)  # (q, k_max) each
         labels = bank_labels[idx]
         for k, t in temperatures.items():
             kk = min(k, k_max)
