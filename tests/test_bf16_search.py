@@ -260,6 +260,20 @@ def test_auto_uses_bf16_only_where_it_pays(monkeypatch, amx, rows, finite, fits,
     assert BankSearch(bank, "faiss").bf16 is None
 
 
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_auto_falls_back_to_faiss_when_the_bf16_pass_finds_non_finite_values(monkeypatch, bad):
+    """BankSearch leaves the scan for inf and nan to Bf16Search's own pass over the bank; what
+    it finds sends `auto` to faiss, as choose_search's scan would have."""
+    monkeypatch.setattr(bf16_search, "has_bf16_matrix_units", lambda: True)
+    monkeypatch.setattr(knn.faiss, "get_num_gpus", lambda: 0, raising=False)
+    bank = np.random.default_rng(9).standard_normal((9000, 40), dtype=np.float32)
+    bank[4321, 7] = bad
+    assert choose_search(bank, check_finite=False) == "bf16"
+    search = BankSearch(bank)
+    assert (search.kind, search.bf16) == ("faiss", None)
+    assert BankSearch(bank, "bf16").kind == "bf16"  # asked for: as before, no fallback
+
+
 def test_memory_check_reads_the_available_memory():
     assert bf16_search.fits_in_memory(np.zeros((10, 4), np.float32))
     if os.path.exists("/proc/meminfo"):  # elsewhere it cannot tell, and says it fits

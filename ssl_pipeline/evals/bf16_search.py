@@ -204,7 +204,7 @@ class Bf16Search:
     (N, W) with W <= 128 queries chosen so that the panel stays within `block_bytes`.
     """
 
-    def __init__(self, bank: np.ndarray, block_bytes: int = 128 * 2**20, block: int = 1024,
+    def __init__(self, bank: np.ndarray, block_bytes: int = 128 * 2**20, block: int = 2048,
                  tiles: bool = True, normalize: bool = False):
         import torch
 
@@ -233,6 +233,7 @@ class Bf16Search:
                 bank_t = torch.from_numpy(self.bank)
             self.bank_bf16 = bank_t.to(torch.bfloat16)
             norm, err = _rounding(bank_t, self.bank_bf16)
+        self.finite = bool(np.isfinite(norm).all() and np.isfinite(err).all())  # no inf, no nan
         self.bank_norm = float(norm.max()) if len(norm) else 0.0
         self.bank_err = float(err.max()) if len(err) else 0.0
         # queries per panel: 128 ran fastest on AMX (a (60k, 128) bf16 panel is 15 MB, which
@@ -351,7 +352,7 @@ class Bf16Search:
                                                        self.bank_scale.ctypes.data)
         # threads split the bank rows: each streams its half once for all the block's queries
         self._run(pool, lambda a, b: self.lib.rescore(
-            handle, 0, len(q), a, b, q.ctypes.data, self.bank.ctypes.data, d, *scales),
-            self._split(nb))
+            handle, a, b, 0, nb, q.ctypes.data, self.bank.ctypes.data, d, *scales),
+            self._split(len(q)))
         return sum(self._run(pool, lambda a, b: self.lib.top_k(
             handle, a, b, k, sims.ctypes.data, rows.ctypes.data), self._split(len(q))))

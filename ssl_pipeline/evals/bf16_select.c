@@ -14,7 +14,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX512BW__) || (defined(__AMX_TILE__) && defined(__AMX_BF16__))
+#if defined(__AVX512F__) || defined(__AVX512BW__) || (defined(__AMX_TILE__) && defined(__AMX_BF16__))
 #include <immintrin.h>
 #endif
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
@@ -46,6 +46,19 @@ static inline uint16_t bf16_at_most(float x) {
 /* float32 dot product with 32 independent partial sums: one running sum would wait on the
  * latency of every multiply-add */
 static inline float dot(const float *a, const float *b, int64_t d) {
+#ifdef __AVX512F__
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    int64_t t = 0;
+    for (; t + 32 <= d; t += 32) {
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + t), _mm512_loadu_ps(b + t), s0);
+        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + t + 16), _mm512_loadu_ps(b + t + 16), s1);
+    }
+    for (; t < d; t += 16) {
+        __mmask16 m = d - t >= 16 ? 0xFFFF : (__mmask16)((1u << (d - t)) - 1);
+        s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + t), _mm512_maskz_loadu_ps(m, b + t), s0);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+#else
     float acc[32] = {0}, s = 0.f;
     int64_t t = 0;
     for (; t + 32 <= d; t += 32)
@@ -53,6 +66,7 @@ static inline float dot(const float *a, const float *b, int64_t d) {
     for (; t < d; t++) s += a[t] * b[t];
     for (int i = 0; i < 32; i++) s += acc[i];
     return s;
+#endif
 }
 
 /* the k-th largest of n keys a[0], a[stride], ... (1 <= k <= n): two 256-bin radix passes */

@@ -49,13 +49,16 @@ class BankSearch:
 
     def __init__(self, bank: np.ndarray, search: str = "auto"):
         self.bank = self.index = self.bf16 = None
-        self.kind = choose_search(bank, search)
+        # finiteness is checked by Bf16Search's own pass over the bank, not a second one
+        self.kind = choose_search(bank, search, check_finite=False)
         if self.kind == "bf16":  # an error that says what to do where the kernel cannot be built
             from ssl_pipeline.evals.bf16_search import Bf16Search
 
             # normalizes as it goes: no normalized copy of the bank (nor its memory)
             self.bf16 = Bf16Search(bank, normalize=True)
-            return
+            if self.bf16.finite or search == "bf16":
+                return
+            self.bf16, self.kind = None, "faiss"  # auto: inf or nan in the bank
         self.bank = l2_normalized(bank)
         if self.kind == "faiss-gpu":
             # Older faiss GPU builds cap k at 2048; the protocols here use k <= 200.
@@ -73,22 +76,23 @@ class BankSearch:
         return faiss.knn(queries, self.bank, k, metric=faiss.METRIC_INNER_PRODUCT)
 
 
-def choose_search(bank: np.ndarray, search: str = "auto") -> str:
-    """What `BankSearch(bank, search)` runs: "bf16", "faiss-gpu" or "faiss" (see BankSearch)."""
+def choose_search(bank: np.ndarray, search: str = "auto", check_finite: bool = True) -> str:
+    """What `BankSearch(bank, search)` runs: "bf16", "faiss-gpu" or "faiss" (see BankSearch).
+    `check_finite=False` leaves out the scan for inf and nan (BankSearch's own pass finds them)."""
     if search not in SEARCHES:
         raise SSLPipelineError(
             f"k-NN: search must be one of {', '.join(SEARCHES)}, got {search!r}")
     gpus = hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
-    if search == "bf16" or (search == "auto" and not gpus and _bf16_pays(bank)):
+    if search == "bf16" or (search == "auto" and not gpus and _bf16_pays(bank, check_finite)):
         return "bf16"
     return "faiss-gpu" if gpus else "faiss"
 
 
-def _bf16_pays(bank: np.ndarray) -> bool:
+def _bf16_pays(bank: np.ndarray, check_finite: bool = True) -> bool:
     from ssl_pipeline.evals import bf16_search as bf16
 
     return (len(bank) >= BF16_MIN_BANK and bf16.has_bf16_matrix_units()
-            and bf16.fits_in_memory(bank) and bf16.all_finite(bank)
+            and bf16.fits_in_memory(bank) and (not check_finite or bf16.all_finite(bank))
             and bf16.compiled_kernel() is not None)
 
 
