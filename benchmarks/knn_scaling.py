@@ -249,7 +249,7 @@ def measure(spec: dict) -> dict:
 
 def run_isolated(spec: dict, workdir: Path) -> dict:
     """`measure(spec)` in a fresh Python process; an error (even an OOM kill) is recorded."""
-    name = f"{spec['method']}_{spec['bank']}x{spec['dim']}_{spec['queries']}"
+    name = f"{spec['method']}_{spec['bank']}x{spec['dim']}_{spec['queries']}_{spec.get('repeat', 0)}"
     spec = dict(spec, predictions=str(workdir / f"{name}.npy"), result=str(workdir / f"{name}.json"))
     proc = subprocess.run([sys.executable, "-m", "benchmarks.knn_scaling", "--worker",
                            json.dumps(spec)], cwd=REPO, capture_output=True, text=True)
@@ -270,31 +270,52 @@ def worker(spec_json: str) -> None:
 
 
 def compare(args, workdir: Path) -> dict:
+    """Each method `args.repeats` times, each time in a fresh process, the methods taking turns
+    (repeat 1 of every method, then repeat 2, ...) so that a slow spell of a shared machine
+    falls on all of them; each row is the method's median run, with every run's seconds."""
     spec = dict(bank=args.bank, dim=args.dim, queries=args.queries, classes=args.classes,
                 separation=args.separation, seed=args.seed, k=args.k, temperature=args.temperature)
-    rows, own_choice = {}, None
-    for method in args.methods:
-        extra = {}
-        if method == "ours_own_kernels":
-            own_choice = openblas_own_choice()
-            if own_choice is None:
-                rows[method] = {"method": method, "error": "could not tell faiss's OpenBLAS kernels"}
-                continue
-            extra = {"faiss_openblas": own_choice}
-        print(f"  {METHODS[method]}{f' ({own_choice})' if own_choice else ''} ...", flush=True)
-        rows[method] = run_isolated(dict(spec, method=method, **extra), workdir)
+    runs: dict[str, list[dict]] = {method: [] for method in args.methods}
+    own_choice = None
+    for repeat in range(args.repeats):
+        for method in args.methods:
+            extra = {}
+            if method == "ours_own_kernels":
+                own_choice = own_choice or openblas_own_choice()
+                if own_choice is None:
+                    runs[method].append({"method": method,
+                                         "error": "could not tell faiss's OpenBLAS kernels"})
+                    continue
+                extra = {"faiss_openblas": own_choice}
+            turn = f" (run {repeat + 1} of {args.repeats})" if args.repeats > 1 else ""
+            print(f"  {METHODS[method]}{f' ({own_choice})' if extra else ''}{turn} ...", flush=True)
+            runs[method].append(run_isolated(dict(spec, method=method, repeat=repeat, **extra),
+                                             workdir))
+    rows = {method: median_run(method_runs) for method, method_runs in runs.items()}
     ours = np.load(rows["ours"]["predictions"]) if "predictions" in rows.get("ours", {}) else None
     for row in rows.values():
         if ours is not None and "predictions" in row:
             row["agreement_with_ours"] = float((np.load(row["predictions"]) == ours).mean())
         row.pop("predictions", None)
     bank_mib = args.bank * args.dim * 4 / MIB
-    return {"setup": {**spec, "bank_mib": bank_mib,
+    return {"setup": {**spec, "repeats": args.repeats, "bank_mib": bank_mib,
                       "similarity_matrix_mib": args.queries * args.bank * 4 / MIB,
                       "environment": {v: os.environ.get(v)
                                       for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")},
                       "faiss_openblas_own_choice": own_choice},
             "rows": rows, "ratios": ratios(rows)}
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median time (the lower middle one of an even count), with every run's
+    seconds; a failed run stands for the method only if every run failed."""
+    done = sorted((r for r in runs if "seconds" in r), key=lambda r: r["seconds"])
+    if not done:
+        return runs[-1]
+    row = dict(done[(len(done) - 1) // 2])
+    row["seconds_of_each_run"] = [r["seconds"] for r in runs if "seconds" in r]
+    row["failed_runs"] = sum("seconds" not in r for r in runs)
+    return row
 
 
 REFERENCES = ("lightly", "sklearn", "ours_faiss", "ours_pipeline", "ours_own_kernels")
@@ -356,8 +377,10 @@ def print_comparison(c: dict) -> None:
         agree = row.get("agreement_with_ours", float("nan"))
         kernels = ", ".join(f"{lib} {arch}" for lib, arch in sorted(row["openblas_kernels"].items()))
         search = f"  search {row['search']}" if "search" in row else ""
+        each = row.get("seconds_of_each_run", [])
+        each = f"  runs {', '.join(f'{t:.2f}' for t in each)} s" if len(each) > 1 else ""
         print(f"{METHODS[method]:<72} {row['seconds']:>8.2f} {row['peak_growth_mib']:>10.0f} "
-              f"{row['top1_accuracy']:>6.3f} {agree:>6.3f}  OpenBLAS {kernels or '-'}{search}")
+              f"{row['top1_accuracy']:>6.3f} {agree:>6.3f}  OpenBLAS {kernels or '-'}{search}{each}")
     r = c["ratios"]
     for ref in REFERENCES:
         if f"{ref}_time_over_ours" in r:
@@ -391,6 +414,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--separation", type=float, default=0.6,
                    help="class-centre scale; 0.6 gives ~80%% k=200 accuracy at 512 dims")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=3,
+                   help="fresh-process runs of each method in the comparison; rows are medians")
     p.add_argument("--methods", default=",".join(METHODS),
                    help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--curve-banks", type=ints, default=[60_000, 250_000, 1_000_000],
@@ -402,9 +427,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     if p.parse_known_args(argv)[0].quick:  # smaller defaults; sizes given explicitly still win
         p.set_defaults(bank=5_000, dim=64, queries=500, curve_banks=[2_000, 8_000], curve_dim=128,
-                       curve_queries=[200])
+                       curve_queries=[200], repeats=1)
     args = p.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
+    if args.repeats < 1:
+        p.error(f"--repeats must be at least 1, got {args.repeats}")
     if "ours" not in args.methods or set(args.methods) - set(METHODS):
         p.error(f"--methods must include 'ours' and only name {', '.join(METHODS)}")
     args.out = args.out or RESULTS_DIR / ("knn_scaling_quick.json" if args.quick else "knn_scaling.json")
@@ -428,21 +455,23 @@ def main(argv=None) -> dict:
         "comparison": comparison,
         "curve": points,
         "notes": [
-            "Synthetic float32 features: gaussian class centres (scaled by separation / D**0.25)"
-            " plus N(0, 1) noise, seeded; bank and queries drawn alike.",
-            "Each measurement runs once in a fresh subprocess after a warm-up on a 2000-row bank;"
-            " peak_growth_mib = peak RSS during the call - RSS before it (bank already resident).",
+            ("Synthetic float32 features: gaussian class centres (scaled by separation / D**0.25)"
+             " plus N(0, 1) noise, seeded; bank and queries drawn alike."),
+            ("Comparison rows: the median of `repeats` runs per method (seconds_of_each_run), the"
+             " methods taking turns; curve points: one run each."),
+            ("Each measurement runs in a fresh subprocess after a warm-up on an 8,192-row bank;"
+             " peak_growth_mib = peak RSS during the call - RSS before it (bank already resident)."),
             "agreement_with_ours: fraction of queries whose top-1 class equals ours (k=200 T=0.1).",
             ("openblas_kernels: the kernels each OpenBLAS in the row's process ran (threadpoolctl);"
              " ours_own_kernels loaded faiss's OpenBLAS with OPENBLAS_CORETYPE set to its own"
              " choice (setup.faiss_openblas_own_choice); everything else with setup.environment."),
-            "Curve points list their queries: by default fewer at the larger banks (10k, 5k, 2k)"
-            " to keep the run to minutes; time is linear in queries, compare"
-            " seconds_per_1k_queries (which also carries the per-call normalized copy of the bank).",
-            "caller_keeps_bank=false: the bank was handed to knn_classify (the caller dropped its"
-            " reference) because it, the normalized copy and a spare bank's worth would not fit;"
-            " peak growth then excludes"
-            " the caller's copy.",
+            ("Curve points list their queries: by default fewer at the larger banks (10k, 5k, 2k)"
+             " to keep the run to minutes; time is linear in queries, compare"
+             " seconds_per_1k_queries (which also carries the per-call normalized copy of the bank)."),
+            ("caller_keeps_bank=false: the bank was handed to knn_classify (the caller dropped its"
+             " reference) because it, the normalized copy and a spare bank's worth would not fit;"
+             " peak growth then excludes"
+             " the caller's copy."),
         ],
     })
     return result

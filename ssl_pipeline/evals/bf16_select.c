@@ -506,8 +506,15 @@ static int look(block_t *blk, const float *c, int64_t g, int64_t nq, int64_t i0,
     return 0;
 }
 
-#define AMX_GROUP 1024 /* queries per pass over the bank: their tiles (1 MB at d = 512) stay in L2 */
-#define AMX_ROWS 256   /* bank rows that stay in L2 while every query of the pass meets them */
+/* Queries per pass over the bank: their tiles stay in L2 (1 MB: 1,024 queries at d = 512, 256
+ * at 2,048); bank rows per chunk: their tiles stay in L2 while every query of the pass meets
+ * them (256 KB: 256 rows at d = 512, 64 at 2,048). */
+#define AMX_GROUP 1024 /* at most */
+#define AMX_ROWS 256   /* at most */
+static inline int64_t fitting(int64_t bytes, int64_t row_bytes, int64_t most) {
+    int64_t n = bytes / row_bytes / 32 * 32;
+    return n < 32 ? 32 : n > most ? most : n;
+}
 
 /* Step 1 on AMX for queries [q0, q1) of the block (q0 a multiple of 32).
  * queries: the block's queries as AMX's A operand: for each 16 queries g and each 32
@@ -530,16 +537,17 @@ int64_t amx_select(const uint16_t *bank, int64_t nb, int64_t nb_pad, int64_t dp,
     cfg.palette = 1;
     for (int t = 0; t < 8; t++) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
     _tile_loadconfig(&cfg);
-    /* the blocks of one group of 32 queries and AMX_ROWS bank rows: all computed, then looked at */
+    /* the blocks of one group of 32 queries and one chunk of bank rows: computed, then looked at */
     float c[AMX_ROWS / 32][32 * 32] __attribute__((aligned(64))); /* [query][bank row] */
     int failed = 0;
-    for (int64_t g0 = q0; g0 < q1 && !failed; g0 += AMX_GROUP) {
-        int64_t g1 = g0 + AMX_GROUP < q1 ? g0 + AMX_GROUP : q1;
-        for (int64_t q = 0; q < AMX_GROUP; q++) cut[q] = thr[q] = -INFINITY;
-        for (int64_t c0 = 0; c0 < nb_pad && !failed; c0 += AMX_ROWS)
+    const int64_t group = fitting(1 << 20, dp * 2, AMX_GROUP), chunk = fitting(1 << 18, dp * 2, AMX_ROWS);
+    for (int64_t g0 = q0; g0 < q1 && !failed; g0 += group) {
+        int64_t g1 = g0 + group < q1 ? g0 + group : q1;
+        for (int64_t q = 0; q < group; q++) cut[q] = thr[q] = -INFINITY;
+        for (int64_t c0 = 0; c0 < nb_pad && !failed; c0 += chunk)
         for (int64_t g = g0; g < g1 && !failed; g += 32) {
             const uint16_t *a0 = queries + (g / 16) * steps * 512, *a1 = a0 + steps * 512;
-            int64_t c1 = c0 + AMX_ROWS < nb_pad ? c0 + AMX_ROWS : nb_pad;
+            int64_t c1 = c0 + chunk < nb_pad ? c0 + chunk : nb_pad;
             for (int64_t i0 = c0; i0 < c1; i0 += 32) {
                 const uint16_t *b0 = bank + (i0 / 16) * steps * 512, *b1 = b0 + steps * 512;
                 float *out = c[(i0 - c0) / 32];
