@@ -5,8 +5,8 @@ same classifier three ways, k=200 and T=0.1 (InstDisc, lightly's default): each 
 nearest bank rows by cosine similarity votes for its class with weight exp(sim / T).
 
 - ours: `knn_classify(..., ks=(200,), temperature=0.1)`, top-1 = scores.argmax(1), with its
-  default exact search (`search="auto"`: the bf16 first pass with float32 re-scoring on CPUs
-  with AMX, else faiss; each row records which ran). "ours with search=faiss" is the same call
+  default exact search (`search="auto"`: the bf16 first pass on the AMX tiles with float32
+  re-scoring on CPUs with AMX, else faiss; each row records which ran). "ours with search=faiss" is the same call
   on faiss's exact search. "ours, pipeline call" is what the pipeline runs: k=20 T=0.07 and
   k=200 T=0.1 from one search.
 - lightly: `knn_predict` on L2-normalized torch tensors, the bank as (D, N) the way lightly's
@@ -27,10 +27,13 @@ machine does by default, unset both for this command alone:
 
 Part 2, our time and memory as the bank grows (default 60k, 250k and 1M rows at 2048 dims).
 
-Each measurement runs in a fresh subprocess: it makes the data, warms the method up on a tiny
-problem (imports, thread pools), resets the kernel's peak-RSS mark, runs the method once and
-reads the peak. "Peak growth" = peak RSS during the call - RSS before it, so it counts numpy,
-torch and faiss allocations alike; the bank itself is already resident before the call.
+Each measurement runs in a fresh subprocess: it makes the data, warms the method up on a small
+problem (imports, thread pools, the compiled kernel), resets the kernel's peak-RSS mark, runs
+the method once and reads the peak. "Peak growth" = peak RSS during the call - RSS before it,
+so it counts numpy, torch and faiss allocations alike; the bank itself is already resident
+before the call. Part 1 measures every method `--repeats` times (default 3), the methods taking
+turns, and reports each one's median run (with every run's seconds): on a shared machine a
+single run can land in a slow spell.
 
     python -m benchmarks.knn_scaling            # a few minutes on 2 cores
     python benchmarks/knn_scaling.py --quick    # seconds: a smoke run
@@ -342,8 +345,9 @@ def curve(args, workdir: Path) -> list[dict]:
         spec = dict(method="ours_pipeline", bank=bank, dim=args.curve_dim, queries=q,
                     classes=args.classes, separation=args.separation, seed=args.seed,
                     k=200, temperature=0.1)
-        # knn_classify holds the caller's bank and its normalized copy at once; when those two
-        # and a spare bank's worth do not fit, hand the bank over so the caller's copy is freed
+        # knn_classify holds the caller's bank and its normalized copy at once (faiss; the bf16
+        # search holds a bf16 copy, half a bank); when those two and a spare bank's worth do
+        # not fit, hand the bank over so the caller's copy is freed
         available = memory_available_bytes()
         spec["handoff"] = 3.2 * bank_bytes + 2**30 > available
         point = {"bank": bank, "dim": args.curve_dim, "queries": q, "bank_mib": bank_bytes / MIB,

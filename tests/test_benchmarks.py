@@ -167,3 +167,26 @@ def test_pretrain_quality_names_the_sides_a_random_init_backbone_beats():
     assert summary["below_random_init"] == {"ours": ["k20"], "ours_constant_lr": [],
                                             "reference": ["k20"]}
     assert summary["ours_minus_reference_points"] == {"k20": -4.0, "k200": 2.0}
+
+
+def test_knn_scaling_rows_are_median_runs():
+    """A comparison row is the run with the median time (the lower middle of an even count),
+    keeping every run's seconds; failed runs are counted and stand only when all failed."""
+    from benchmarks.knn_scaling import median_run
+
+    runs = [{"method": "m", "seconds": t, "peak_growth_mib": t * 10} for t in (0.9, 0.6, 0.7)]
+    row = median_run(runs)
+    assert (row["seconds"], row["peak_growth_mib"]) == (0.7, 7.0)
+    assert row["seconds_of_each_run"] == [0.9, 0.6, 0.7] and row["failed_runs"] == 0
+    row = median_run([*runs[:2], {"method": "m", "error": "exit code -9"}])
+    assert row["seconds"] == 0.6 and row["failed_runs"] == 1
+    assert median_run([{"method": "m", "error": "x"}]) == {"method": "m", "error": "x"}
+
+
+def test_knn_scaling_repeats_must_be_positive(capsys):
+    from benchmarks.knn_scaling import parse_args
+
+    assert parse_args([]).repeats == 3 and parse_args(["--quick"]).repeats == 1
+    with pytest.raises(SystemExit):
+        parse_args(["--repeats", "0"])
+    assert "--repeats must be at least 1" in capsys.readouterr().err

@@ -1,25 +1,30 @@
 """Exact inner-product search with a bf16 first pass, for CPUs that multiply bf16 in matrix units.
 
-On an Intel Xeon with AMX, torch's bf16 matrix products run on the AMX tiles about 7x faster
-than float32 ones (1,836 against 261 GFLOP/s on the 2 cores we measured), while faiss-cpu's
-exact search is float32 throughout. Here, for each block of 1,024 queries:
+On an Intel Xeon with AMX the tiles multiply bf16 about 10x faster than float32 runs (2.9
+against 0.26 TFLOP/s on the 2 cores we measured), while faiss-cpu's exact search is float32
+throughout. For each block of 2,048 queries, on every thread's share of them:
 
-1. torch computes their bf16 similarities to every bank row, one panel of up to 128 queries
-   at a time (`bank_bf16 @ panel_bf16.T`, (N, 128), 15 MB at N = 60k, read back from cache);
-2. a small C kernel (`bf16_select.c`) takes, per query, a lower bound on its k-th similarity
-   from the maxima of 32-row chunks of its column, and keeps every bank row whose bf16
-   similarity could reach that bound within the proven error of bf16: the rounding of the
-   inputs (measured per vector, Cauchy-Schwarz), the float32 accumulation and the rounding of
-   the output;
-3. the kernel re-scores those rows in float32, bank row by bank row, so that each bank row is
-   read once for all the block's queries, and keeps the k best, most similar first.
+1. `amx_select` (our C kernel, `bf16_select.c`) multiplies 32 queries by 32 bank rows at a time
+   on the AMX tiles (bf16 inputs, float32 sums) and looks at each 32 x 32 block while it is in
+   L1: per query it keeps every row at or above a cut, and raises the cut from the k-th largest
+   similarity kept so far less twice the proven error of bf16 (the inputs' rounding, measured
+   per vector, Cauchy-Schwarz, and the float32 accumulation), so that no row it drops can be
+   among the k most similar. The (queries x bank) similarities never go to memory;
+2. `rescore`: those rows (~320 of 60k per query here) in float32, bank-row-major;
+3. `top_k`: the k best, most similar first (ties: lower row first).
+
+Where the kernel is built without AMX (CPUs without it, compilers without -mamx-*), step 1 is
+torch's bf16 product, one (N, 128) panel of queries at a time, and `select_candidates`, which
+bounds each query's k-th similarity by the maxima of 32-row chunks (and the bf16 rounding of
+the products' outputs).
 
 No row outside the re-scored ones can be among the k most similar, so the neighbours are those
 of an exact float32 search, up to similarities that tie within float32 rounding (summed in
-another order, either may come first). On the benchmark's 60k x 512 bank with 10k queries and
-k=200 (Xeon with AMX, 2 cores): ~360 rows re-scored per query, 0.93 s against 2.2 s for
-`faiss.knn`, the same neighbour sets for 9,998 of the 10,000 queries and near-ties (1e-8
-apart in float64) for the other two.
+another order, either may come first). `normalize=True` (what `BankSearch` asks for) divides
+rows by their norms as they are converted and re-scored, so no normalized copy of the bank is
+made. On the benchmark's 60k x 512 bank with 10k queries and k=200 (Xeon with AMX, 2 cores):
+~0.6 s for the search against 2.2 s for `faiss.knn` on a normalized copy, the same neighbour
+sets up to near-ties.
 
 The kernel is compiled on first use with the system's C compiler (`$CC`, else the one Python
 was built with, else `cc`) and cached under `$XDG_CACHE_HOME/ssl_pipeline/kernels` (default
@@ -198,10 +203,14 @@ def all_finite(x: np.ndarray) -> bool:
 
 class Bf16Search:
     """`search(queries, k)` over `bank (N, D)` float32 (C-contiguous), as `faiss.knn` with the
-    inner product: `(similarities, rows)` each (len(queries), k), most similar first.
+    inner product: `(similarities, rows)` each (len(queries), k), most similar first. With
+    `normalize`, of the rows and queries divided by their norms (cosine similarities; zero rows
+    stay zero), without normalized copies.
 
-    Holds a bf16 copy of the bank beside it (half its size) and one panel of bf16 similarities,
-    (N, W) with W <= 128 queries chosen so that the panel stays within `block_bytes`.
+    Holds a bf16 copy of the bank beside it (half its size): in AMX's tiles where `tiles` and
+    the kernel has them (`self.tiles`), else plain, with one panel of bf16 similarities, (N, W)
+    with W <= 128 queries chosen so that the panel stays within `block_bytes`. `finite` says
+    whether the bank held no inf or nan (found by the pass that makes the copy).
     """
 
     def __init__(self, bank: np.ndarray, block_bytes: int = 128 * 2**20, block: int = 2048,

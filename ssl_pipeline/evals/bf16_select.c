@@ -1,14 +1,14 @@
-/* The selection and exact re-scoring steps of ssl_pipeline's bf16 k-NN search (bf16_search.py).
- *
- * For a block of queries, torch computes their bf16 similarities to every bank row (on Intel
- * AMX, oneDNN's bf16 kernels) one panel of W queries at a time, laid out (nb, W). Then:
- *   1. select_candidates, per panel: for each query every bank row that can be among its k most
- *      similar given the proven error bound of the bf16 similarities;
+/* The kernel of ssl_pipeline's bf16 k-NN search (bf16_search.py), for a block of queries:
+ *   1. the rows that can be among each query's k most similar given the proven error bound of
+ *      bf16 similarities: amx_select computes the similarities itself on Intel AMX tiles,
+ *      looking at each 32 x 32 block in L1 (to_tiles lays the bank and queries out for it);
+ *      elsewhere torch computes them one panel of W queries at a time, laid out (nb, W), and
+ *      select_candidates reads the panel;
  *   2. rescore: those rows' float32 similarities from the float32 vectors;
  *   3. top_k: the k best, most similar first (ties: lower row first).
- * Each step takes a range (columns, bank rows, queries) so that threads can share it; ctypes
+ * Each step takes a range (queries, columns or bank rows) so that threads can share it; ctypes
  * releases the GIL. Compiled on first use with the system's C compiler
- * (bf16_search.compiled_kernel).
+ * (bf16_search.compiled_kernel); the AMX step needs -march=native on a CPU with AMX-BF16.
  */
 #include <math.h>
 #include <stdint.h>
@@ -422,12 +422,12 @@ static int make_room(cands_t *c, float *cut, float *thr, float band, int64_t k, 
     return 0;
 }
 
-/* Rows [r0, r1) of x (n, d) float32 (r0 a multiple of 16, r1 <= the padded row count), with
- * scale: each row times scale[i] = 1 / |x_i| first (0 for a zero row), written; into
+/* Rows [r0, r1) of x (n, d) float32 (r0 a multiple of 16, r1 <= the padded row count) into
  * the bf16 tiles of AMX's A (operand 0) or B (operand 1) operand, as amx_select reads them:
  * per 16 rows and 32 columns one 1 KB tile, [row][column] for A, [pair of columns][row][2] for
  * B; rows >= n and columns >= d zero; dp = d rounded up to a multiple of 32. bf16 rounds to
- * nearest even. For each row < n, with y_i the (scaled) float32 row, norm[i] = the larger of
+ * nearest even. Unless scale is NULL, each row is first multiplied by scale[i] = 1 / |x_i|
+ * (written; 0 for a zero row). For each row < n, with y_i the (scaled) float32 row, norm[i] = the larger of
  * |y_i| and |bf16(y_i)|, err[i] = |y_i - bf16(y_i)| (the difference is exact in float32), each
  * computed in float32 and raised by (d + 2) unit roundoffs, which covers the rounding of any
  * order of summation. */
