@@ -299,8 +299,8 @@ int64_t top_k(void *handle, int64_t q0, int64_t q1, int64_t k, float *out_sims, 
  * amx_select does step 1 without torch: it multiplies 32 queries by 32 bank rows at a time on
  * the AMX tiles (bf16 inputs, float32 sums, no output rounding) and looks at each 32 x 32
  * block while it is in L1, so the (queries x bank) similarities never go to memory. Per query
- * it keeps every row at or above a cut, with its bf16 similarity. When a query's list fills,
- * the k-th largest similarity in it, thr, bounds the k-th largest bf16 similarity of the bank
+ * it keeps every row at or above a cut, with its bf16 similarity. Each time a query's list has
+ * doubled (make_room), the k-th largest similarity in it, thr, bounds the k-th largest bf16 similarity of the bank
  * from below (k distinct rows reach it), so thr - band bounds the k-th largest float32 one, and
  * a row can be among the k most similar only if its bf16 similarity is >= thr - 2 band: that
  * is the new cut, which only rises; the list drops what fell below it. Every row seen at or
