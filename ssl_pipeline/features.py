@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ import ssl_pipeline
 from ssl_pipeline.atomic import write_atomic
 from ssl_pipeline.progress import progress_bar
 from ssl_pipeline.provenance import code_fingerprint
+from ssl_pipeline.recipe import EvalConfig
 
 
 def weights_hash(module: nn.Module) -> str:
@@ -49,7 +51,7 @@ def cache_key(weights_sha: str, transform: object, split_hash: str, precision: s
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-FEATURE_PRECISIONS = ("fp32", "bf16")
+FEATURE_PRECISIONS = get_args(EvalConfig.model_fields["feature_precision"].annotation)
 
 
 @torch.no_grad()

@@ -243,7 +243,7 @@ class KNNConfig(Strict):
     settings: list[tuple[int, float]] = Field(default_factory=lambda: [(20, 0.07), (200, 0.1)])
     # How the exact search runs, here and in pretrain's k-NN monitor: faiss (its GPU index when
     # it sees a GPU); bf16, a bf16 first pass on the CPU's matrix units with exact float32
-    # re-scoring (same neighbours; about 2x faiss on CPUs with Intel AMX, slower elsewhere);
+    # re-scoring (same neighbours; about 4x faiss on CPUs with Intel AMX, slower elsewhere);
     # auto: bf16 on AMX CPUs for banks of 8192+ rows, else faiss.
     search: Literal["auto", "faiss", "bf16"] = "auto"
 

@@ -106,17 +106,24 @@ void block_free(void *handle) {
     free(b);
 }
 
+/* room for at least `least` rows in a query's list: its capacity doubled (from 512) until it
+ * fits, with 16 rows of slack past it for whole-vector stores. 0, or -1 when memory ran out */
+static int grow(cands_t *c, int64_t least) {
+    if (least <= c->cap) return 0;
+    int64_t cap = c->cap ? 2 * c->cap : 512;
+    while (cap < least) cap *= 2;
+    int32_t *rows = realloc(c->rows, sizeof(int32_t) * (cap + 16));
+    if (!rows) return -1;
+    c->rows = rows;
+    float *sims = realloc(c->sims, sizeof(float) * (cap + 16));
+    if (!sims) return -1;
+    c->sims = sims;
+    c->cap = cap;
+    return 0;
+}
+
 static int add_row(cands_t *c, int32_t row) {
-    if (c->n == c->cap) {
-        int64_t cap = c->cap ? 2 * c->cap : 512;
-        int32_t *rows = realloc(c->rows, sizeof(int32_t) * cap);
-        if (!rows) return -1;
-        c->rows = rows;
-        float *sims = realloc(c->sims, sizeof(float) * cap);
-        if (!sims) return -1;
-        c->sims = sims;
-        c->cap = cap;
-    }
+    if (grow(c, c->n + 1)) return -1;
     c->rows[c->n++] = row;
     return 0;
 }
@@ -409,17 +416,7 @@ static int make_room(cands_t *c, float *cut, float *thr, float band, int64_t k, 
         if (tighten(c, cut, thr, band, k, w)) return -1;
         c->next = c->n + (c->n > 256 ? c->n : 256);
     }
-    if (c->next + 32 <= c->cap) return 0; /* room until the next raise */
-    int64_t cap = c->cap ? 2 * c->cap : 512;
-    while (cap < c->next + 32) cap *= 2;
-    int32_t *rows = realloc(c->rows, sizeof(int32_t) * (cap + 16));
-    if (!rows) return -1;
-    c->rows = rows;
-    float *sims = realloc(c->sims, sizeof(float) * (cap + 16));
-    if (!sims) return -1;
-    c->sims = sims;
-    c->cap = cap;
-    return 0;
+    return grow(c, c->next + 32); /* room until the next raise */
 }
 
 /* Rows [r0, r1) of x (n, d) float32 (r0 a multiple of 16, r1 <= the padded row count) into

@@ -15,17 +15,19 @@ matrix units (Intel AMX) our bf16 first pass on the AMX tiles with exact float32
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import get_args
 
 import numpy as np
 
 from ssl_pipeline.blas import import_faiss
 from ssl_pipeline.errors import SSLPipelineError
 from ssl_pipeline.progress import progress_bar
+from ssl_pipeline.recipe import KNNConfig
 
 faiss = import_faiss()  # on its AVX-512 kernels where OpenBLAS would not pick them (blas.py)
 
 PROTOCOLS = {20: 0.07, 200: 0.1}  # k -> T: DINO; InstDisc and lightly's benchmarks
-SEARCHES = ("auto", "faiss", "bf16")  # the recipe's eval.knn.search
+SEARCHES = get_args(KNNConfig.model_fields["search"].annotation)  # eval.knn.search's values
 BF16_MIN_BANK = 8192  # below this faiss is as quick; `auto` keeps it
 
 
